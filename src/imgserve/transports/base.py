@@ -1,0 +1,59 @@
+"""The transport interface: download bytes from a URL, upload bytes to a target.
+
+One implementation per scheme family (http.py, ftp.py, file.py, s3.py), each
+constructed with the shared :class:`~imgserve.config.TransportSettings`.
+Implementations raise only imgserve errors (errors.py): third-party exceptions
+are translated where they enter, with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import ClassVar
+
+from imgserve.config import TransportSettings
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where to upload a result.
+
+    ``url`` is the URL to connect to. For an HTTP form upload (0.2's
+    ``http://host/upload.php:name.png`` syntax) ``form_field`` names the form
+    field and ``filename`` the file name sent with it; an http(s) target
+    without ``form_field`` is a PUT of the raw bytes to ``url``.
+    """
+
+    url: str
+    form_field: str | None = None
+    filename: str | None = None
+
+
+class Transport(abc.ABC):
+    """One scheme family. Instances are cheap and may be shared by jobs."""
+
+    schemes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, settings: TransportSettings) -> None:
+        self.settings = settings
+
+    @abc.abstractmethod
+    async def download(self, url: str) -> bytes:
+        """Fetch the whole object at ``url``.
+
+        Enforces ``settings.max_download_bytes`` (counted on decoded bytes)
+        and ``settings.download_timeout_s`` as one total deadline.
+        """
+
+    @abc.abstractmethod
+    async def upload_once(self, target: Target, data: bytes, content_type: str) -> None:
+        """One upload attempt, replacing any object already there.
+
+        Raises a retryable error (UploadFailed) for transient failures and a
+        non-retryable one (UploadRefused, policy errors) for permanent ones.
+        Readers never see a partial object where the protocol allows it.
+        """
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release pooled connections."""

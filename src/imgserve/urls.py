@@ -1,0 +1,38 @@
+"""Pure URL helpers shared by the request contract, transports and logs."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit, urlunsplit
+
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/@\s]*)@")
+
+
+def redact_url(url: str) -> str:
+    """Replace the password in a URL's userinfo with ``***``.
+
+    Works on strings that are not valid URLs too (0.2's ``URL:filename``
+    destinations, log lines), so a credential never reaches a log or a reply.
+    """
+
+    def repl(m: re.Match[str]) -> str:
+        user, sep, _password = m["userinfo"].partition(":")
+        return f"{m['scheme']}{user}{':***' if sep else ''}@"
+
+    return _USERINFO.sub(repl, url)
+
+
+def scheme_of(url: str) -> str:
+    """The lower-case scheme of a URL, or "" when it has none."""
+    head, sep, _ = url.partition("://")
+    return head.lower() if sep and re.fullmatch(r"[a-zA-Z][a-zA-Z0-9+.-]*", head) else ""
+
+
+def strip_userinfo(url: str) -> str:
+    """The URL without user and password (for connecting after credentials are taken)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
