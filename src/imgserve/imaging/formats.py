@@ -1,0 +1,145 @@
+"""Image formats: sniffing source bytes, mapping extensions to savers (pure).
+
+Sniffing here, not libvips' own, decides which loader family a source may use;
+vips.py additionally blocks every other libvips loader, so a file that sniffs as
+one thing cannot be decoded by a loader outside the allowlist.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+
+
+class Format(enum.StrEnum):
+    JPEG = "jpeg"
+    PNG = "png"
+    WEBP = "webp"
+    GIF = "gif"
+    TIFF = "tiff"
+    HEIF = "heif"
+    AVIF = "avif"
+    SVG = "svg"
+
+
+# Formats a raster source may be in (resize), and the one rasterize accepts.
+RASTER_SOURCES = frozenset(
+    {Format.JPEG, Format.PNG, Format.WEBP, Format.GIF, Format.TIFF, Format.HEIF, Format.AVIF}
+)
+VECTOR_SOURCES = frozenset({Format.SVG})
+
+# Destination extensions imgserve can write, and the format each writes.
+OUTPUT_EXTENSIONS: dict[str, Format] = {
+    "jpg": Format.JPEG,
+    "jpeg": Format.JPEG,
+    "jpe": Format.JPEG,
+    "png": Format.PNG,
+    "webp": Format.WEBP,
+    "avif": Format.AVIF,
+    "gif": Format.GIF,
+    "tif": Format.TIFF,
+    "tiff": Format.TIFF,
+}
+
+CONTENT_TYPES: dict[Format, str] = {
+    Format.JPEG: "image/jpeg",
+    Format.PNG: "image/png",
+    Format.WEBP: "image/webp",
+    Format.GIF: "image/gif",
+    Format.TIFF: "image/tiff",
+    Format.HEIF: "image/heif",
+    Format.AVIF: "image/avif",
+    Format.SVG: "image/svg+xml",
+}
+
+# The extension a format is written with when the source URL has none.
+CANONICAL_EXTENSION: dict[Format, str] = {
+    Format.JPEG: "jpg",
+    Format.PNG: "png",
+    Format.WEBP: "webp",
+    Format.GIF: "gif",
+    Format.TIFF: "tif",
+    Format.HEIF: "heic",
+    Format.AVIF: "avif",
+    Format.SVG: "svg",
+}
+
+# Formats that keep an alpha channel; the others are flattened onto white.
+ALPHA_FORMATS = frozenset({Format.PNG, Format.WEBP, Format.GIF, Format.TIFF, Format.AVIF})
+# Formats whose quality setting means something.
+LOSSY_FORMATS = frozenset({Format.JPEG, Format.WEBP, Format.AVIF, Format.HEIF})
+# Formats that can hold several frames (an animated source stays animated).
+ANIMATED_FORMATS = frozenset({Format.GIF, Format.WEBP})
+
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
+_AVIF_BRANDS = {b"avif", b"avis"}
+_SVG_HEAD = re.compile(rb"<svg[\s>/]", re.IGNORECASE)
+
+
+def sniff(data: bytes) -> Format | None:
+    """The format of ``data`` from its leading bytes, or None when unknown."""
+    head = data[:64]
+    if head.startswith(b"\xff\xd8\xff"):
+        return Format.JPEG
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return Format.PNG
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return Format.GIF
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return Format.WEBP
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return Format.TIFF
+    if head[4:8] == b"ftyp":
+        brands = {head[8:12]} | {head[i : i + 4] for i in range(16, min(len(head), 48), 4)}
+        if brands & _AVIF_BRANDS:
+            return Format.AVIF
+        if brands & _HEIF_BRANDS:
+            return Format.HEIF
+        return None
+    return Format.SVG if _looks_like_svg(data) else None
+
+
+def _looks_like_svg(data: bytes) -> bool:
+    text = data[:4096].lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not text.startswith(b"<"):
+        return False
+    return _SVG_HEAD.search(text) is not None
+
+
+def extension_of(path: str) -> str:
+    """The lower-case extension of the last path segment ("" when none)."""
+    name = path.rsplit("/", 1)[-1]
+    stem, dot, ext = name.rpartition(".")
+    return ext.lower() if dot and stem else ""
+
+
+def output_format(extension: str) -> Format | None:
+    return OUTPUT_EXTENSIONS.get(extension.lower())
+
+
+_SVG_ENTITY = re.compile(rb"<!ENTITY", re.IGNORECASE)
+_SVG_HREF = re.compile(rb"""(?:xlink:)?href\s*=\s*(["'])\s*(.*?)\1""", re.IGNORECASE | re.DOTALL)
+_SVG_CSS_URL = re.compile(rb"""url\(\s*["']?\s*([^)"'\s]*)""", re.IGNORECASE)
+_SVG_IMPORT = re.compile(rb"@import", re.IGNORECASE)
+
+
+def svg_problem(data: bytes) -> str | None:
+    """Why an untrusted SVG is refused, or None when it is self-contained.
+
+    Entity declarations (billion laughs) and references to anything outside
+    the document (files, URLs, XInclude, CSS imports) are refused; only
+    fragment (``#id``) and ``data:`` references may remain. librsvg would
+    refuse most of these itself; this makes the refusal an explicit 204.
+    """
+    if _SVG_ENTITY.search(data):
+        return "SVG declares XML entities"
+    if _SVG_IMPORT.search(data):
+        return "SVG imports an external stylesheet"
+    refs = [m.group(2) for m in _SVG_HREF.finditer(data)]
+    refs += [m.group(1) for m in _SVG_CSS_URL.finditer(data)]
+    for ref in refs:
+        ref = ref.strip()
+        if ref and not ref.startswith(b"#") and not ref.lower().startswith(b"data:"):
+            shown = ref[:80].decode("utf-8", "replace")
+            return f"SVG references an external resource ({shown})"
+    return None

@@ -1,0 +1,197 @@
+"""The one place that owns the order of the processing steps.
+
+``plan`` runs in the API process before the reply: it sniffs the source,
+reads its header, applies the limits and computes the result's size, format
+and final destination URL. ``render`` runs on a worker process and turns the
+source bytes into the result bytes following that plan. ``placeholder`` and
+``failure_image`` draw the stand-ins the daemon uploads before and after.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from imgserve import errors
+from imgserve.config import ImagingLimits
+from imgserve.imaging import formats, geometry, vips
+from imgserve.imaging.formats import Format
+from imgserve.imaging.geometry import Size
+from imgserve.request import Job, destination_extension, substitute
+
+PLACEHOLDER_TEXT = "Image being processed"
+FAILURE_TEXT = "Image processing failed"
+# "No limit" for the free dimension of a thumbnail driven by the other one.
+_UNBOUNDED = 10_000_000
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a job will produce, known before any pixel is decoded."""
+
+    operation: str
+    source_format: Format
+    source: Size
+    """Upright size of one frame."""
+    pages: int
+    result: Size
+    """Size of one frame of the result."""
+    output: Format
+    dst_url: str
+    gravity: str = "centre"
+    quality: int | None = None
+    keep_metadata: bool = False
+    svg_scale: float | None = None
+
+    @property
+    def animated(self) -> bool:
+        return (
+            self.operation == "resize" and self.pages > 1 and self.output in formats.ANIMATED_FORMATS
+        )
+
+    @property
+    def content_type(self) -> str:
+        return formats.CONTENT_TYPES[self.output]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["source_format"] = self.source_format.value
+        data["output"] = self.output.value
+        data["source"] = [self.source.width, self.source.height]
+        data["result"] = [self.result.width, self.result.height]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        values = dict(data)
+        values["source_format"] = Format(values["source_format"])
+        values["output"] = Format(values["output"])
+        values["source"] = Size(*values["source"])
+        values["result"] = Size(*values["result"])
+        return cls(**values)
+
+
+def plan(job: Job, data: bytes, limits: ImagingLimits) -> Plan:
+    """Check the source against the job and the limits; compute the result."""
+    fmt = formats.sniff(data)
+    if fmt is None:
+        raise errors.SourceUnreadable("source is not an image in a supported format")
+    if job.operation == "resize" and fmt not in formats.RASTER_SOURCES:
+        raise errors.SourceTypeNotAllowed(f"resize cannot take a {fmt.value} source")
+    if job.operation == "rasterize" and fmt not in formats.VECTOR_SOURCES:
+        raise errors.SourceTypeNotAllowed(f"rasterize takes an SVG source, not {fmt.value}")
+    if fmt is Format.SVG:
+        problem = formats.svg_problem(data)
+        if problem:
+            raise errors.SVGInvalid(problem)
+
+    header = vips.read_header(data, fmt)
+    if fmt is not Format.SVG and header.width * header.height * header.pages > limits.max_pixels:
+        raise errors.SourcePixelsOverLimit(
+            f"source is {header.width}x{header.height}"
+            + (f" x {header.pages} frames" if header.pages > 1 else "")
+            + f", over the limit of {limits.max_pixels} pixels"
+        )
+    source = geometry.oriented(Size(header.width, header.height), header.orientation)
+
+    extension = destination_extension(
+        job.dst_template, job.src_extension or formats.CANONICAL_EXTENSION[fmt]
+    )
+    output = formats.output_format(extension)
+    if output is None:
+        raise errors.DstExtensionUnsupported(
+            f"destination extension {extension or '(none)'!r} is not one of "
+            f"{', '.join(sorted(formats.OUTPUT_EXTENSIONS))}"
+        )
+
+    scale: float | None = None
+    if job.operation == "rasterize":
+        result, scale = geometry.rasterize_result(source, job.width, job.height, job.scale)
+        if result.pixels > limits.max_result_pixels:
+            raise errors.SVGRenderOverLimit(
+                f"SVG would render at {result.width}x{result.height}, over the limit of "
+                f"{limits.max_result_pixels} pixels"
+            )
+    else:
+        result = geometry.resize_result(source, job.width, job.height, job.enlarge)
+        frames = header.pages if output in formats.ANIMATED_FORMATS else 1
+        if result.pixels * frames > limits.max_result_pixels:
+            raise errors.ResultOverLimit(
+                f"result {result.width}x{result.height} is over the limit of "
+                f"{limits.max_result_pixels} pixels"
+            )
+    dst_url = substitute(
+        job.dst_template,
+        width=result.width,
+        height=result.height,
+        basename=job.src_basename,
+        extension=job.src_extension or formats.CANONICAL_EXTENSION[fmt],
+    )
+    return Plan(
+        operation=job.operation,
+        source_format=fmt,
+        source=source,
+        pages=header.pages,
+        result=result,
+        output=output,
+        dst_url=dst_url,
+        gravity=job.gravity,
+        quality=job.quality,
+        keep_metadata=job.keep_metadata,
+        svg_scale=scale,
+    )
+
+
+def render(plan: Plan, data: bytes, limits: ImagingLimits) -> bytes:
+    """Source bytes -> result bytes, exactly ``plan.result`` in ``plan.output``."""
+    box = plan.result
+    if plan.operation == "rasterize":
+        assert plan.svg_scale is not None
+        image = vips.fit_exact(vips.load_svg(data, plan.svg_scale), box.width, box.height, "centre")
+    elif plan.gravity == "smart":
+        image = vips.thumbnail(data, plan.source_format, box.width, box.height, crop="attention")
+        image = vips.fit_exact(image, box.width, box.height, "centre")
+    else:
+        cover, width_binds = geometry.cover_size(plan.source, box)
+        image = vips.thumbnail(
+            data,
+            plan.source_format,
+            cover.width if width_binds else _UNBOUNDED,
+            _UNBOUNDED if width_binds else cover.height,
+            all_pages=plan.animated,
+        )
+        if plan.animated:
+            frame = Size(image.width, image.get("page-height"))
+            left, top = geometry.crop_offsets(frame, box, plan.gravity)
+            image = vips.crop_frames(
+                image, left, top, min(box.width, frame.width), min(box.height, frame.height)
+            )
+        else:
+            image = vips.fit_exact(image, box.width, box.height, geometry.COMPASS[plan.gravity])
+    image = vips.to_srgb(image)
+    if plan.output not in formats.ALPHA_FORMATS:
+        image = vips.flatten(image)
+    image = vips.materialize(image, plan.source_format)
+    out = vips.save(image, plan.output, plan.quality, plan.keep_metadata)
+    if len(out) > limits.max_result_bytes:
+        raise errors.ResultOverLimit(
+            f"result is {len(out)} bytes, over the limit of {limits.max_result_bytes}"
+        )
+    return out
+
+
+def placeholder(size: Size, output: Format) -> bytes:
+    """The "Image being processed" stand-in, at the result's size and format."""
+    return vips.save(
+        vips.label_canvas(size.width, size.height, PLACEHOLDER_TEXT, failed=False),
+        output,
+        None,
+        False,
+    )
+
+
+def failure_image(size: Size, output: Format) -> bytes:
+    """The "Image processing failed" image that replaces a placeholder on failure."""
+    return vips.save(
+        vips.label_canvas(size.width, size.height, FAILURE_TEXT, failed=True), output, None, False
+    )

@@ -1,0 +1,201 @@
+"""The only module that imports pyvips.
+
+Importing it hardens libvips for untrusted input once per process: loaders
+flagged untrusted are blocked, then every loader outside the allowlist, and
+libvips' operation cache is turned off (it would keep decoded sources of other
+users' jobs alive). Images are decoded from bytes only: a file name would let
+libvips parse options out of it, and an SVG loaded by path may read files next
+to it. pyvips errors become imgserve errors here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pyvips
+
+from imgserve import errors
+from imgserve.imaging.formats import Format
+
+# libvips loader classes allowed to run; everything else is blocked.
+ALLOWED_LOADERS = (
+    "VipsForeignLoadJpeg",
+    "VipsForeignLoadUhdr",
+    "VipsForeignLoadPng",
+    "VipsForeignLoadWebp",
+    "VipsForeignLoadNsgif",
+    "VipsForeignLoadTiff",
+    "VipsForeignLoadHeif",
+    "VipsForeignLoadSvg",
+)
+# Loader option string: fail on any decode error, never return a half-grey image.
+_FAIL = "fail_on=warning"
+
+
+def _harden() -> None:
+    pyvips.cache_set_max(0)
+    pyvips.block_untrusted_set(True)
+    pyvips.operation_block_set("VipsForeignLoad", True)
+    for name in ALLOWED_LOADERS:
+        pyvips.operation_block_set(name, False)
+
+
+_harden()
+
+Image = pyvips.Image
+
+
+@dataclass(frozen=True)
+class Header:
+    width: int
+    height: int
+    """Height of one frame."""
+    pages: int
+    orientation: int
+
+
+def version() -> str:
+    return f"{pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}"
+
+
+def _unreadable(fmt: Format, exc: Exception) -> errors.ImgserveError:
+    text = str(exc).strip().splitlines()
+    reason = text[-1] if text else "decode failed"
+    if fmt is Format.SVG:
+        return errors.SVGInvalid(f"SVG could not be rendered: {reason}")
+    return errors.SourceUnreadable(f"{fmt.value} could not be decoded: {reason}")
+
+
+def read_header(data: bytes, fmt: Format) -> Header:
+    """Width, height, frame count and EXIF orientation, without decoding pixels."""
+    try:
+        image = pyvips.Image.new_from_buffer(data, "", access="sequential")
+        pages = image.get("n-pages") if image.get_typeof("n-pages") else 1
+        orientation = image.get("orientation") if image.get_typeof("orientation") else 1
+        height = image.height
+        if pages > 1 and image.get_typeof("page-height"):
+            height = image.get("page-height")
+        return Header(image.width, height, int(pages), int(orientation))
+    except pyvips.Error as exc:
+        raise _unreadable(fmt, exc) from exc
+
+
+def thumbnail(
+    data: bytes,
+    fmt: Format,
+    width: int,
+    height: int,
+    *,
+    crop: str | None = None,
+    all_pages: bool = False,
+) -> pyvips.Image:
+    """Shrink-on-load thumbnail: upright (EXIF applied), sRGB, fit in or crop to the box."""
+    options = _FAIL + (",n=-1" if all_pages else "")
+    kwargs: dict[str, Any] = {"height": height, "size": "both", "option_string": options}
+    if crop:
+        kwargs["crop"] = crop
+    try:
+        return pyvips.Image.thumbnail_buffer(data, width, **kwargs)
+    except pyvips.Error as exc:
+        raise _unreadable(fmt, exc) from exc
+
+
+def load_svg(data: bytes, scale: float) -> pyvips.Image:
+    try:
+        return pyvips.Image.svgload_buffer(data, scale=scale, fail_on="warning")
+    except pyvips.Error as exc:
+        raise _unreadable(Format.SVG, exc) from exc
+
+
+def materialize(image: pyvips.Image, fmt: Format) -> pyvips.Image:
+    """Force the decode now, so a corrupt source fails as 202 rather than at save."""
+    try:
+        return image.copy_memory()
+    except pyvips.Error as exc:
+        raise _unreadable(fmt, exc) from exc
+
+
+def fit_exact(image: pyvips.Image, width: int, height: int, direction: str) -> pyvips.Image:
+    """Crop (or pad by copying edges) to exactly width x height, keeping ``direction``."""
+    if image.width == width and image.height == height:
+        return image
+    return image.gravity(direction, width, height, extend="copy")
+
+
+def crop(image: pyvips.Image, left: int, top: int, width: int, height: int) -> pyvips.Image:
+    return image.crop(left, top, width, height)
+
+
+def crop_frames(
+    image: pyvips.Image, left: int, top: int, width: int, height: int
+) -> pyvips.Image:
+    """Crop every frame of an animation (a strip of frames ``page-height`` tall)."""
+    page_height = image.get("page-height")
+    pages = image.height // page_height
+    frames = [image.crop(left, i * page_height + top, width, height) for i in range(pages)]
+    out = pyvips.Image.arrayjoin(frames, across=1).copy()
+    out.set_type(pyvips.GValue.gint_type, "page-height", height)
+    return out
+
+
+def to_srgb(image: pyvips.Image) -> pyvips.Image:
+    if image.interpretation not in ("srgb", "b-w"):
+        image = image.colourspace("srgb")
+    return image
+
+
+def flatten(image: pyvips.Image) -> pyvips.Image:
+    """Drop alpha onto a white background (for formats that cannot hold it)."""
+    if image.hasalpha():
+        white = 65535 if image.format == "ushort" else 255
+        return image.flatten(background=[white] * (image.bands - 1))
+    return image
+
+
+def save(image: pyvips.Image, fmt: Format, quality: int | None, keep_metadata: bool) -> bytes:
+    keep = "all" if keep_metadata else "none"
+    q: dict[str, Any] = {"Q": quality} if quality is not None else {}
+    try:
+        if fmt is Format.JPEG:
+            out = image.jpegsave_buffer(keep=keep, optimize_coding=True, **q)
+        elif fmt is Format.PNG:
+            out = image.pngsave_buffer(keep=keep, compression=6)
+        elif fmt is Format.WEBP:
+            out = image.webpsave_buffer(keep=keep, **q)
+        elif fmt is Format.AVIF:
+            out = image.heifsave_buffer(keep=keep, compression="av1", effort=2, **q)
+        elif fmt is Format.HEIF:
+            out = image.heifsave_buffer(keep=keep, compression="hevc", **q)
+        elif fmt is Format.GIF:
+            out = image.gifsave_buffer(keep=keep)
+        elif fmt is Format.TIFF:
+            out = image.tiffsave_buffer(keep=keep, compression="deflate")
+        else:
+            raise errors.DstExtensionUnsupported(f"cannot write {fmt.value}")
+    except pyvips.Error as exc:
+        raise errors.InternalError(f"encoding {fmt.value} failed: {exc}") from exc
+    return bytes(out)
+
+
+def label_canvas(width: int, height: int, text: str, *, failed: bool) -> pyvips.Image:
+    """A light canvas with ``text`` centred, for placeholders and failure images."""
+    background = [250, 235, 235] if failed else [238, 238, 238]
+    colour = [160, 40, 40] if failed else [110, 110, 110]
+    canvas = (pyvips.Image.black(width, height, bands=3) + background).cast("uchar")
+    canvas = canvas.copy(interpretation="srgb")
+    text_width = max(1, int(width * 0.8))
+    text_height = max(1, int(height * 0.5))
+    if text_width < 24 or text_height < 6:
+        return canvas
+    try:
+        mask = pyvips.Image.text(
+            text, width=text_width, height=text_height, align="centre", font="sans"
+        )
+    except pyvips.Error:
+        return canvas  # no fonts on this machine: the plain canvas still says "not ready"
+    left = (width - mask.width) // 2
+    top = (height - mask.height) // 2
+    ink = mask.new_from_image(colour).copy(interpretation="srgb")
+    overlay = ink.bandjoin(mask)
+    return canvas.composite2(overlay, "over", x=left, y=top).flatten()

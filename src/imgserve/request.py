@@ -1,0 +1,263 @@
+"""The JSON request contract of imgserve 0.2: parse and validate into a Job.
+
+Pure: no I/O, no pyvips. Checks run in 0.2's order so each mistake gets 0.2's
+code; what can only be known from the source (its size, its real format)
+is checked later by imaging/.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from imgserve import errors
+from imgserve.imaging import formats, geometry
+
+REQUIRED_KEYS = frozenset({"operationType", "srcURL", "dstURL", "args"})
+OPERATIONS = frozenset({"resize", "rasterize"})
+SOURCE_SCHEMES = frozenset({"http", "https", "ftp", "ftps", "file", "s3"})
+DEST_SCHEMES = SOURCE_SCHEMES
+
+_ARGS = {
+    "resize": frozenset(
+        {"width", "height", "gravity", "enlarge", "quality", "keep_metadata"}
+        | {"field_name", "field_file"}
+    ),
+    "rasterize": frozenset(
+        {"width", "height", "scale", "quality", "keep_metadata", "field_name", "field_file"}
+    ),
+}
+_TAG = re.compile(r"\{\$([A-Za-z]+)\}")
+TAGS = frozenset({"width", "height", "basename", "extension", "ext"})
+
+
+@dataclass(frozen=True)
+class Job:
+    """A validated request. ``request`` keeps the original JSON for the queue."""
+
+    operation: str
+    src_url: str
+    dst_template: str
+    width: int | None = None
+    height: int | None = None
+    scale: float | None = None
+    gravity: str = "centre"
+    enlarge: bool = False
+    quality: int | None = None
+    keep_metadata: bool = False
+    form_field: str | None = None
+
+    @property
+    def src_basename(self) -> str:
+        """The source file name without its extension (raw, as in the URL)."""
+        name = urlsplit(self.src_url).path.rsplit("/", 1)[-1]
+        stem, dot, _ext = name.rpartition(".")
+        return stem if dot and stem else name
+
+    @property
+    def src_extension(self) -> str:
+        return formats.extension_of(urlsplit(self.src_url).path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Job:
+        return cls(**data)
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    """Decode the request body; anything but a JSON object is a parse error (100)."""
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise errors.RequestParseError(f"body is not JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise errors.RequestParseError("body is not a JSON object")
+    return obj
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _scheme(url: str) -> str:
+    head, sep, _ = url.partition("://")
+    return head.lower() if sep else ""
+
+
+def validate(obj: dict[str, Any]) -> Job:
+    """Check a decoded request and return the Job, or raise its 1xx error."""
+    keys = set(obj)
+    if keys != REQUIRED_KEYS:
+        missing = sorted(REQUIRED_KEYS - keys)
+        unknown = sorted(keys - REQUIRED_KEYS)
+        detail = "; ".join(
+            part
+            for part in (
+                f"missing: {', '.join(missing)}" if missing else "",
+                f"unknown: {', '.join(unknown)}" if unknown else "",
+            )
+            if part
+        )
+        raise errors.KeysInvalid(detail)
+    operation = obj["operationType"]
+    if operation not in OPERATIONS:
+        raise errors.UnknownOperation(
+            f"operationType {operation!r} is not one of {', '.join(sorted(OPERATIONS))}"
+        )
+    args = obj["args"]
+    if not isinstance(args, dict):
+        raise errors.ArgsNotObject(f"args is {type(args).__name__}, not an object")
+    src, dst = obj["srcURL"], obj["dstURL"]
+    if not isinstance(src, str) or not src.strip():
+        raise errors.EmptySrcURL("srcURL must be a non-empty string")
+    if not isinstance(dst, str) or not dst.strip():
+        raise errors.EmptyDstURL("dstURL must be a non-empty string")
+
+    unknown_args = sorted(set(args) - _ARGS[operation])
+    if unknown_args:
+        raise errors.ArgInvalid(f"unknown args for {operation}: {', '.join(unknown_args)}")
+    width, height = args.get("width"), args.get("height")
+    scale = args.get("scale")
+    if width is not None and not _positive_int(width):
+        raise errors.WidthInvalid(f"width {width!r} is not a positive integer")
+    if height is not None and not _positive_int(height):
+        raise errors.HeightInvalid(f"height {height!r} is not a positive integer")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0:
+            raise errors.ScaleInvalid(f"scale {scale!r} is not a positive number")
+        if width is not None or height is not None:
+            raise errors.ScaleInvalid("give scale or width/height, not both")
+    if width is None and height is None and scale is None:
+        raise errors.WidthInvalid(
+            "width or height is required" + (" (or scale)" if operation == "rasterize" else "")
+        )
+
+    src_scheme = _scheme(src)
+    if src_scheme not in SOURCE_SCHEMES:
+        raise errors.SrcSchemeUnsupported(
+            f"srcURL scheme {src_scheme or '(none)'!r} is not one of "
+            f"{', '.join(sorted(SOURCE_SCHEMES))}"
+        )
+    src_ext = formats.extension_of(urlsplit(src).path)
+    if operation == "rasterize" and src_ext and src_ext != "svg":
+        raise errors.SourceTypeNotAllowed(f"rasterize takes an SVG source, not .{src_ext}")
+    if operation == "resize" and src_ext == "svg":
+        raise errors.SourceTypeNotAllowed("resize takes a raster source; use rasterize for SVG")
+
+    dst_scheme = _scheme(dst)
+    if dst_scheme not in DEST_SCHEMES:
+        raise errors.DstSchemeUnsupported(
+            f"dstURL scheme {dst_scheme or '(none)'!r} is not one of "
+            f"{', '.join(sorted(DEST_SCHEMES))}"
+        )
+    field = _form_field(args)
+    if dst_scheme in ("http", "https"):
+        _url, filename = split_form_destination(dst)
+        if filename is not None and field is None:
+            raise errors.FormFieldMissing(
+                "dstURL uses the URL:filename form upload syntax; set args.field_name"
+            )
+        if field is not None and filename is None:
+            raise errors.URLInvalid(
+                "a form upload (args.field_name) needs dstURL in the form URL:filename"
+            )
+    elif field is not None:
+        raise errors.ArgInvalid(f"args.field_name applies to http(s) destinations, not {dst_scheme}")
+    for tag in _TAG.findall(dst):
+        if tag not in TAGS:
+            raise errors.URLInvalid(f"unknown dstURL tag {{${tag}}}")
+    dst_ext = formats.extension_of(_dst_path(dst))
+    if not _TAG.search(dst_ext) and "{$" not in dst_ext and formats.output_format(dst_ext) is None:
+        raise errors.DstExtensionUnsupported(
+            f"destination extension {dst_ext or '(none)'!r} is not one of "
+            f"{', '.join(sorted(formats.OUTPUT_EXTENSIONS))}"
+        )
+
+    gravity = args.get("gravity", "centre")
+    if not isinstance(gravity, str) or gravity.lower() not in geometry.GRAVITIES:
+        raise errors.GravityInvalid(
+            f"gravity {gravity!r} is not one of {', '.join(sorted(geometry.GRAVITIES))}"
+        )
+    quality = args.get("quality")
+    if quality is not None and not (_positive_int(quality) and quality <= 100):
+        raise errors.QualityInvalid(f"quality {quality!r} is not an integer from 1 to 100")
+    for flag in ("enlarge", "keep_metadata"):
+        if flag in args and not isinstance(args[flag], bool):
+            raise errors.ArgInvalid(f"args.{flag} must be true or false")
+    return Job(
+        operation=operation,
+        src_url=src,
+        dst_template=dst,
+        width=width,
+        height=height,
+        scale=float(scale) if scale is not None else None,
+        gravity=gravity.lower(),
+        enlarge=bool(args.get("enlarge", False)),
+        quality=quality,
+        keep_metadata=bool(args.get("keep_metadata", False)),
+        form_field=field,
+    )
+
+
+def _form_field(args: dict[str, Any]) -> str | None:
+    """The upload form field: ``field_name``, or 0.2's ``field_file``."""
+    key = "field_name" if "field_name" in args else "field_file" if "field_file" in args else None
+    if key is None:
+        return None
+    value = args[key]
+    if not isinstance(value, str):
+        raise errors.FormFieldNotString(f"args.{key} is {type(value).__name__}, not a string")
+    if not value:
+        raise errors.FormFieldMissing(f"args.{key} is empty")
+    return value
+
+
+def split_form_destination(dst: str) -> tuple[str, str | None]:
+    """Split 0.2's ``http://host/upload.php:name.png`` into (URL, file name).
+
+    The split is on the last colon after the URL's path begins, so a port
+    (``http://host:8080/up:x.png``) is not mistaken for it. Returns
+    ``(dst, None)`` when there is no file name part.
+    """
+    scheme_end = dst.find("://")
+    path_start = dst.find("/", scheme_end + 3 if scheme_end >= 0 else 0)
+    if path_start < 0:
+        return dst, None
+    colon = dst.rfind(":", path_start)
+    if colon < 0:
+        return dst, None
+    return dst[:colon], dst[colon + 1 :]
+
+
+def _dst_path(dst: str) -> str:
+    """The part of dstURL whose extension names the output format."""
+    if _scheme(dst) in ("http", "https"):
+        url, filename = split_form_destination(dst)
+        if filename is not None:
+            return filename
+        dst = url
+    # Tags may hold characters urlsplit dislikes; only the path's tail matters.
+    return dst.split("?", 1)[0].split("#", 1)[0]
+
+
+def substitute(template: str, *, width: int, height: int, basename: str, extension: str) -> str:
+    """Replace 0.2's dstURL tags; ``{$ext}`` is an alias of ``{$extension}``."""
+    values = {
+        "width": str(width),
+        "height": str(height),
+        "basename": basename,
+        "extension": extension,
+        "ext": extension,
+    }
+    return _TAG.sub(lambda m: values[m.group(1)], template)
+
+
+def destination_extension(template: str, source_extension: str) -> str:
+    """The output extension once tags are known (only ``{$ext}`` can change it)."""
+    path = substitute(_dst_path(template), width=1, height=1, basename="x", extension=source_extension)
+    return formats.extension_of(path)
