@@ -1,0 +1,318 @@
+"""http:// and https://: download with GET, upload with PUT or a multipart POST form.
+
+One aiohttp session per transport, created on first use. Its connector uses a
+resolver that drops every address the outbound policy refuses, so the address
+aiohttp connects to is one that was checked; IP-literal hosts (which aiohttp
+never passes to the resolver) are checked here before each request.
+Redirects are followed by hand so each hop is re-checked. Responses are
+decompressed here, not by aiohttp, so the size limit applies to decoded bytes
+and a gzip bomb stops as soon as it passes the limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import ssl
+import zlib
+from typing import Any
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from yarl import URL
+
+from imgserve.config import NetPolicy, TransportSettings
+from imgserve.errors import (
+    AddressRefused,
+    DownloadTimeout,
+    ImgserveError,
+    RedirectSchemeRefused,
+    SourceNotFound,
+    SourceTooLarge,
+    SourceUnreachable,
+    TLSVerifyFailed,
+    TooManyRedirects,
+    UploadFailed,
+    UploadRefused,
+    UploadTimeout,
+    URLInvalid,
+)
+from imgserve.transports import policy
+from imgserve.transports.base import Target, Transport
+from imgserve.urls import redact_url
+
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_CHUNK_BYTES = 64 * 1024
+
+
+def client_tls_context(ca_file: object | None) -> ssl.SSLContext:
+    """A verifying client context: system CAs plus ``ca_file`` (PEM) if given."""
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        context.load_verify_locations(cafile=str(ca_file))
+    return context
+
+
+class PolicyResolver(AbstractResolver):
+    """Resolves with the system resolver and keeps only allowed addresses.
+
+    Raises AddressRefused (which aiohttp lets through unchanged) when every
+    address a name resolves to is refused.
+    """
+
+    def __init__(self, net_policy: NetPolicy) -> None:
+        self._policy = net_policy
+        self._inner = aiohttp.ThreadedResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        allowed: list[ResolveResult] = []
+        refusal: AddressRefused | None = None
+        for result in results:
+            addr = ipaddress.ip_address(result["host"].split("%", 1)[0])
+            try:
+                policy.check_address(host, addr, self._policy)
+            except AddressRefused as exc:
+                refusal = refusal or exc
+            else:
+                allowed.append(result)
+        if not allowed:
+            raise refusal or AddressRefused(f"host {host} resolved to no address")
+        return allowed
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+class _Body:
+    """Collects a response body, decoding gzip/deflate, within a byte limit."""
+
+    def __init__(self, encoding: str, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._decoder: Any = None
+        self._raw_deflate_fallback = False
+        if encoding in ("gzip", "x-gzip"):
+            self._decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif encoding == "deflate":
+            self._decoder = zlib.decompressobj(zlib.MAX_WBITS)
+            self._raw_deflate_fallback = True
+        elif encoding not in ("", "identity"):
+            raise SourceUnreachable(f"unsupported Content-Encoding {encoding!r}")
+
+    def _add(self, data: bytes) -> None:
+        self._size += len(data)
+        if self._size > self._max_bytes:
+            raise SourceTooLarge(f"more than {self._max_bytes} bytes (decoded)")
+        self._parts.append(data)
+
+    def feed(self, chunk: bytes) -> None:
+        if self._decoder is None:
+            self._add(chunk)
+            return
+        pending = chunk
+        while pending and not self._decoder.eof:
+            # max_length bounds each step's output, so a bomb never expands
+            # past the limit in memory.
+            budget = self._max_bytes - self._size + 1
+            try:
+                out = self._decoder.decompress(pending, budget)
+            except zlib.error as exc:
+                if self._raw_deflate_fallback and self._size == 0:
+                    # Some servers send raw deflate without the zlib header.
+                    self._raw_deflate_fallback = False
+                    self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
+                    continue
+                raise SourceUnreachable(f"corrupt compressed body: {exc}") from exc
+            self._raw_deflate_fallback = False
+            self._add(out)
+            pending = self._decoder.unconsumed_tail
+
+    def finish(self) -> bytes:
+        if self._decoder is not None:
+            try:
+                self._add(self._decoder.flush())
+            except zlib.error as exc:
+                raise SourceUnreachable(f"corrupt compressed body: {exc}") from exc
+        return b"".join(self._parts)
+
+
+def _parse(url: str | URL) -> tuple[URL, aiohttp.BasicAuth | None]:
+    """Split credentials off an http(s) URL: (URL without userinfo, auth)."""
+    try:
+        parsed = url if isinstance(url, URL) else URL(url)
+        host = parsed.host
+    except (ValueError, TypeError) as exc:
+        raise URLInvalid(f"malformed URL {redact_url(str(url))}") from exc
+    if parsed.scheme not in ("http", "https"):
+        raise URLInvalid(f"not an http(s) URL: {redact_url(str(url))}")
+    if not host:
+        raise URLInvalid(f"URL without a host: {redact_url(str(url))}")
+    auth = None
+    if parsed.user is not None:
+        auth = aiohttp.BasicAuth(parsed.user, parsed.password or "")
+    return parsed.with_user(None), auth
+
+
+def _origin(url: URL) -> tuple[str, str | None, int | None]:
+    return (url.scheme, url.host, url.port)
+
+
+class HTTPTransport(Transport):
+    """GET downloads; PUT or multipart-form POST uploads."""
+
+    schemes = ("http", "https")
+
+    def __init__(self, settings: TransportSettings) -> None:
+        super().__init__(settings)
+        self._session: aiohttp.ClientSession | None = None
+        self._tls = client_tls_context(settings.ca_file)
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                resolver=PolicyResolver(self.settings.policy), ssl=self._tls
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None),  # deadlines are ours
+                auto_decompress=False,
+                trust_env=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                headers={"User-Agent": "imgserve/1.0"},
+            )
+        return self._session
+
+    def _check_literal(self, url: URL) -> None:
+        # aiohttp does not resolve IP literals, so the resolver never sees them.
+        policy.check_host_literal(url.host or "", self.settings.policy)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # --- download -----------------------------------------------------------------
+
+    async def download(self, url: str) -> bytes:
+        try:
+            async with asyncio.timeout(self.settings.download_timeout_s):
+                return await self._download(url)
+        except TimeoutError as exc:
+            raise DownloadTimeout(
+                f"{redact_url(url)} not downloaded within {self.settings.download_timeout_s}s"
+            ) from exc
+
+    async def _download(self, url: str) -> bytes:
+        current, auth = _parse(url)
+        for _hop in range(self.settings.max_redirects + 1):
+            self._check_literal(current)
+            try:
+                async with self._client().get(
+                    current,
+                    auth=auth,
+                    allow_redirects=False,
+                    headers={"Accept-Encoding": "gzip, deflate"},
+                ) as resp:
+                    if resp.status in _REDIRECTS:
+                        current, auth = self._next_hop(current, auth, resp)
+                        continue
+                    if resp.status in (404, 410):
+                        raise SourceNotFound(f"HTTP {resp.status} from {current}")
+                    if resp.status >= 400:
+                        raise SourceUnreachable(f"HTTP {resp.status} from {current}")
+                    return await self._read(resp)
+            except ImgserveError:
+                raise
+            except aiohttp.ClientConnectorCertificateError as exc:
+                raise TLSVerifyFailed(f"{current}: {exc.certificate_error}") from exc
+            except aiohttp.InvalidURL as exc:
+                raise URLInvalid(f"malformed URL {current}") from exc
+            except (aiohttp.ClientError, OSError) as exc:
+                raise SourceUnreachable(f"{current}: {type(exc).__name__}: {exc}") from exc
+        raise TooManyRedirects(
+            f"more than {self.settings.max_redirects} redirects from {redact_url(url)}"
+        )
+
+    def _next_hop(
+        self, current: URL, auth: aiohttp.BasicAuth | None, resp: aiohttp.ClientResponse
+    ) -> tuple[URL, aiohttp.BasicAuth | None]:
+        location = resp.headers.get("Location")
+        if not location:
+            raise SourceUnreachable(f"HTTP {resp.status} without Location from {current}")
+        try:
+            target = current.join(URL(location))
+        except (ValueError, TypeError) as exc:
+            raise URLInvalid(f"malformed redirect Location from {current}") from exc
+        if target.scheme not in ("http", "https"):
+            raise RedirectSchemeRefused(
+                f"{current} redirected to a {target.scheme or 'relative'}: URL"
+            )
+        next_url, next_auth = _parse(target)
+        # Credentials go only to the origin they were given for.
+        if next_auth is None and _origin(next_url) == _origin(current):
+            next_auth = auth
+        return next_url, next_auth
+
+    async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
+        limit = self.settings.max_download_bytes
+        encoding = resp.headers.get("Content-Encoding", "").strip().lower()
+        if encoding in ("", "identity") and (resp.content_length or 0) > limit:
+            raise SourceTooLarge(f"Content-Length {resp.content_length} > {limit} bytes")
+        body = _Body(encoding, limit)
+        async for chunk in resp.content.iter_chunked(_CHUNK_BYTES):
+            body.feed(chunk)
+        return body.finish()
+
+    # --- upload -------------------------------------------------------------------
+
+    async def upload_once(self, target: Target, data: bytes, content_type: str) -> None:
+        try:
+            async with asyncio.timeout(self.settings.upload_timeout_s):
+                await self._upload(target, data, content_type)
+        except TimeoutError as exc:
+            raise UploadTimeout(
+                f"{redact_url(target.url)} not uploaded within {self.settings.upload_timeout_s}s"
+            ) from exc
+
+    async def _upload(self, target: Target, data: bytes, content_type: str) -> None:
+        url, auth = _parse(target.url)
+        self._check_literal(url)
+        try:
+            if target.form_field:
+                form = aiohttp.FormData()
+                form.add_field(
+                    target.form_field,
+                    data,
+                    filename=target.filename or "upload",
+                    content_type=content_type,
+                )
+                request = self._client().post(url, data=form, auth=auth, allow_redirects=False)
+            else:
+                request = self._client().put(
+                    url,
+                    data=data,
+                    auth=auth,
+                    allow_redirects=False,
+                    headers={"Content-Type": content_type},
+                )
+            async with request as resp:
+                status = resp.status
+                await resp.read()
+        except ImgserveError:
+            raise
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise TLSVerifyFailed(f"{url}: {exc.certificate_error}") from exc
+        except aiohttp.InvalidURL as exc:
+            raise URLInvalid(f"malformed URL {url}") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UploadFailed(f"{url}: {type(exc).__name__}: {exc}") from exc
+        if status < 300:
+            return
+        if status in (408, 429) or status >= 500:
+            raise UploadFailed(f"HTTP {status} from {url}")
+        raise UploadRefused(f"HTTP {status} from {url}")

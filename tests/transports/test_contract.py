@@ -1,0 +1,142 @@
+"""The transport contract, run against every transport and its real server."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from imgserve.errors import (
+    DownloadTimeout,
+    ImgserveError,
+    SourceNotFound,
+    SourceTooLarge,
+    UploadFailed,
+)
+from tests.transports.conftest import Backend, unique
+
+PAYLOAD = bytes(range(256)) * 40
+
+
+async def test_download_returns_the_stored_bytes(backend: Backend) -> None:
+    """A download returns exactly the bytes the server holds."""
+    url = backend.put_source(unique("src"), PAYLOAD)
+    registry = backend.transports()
+    try:
+        assert await registry.download(url) == PAYLOAD
+    finally:
+        await registry.aclose()
+
+
+async def test_download_of_a_missing_object_is_source_not_found(backend: Backend) -> None:
+    """A missing object is SourceNotFound (not retryable)."""
+    registry = backend.transports()
+    try:
+        with pytest.raises(SourceNotFound) as info:
+            await registry.download(backend.missing_url)
+    finally:
+        await registry.aclose()
+    assert not info.value.retryable
+
+
+async def test_upload_stores_the_bytes(backend: Backend) -> None:
+    """An upload leaves exactly the uploaded bytes on the server."""
+    name = unique("up")
+    registry = backend.transports()
+    try:
+        await registry.upload(backend.target(name), PAYLOAD, "image/png")
+    finally:
+        await registry.aclose()
+    assert backend.read_back(name) == PAYLOAD
+
+
+async def test_upload_overwrites_an_existing_object(backend: Backend) -> None:
+    """A second upload to the same target replaces the first."""
+    name = unique("over")
+    registry = backend.transports()
+    try:
+        await registry.upload(backend.target(name), b"first version, longer", "image/png")
+        await registry.upload(backend.target(name), b"second", "image/png")
+    finally:
+        await registry.aclose()
+    assert backend.read_back(name) == b"second"
+
+
+async def test_download_over_the_size_limit_is_source_too_large(backend: Backend) -> None:
+    """A source bigger than max_download_bytes is SourceTooLarge."""
+    url = backend.put_source(unique("big"), b"x" * 5000)
+    registry = backend.transports(max_download_bytes=4999)
+    try:
+        with pytest.raises(SourceTooLarge):
+            await registry.download(url)
+    finally:
+        await registry.aclose()
+
+
+async def test_download_at_the_size_limit_succeeds(backend: Backend) -> None:
+    """A source of exactly max_download_bytes is accepted."""
+    url = backend.put_source(unique("exact"), b"y" * 5000)
+    registry = backend.transports(max_download_bytes=5000)
+    try:
+        assert await registry.download(url) == b"y" * 5000
+    finally:
+        await registry.aclose()
+
+
+async def test_slow_download_hits_the_total_deadline(backend: Backend) -> None:
+    """A server trickling bytes hits download_timeout_s as one total deadline."""
+    if backend.slow_url is None:
+        pytest.skip(f"no slow server for {backend.name}")
+    registry = backend.transports(download_timeout_s=1.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(DownloadTimeout):
+            await registry.download(backend.slow_url)
+    finally:
+        await registry.aclose()
+    assert time.monotonic() - started < 4.0
+
+
+async def test_upload_retries_transient_failures(backend: Backend) -> None:
+    """Two transient failures, then success: the upload succeeds on attempt 3."""
+    if backend.flaky is None:
+        pytest.skip(f"no failure injection for {backend.name}")
+    name = unique("flaky")
+    target = backend.flaky(name, 2)
+    registry = backend.transports(upload_attempts=3)
+    try:
+        await registry.upload(target, PAYLOAD, "image/png")
+    finally:
+        await registry.aclose()
+    assert backend.read_back(name) == PAYLOAD
+
+
+async def test_upload_gives_up_after_upload_attempts(backend: Backend) -> None:
+    """With fewer attempts than failures the last UploadFailed is raised."""
+    if backend.flaky is None:
+        pytest.skip(f"no failure injection for {backend.name}")
+    target = backend.flaky(unique("flaky"), 2)
+    registry = backend.transports(upload_attempts=2)
+    try:
+        with pytest.raises(UploadFailed) as info:
+            await registry.upload(target, PAYLOAD, "image/png")
+    finally:
+        await registry.aclose()
+    assert info.value.retryable
+
+
+async def test_permanent_refusal_is_not_retried(backend: Backend) -> None:
+    """A permanent refusal raises a non-retryable error after one attempt."""
+    if backend.refused is None:
+        pytest.skip(f"no refusing server for {backend.name}")
+    target, attempts = backend.refused(unique("refused"))
+    before = attempts()
+    registry = backend.transports(upload_attempts=4)
+    try:
+        with pytest.raises(ImgserveError) as info:
+            await registry.upload(target, PAYLOAD, "image/png")
+    finally:
+        await registry.aclose()
+    assert not info.value.retryable
+    if before >= 0:
+        assert attempts() - before == 1
