@@ -1,5 +1,102 @@
-"""Command line (placeholder until the daemon lands)."""
+"""The ``imgserve`` command: parse flags, build Settings, call one daemon function.
+
+Flags take 0.2's single-dash form (``-host``, ``-port``, ``-pid``, ``-logdir``,
+``-FORCE``) and the usual double-dash form. Exit codes: 0 success, 1 failure,
+2 usage error, 3 "not running" from ``status`` (LSB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from imgserve import __version__, config, daemon
+
+COMMANDS = ("start", "stop", "restart", "status", "version", "serve")
 
 
-def main() -> int:
-    return 0
+def _common(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--config", type=Path, help="TOML settings file (same names as the flags)")
+    add("--state-dir", "--home", dest="state_dir", help="one directory for pid, logs and jobs")
+    add("-host", "--host", dest="host", help="listen address (default 0.0.0.0)")
+    add("-port", "--port", dest="port", type=int, help="listen port (default 8602)")
+    add("-pid", "--pid", dest="pid", help="pid file path")
+    add("-logdir", "--logdir", "--log-dir", dest="logdir", help="log directory")
+    add("-FORCE", "--force", dest="force", action="store_true", help="start over a stale pid file")
+    add("--workers", type=int, help="image worker processes (default: CPU count)")
+    add("--queue", help="redis://host:port/db for distributed mode (default: embedded)")
+    add("--queue-max", dest="queue_max", type=int, help="jobs waiting before 503")
+    add("--allow-net", dest="allow_net", action="append", help="CIDR to allow (repeatable)")
+    add("--allow-host", dest="allow_host", action="append", help="host name to allow")
+    add("--file-root", dest="file_root", action="append", help="directory file:// may use")
+    add("--ca-file", dest="ca_file", help="extra trusted CA certificates (PEM)")
+    add("--s3-endpoint", dest="s3_endpoint", help="S3 endpoint URL (MinIO, ...)")
+    add("--s3-region", dest="s3_region", help="S3 region")
+    add("--job-timeout", dest="job_timeout_s", type=float, help="seconds per render")
+    add("--memory-limit-mb", dest="memory_limit_mb", type=int, help="per-worker cap, 0 = none")
+    add("--max-attempts", dest="max_attempts", type=int, help="attempts per job")
+    add("--max-pixels", dest="max_pixels", type=int, help="largest source in pixels")
+    add("--download-timeout", dest="download_timeout_s", type=float, help="seconds")
+    add("--max-download-bytes", dest="max_download_bytes", type=int, help="bytes")
+    add("--upload-timeout", dest="upload_timeout_s", type=float, help="seconds per attempt")
+    add("--shutdown-timeout", dest="shutdown_timeout_s", type=float, help="drain deadline")
+    add("--keep-finished", dest="keep_finished_s", type=float, help="seconds to keep job status")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgserve", description="image-processing daemon")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    helps = {
+        "start": "start the daemon in the background",
+        "stop": "stop gracefully (drain running jobs)",
+        "restart": "stop, then start",
+        "status": "state, pid, address and job counts (exit 3 when not running)",
+        "version": "print the version",
+        "serve": "run in the foreground, logging to stderr (systemd, containers)",
+    }
+    for name in COMMANDS:
+        child = sub.add_parser(name, help=helps[name])
+        _common(child)
+        if name == "serve":
+            child.add_argument("--daemonized", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+_SETTING_FLAGS = (
+    "host", "port", "state_dir", "pid", "logdir", "workers", "queue", "queue_max", "allow_net",
+    "allow_host", "file_root", "ca_file", "s3_endpoint", "s3_region", "job_timeout_s",
+    "memory_limit_mb", "max_attempts", "max_pixels", "download_timeout_s",
+    "max_download_bytes", "upload_timeout_s", "shutdown_timeout_s", "keep_finished_s",
+)  # fmt: skip
+
+
+def settings_from(args: argparse.Namespace) -> config.Settings:
+    overrides: dict[str, Any] = {name: getattr(args, name, None) for name in _SETTING_FLAGS}
+    return config.load(overrides, config_file=args.config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.command == "version":
+        print(f"imgserve {__version__}")
+        return daemon.EXIT_OK
+    try:
+        settings = settings_from(args)
+    except (ValueError, OSError) as exc:
+        print(f"imgserve: bad settings: {exc}", file=sys.stderr)
+        return 2
+    passthrough = [a for a in argv[1:] if a not in ("-FORCE", "--force")]
+    if args.command == "serve":
+        return daemon.serve(settings, to_file=args.daemonized, force=args.force)
+    if args.command == "start":
+        return daemon.start(settings, passthrough, force=args.force)
+    if args.command == "stop":
+        return daemon.stop(settings)
+    if args.command == "restart":
+        daemon.stop(settings)
+        return daemon.start(settings, passthrough, force=True)
+    return daemon.status(settings)

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from imgserve import errors
 from imgserve.imaging import formats, geometry
+from imgserve.transports.base import Target
 
 REQUIRED_KEYS = frozenset({"operationType", "srcURL", "dstURL", "args"})
 OPERATIONS = frozenset({"resize", "rasterize"})
@@ -261,3 +262,11 @@ def destination_extension(template: str, source_extension: str) -> str:
     """The output extension once tags are known (only ``{$ext}`` can change it)."""
     path = substitute(_dst_path(template), width=1, height=1, basename="x", extension=source_extension)
     return formats.extension_of(path)
+
+
+def destination_target(dst_url: str, form_field: str | None) -> Target:
+    """Where a substituted dstURL uploads to: a form upload, or the URL itself."""
+    if form_field is not None and _scheme(dst_url) in ("http", "https"):
+        url, filename = split_form_destination(dst_url)
+        return Target(url=url, form_field=form_field, filename=filename)
+    return Target(url=dst_url)

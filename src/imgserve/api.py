@@ -1,0 +1,208 @@
+"""Thin HTTP handlers: parse -> validate -> fetch + plan -> placeholder -> enqueue -> reply.
+
+0.2's two-phase contract: a job is answered only once its source was read,
+its result size computed and a placeholder of that size uploaded to the
+destination. Only this module turns imgserve errors into HTTP replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from imgserve import __version__, errors
+from imgserve.config import Settings
+from imgserve.imaging import pipeline
+from imgserve.imaging.formats import Format
+from imgserve.imaging.geometry import Size
+from imgserve.queue.base import JobQueue, JobRecord
+from imgserve.request import destination_target, parse_body, validate
+from imgserve.transports import Transports
+from imgserve.urls import redact_url
+from imgserve.worker import Runner, write_spool
+
+log = logging.getLogger("imgserve.jobs")
+RETRY_AFTER_S = 2
+
+
+@dataclass
+class Service:
+    """What the handlers need, built by daemon.py."""
+
+    settings: Settings
+    queue: JobQueue
+    transports: Transports
+    runner: Runner | None
+    spool_dir: Any
+    draining: bool = False
+    intake: int = 0
+    started_at: float = field(default_factory=time.time)
+    workers_alive: Callable[[], int] = lambda: 0
+
+
+SERVICE = web.AppKey("service", Service)
+
+
+@functools.lru_cache(maxsize=128)
+def _placeholder(width: int, height: int, output: Format) -> bytes:
+    return pipeline.placeholder(Size(width, height), output)
+
+
+def error_reply(exc: errors.ImgserveError) -> web.Response:
+    if isinstance(exc, errors.RequestParseError):
+        body: dict[str, Any] = {"msg": "request parse error"}
+    else:
+        msg = "request invalid" if exc.status < 500 else exc.message
+        body = {"msg": msg, "code": exc.code, "detail": redact_url(exc.detail)}
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 503 else None
+    return web.json_response(body, status=exc.status, headers=headers)
+
+
+@web.middleware
+async def errors_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except errors.ImgserveError as exc:
+        return error_reply(exc)
+    except web.HTTPRequestEntityTooLarge:
+        return error_reply(errors.RequestTooLarge())
+    except web.HTTPMethodNotAllowed as exc:
+        return error_reply(errors.MethodNotAllowed(f"{request.method} not allowed on {exc.method}"))
+    except web.HTTPNotFound:
+        return error_reply(errors.NotFound(f"no such path: {request.path}"))
+    except web.HTTPException:
+        raise
+    except Exception as exc:
+        log.exception("unexpected error handling %s %s", request.method, request.path)
+        return error_reply(errors.InternalError(f"{type(exc).__name__}"))
+
+
+async def submit(request: web.Request) -> web.Response:
+    service: Service = request.app[SERVICE]
+    body = await request.read()
+    if len(body) > service.settings.server.max_request_bytes:
+        raise errors.RequestTooLarge()
+    job = validate(parse_body(body))
+    if service.draining:
+        raise errors.ShuttingDown()
+    limit = service.settings.server.queue_max
+    counts = await service.queue.counts()
+    if counts["queued"] + counts["running"] + service.intake >= limit:
+        raise errors.QueueFull(f"{limit} jobs waiting or being checked")
+    service.intake += 1
+    try:
+        return await _accept(service, job)
+    finally:
+        service.intake -= 1
+
+
+async def _accept(service: Service, job: Any) -> web.Response:
+    data = await service.transports.download(job.src_url)
+    plan = await asyncio.to_thread(pipeline.plan, job, data, service.settings.imaging)
+    image = await asyncio.to_thread(_placeholder, plan.result.width, plan.result.height, plan.output)
+    target = destination_target(plan.dst_url, job.form_field)
+    try:
+        await service.transports.upload(target, image, plan.content_type)
+    except (errors.UploadFailed, errors.UploadRefused) as exc:
+        raise errors.PlaceholderUploadFailed(exc.detail) from exc
+
+    job_id = uuid.uuid4().hex
+    spool = service.spool_dir / f"{job_id}.src"
+    await asyncio.to_thread(write_spool, spool, data)
+    record = JobRecord(
+        id=job_id,
+        job=job.to_dict(),
+        plan=plan.to_dict(),
+        dst_url=plan.dst_url,
+        source_path=str(spool),
+    )
+    try:
+        await service.queue.put(record, max_active=service.settings.server.queue_max)
+    except errors.ImgserveError:
+        spool.unlink(missing_ok=True)
+        raise
+    log.info(
+        "job %s accepted %s %s -> %s %dx%d",
+        job_id,
+        job.operation,
+        job.src_url,
+        plan.dst_url,
+        plan.result.width,
+        plan.result.height,
+    )
+    if service.runner is not None:
+        service.runner.wakeup.set()
+    return web.json_response({"dstURL": redact_url(plan.dst_url), "jobId": job_id})
+
+
+def job_view(record: JobRecord) -> dict[str, Any]:
+    view: dict[str, Any] = {
+        "jobId": record.id,
+        "state": record.state.value,
+        "operationType": record.job.get("operation"),
+        "srcURL": redact_url(str(record.job.get("src_url", ""))),
+        "dstURL": redact_url(record.dst_url),
+        "attempts": record.attempts,
+        "createdAt": record.created_at,
+        "startedAt": record.started_at,
+        "finishedAt": record.finished_at,
+        "width": record.plan["result"][0],
+        "height": record.plan["result"][1],
+    }
+    if record.error_code is not None:
+        cls = errors.by_code(record.error_code)
+        view["error"] = {
+            "code": record.error_code,
+            "message": cls.message,
+            "detail": redact_url(record.error_detail or ""),
+        }
+    return view
+
+
+async def get_job(request: web.Request) -> web.Response:
+    service: Service = request.app[SERVICE]
+    job_id = request.match_info["job_id"]
+    record = await service.queue.get(job_id)
+    if record is None:
+        raise errors.JobNotFound(f"no job {job_id!r} (unknown, or pruned after it finished)")
+    return web.json_response(job_view(record))
+
+
+async def health(request: web.Request) -> web.Response:
+    service: Service = request.app[SERVICE]
+    counts = await service.queue.counts()
+    body = {
+        "status": "draining" if service.draining else "ok",
+        "version": __version__,
+        "queue": counts,
+        "queueDepth": counts["queued"],
+        "running": counts["running"],
+        "failed": counts["failed"],
+        "workers": service.settings.worker.workers,
+        "workersAlive": service.workers_alive(),
+        "uptimeS": round(time.time() - service.started_at, 1),
+    }
+    return web.json_response(body, status=200)
+
+
+def make_app(service: Service) -> web.Application:
+    # The body limit is enforced here (413 -> code 125) with slack for the check above.
+    app = web.Application(
+        middlewares=[errors_middleware],
+        client_max_size=service.settings.server.max_request_bytes + 1,
+    )
+    app[SERVICE] = service
+    app.router.add_post("/", submit)
+    app.router.add_get("/jobs/{job_id}", get_job)
+    app.router.add_get("/health", health)
+    return app

@@ -1,0 +1,385 @@
+"""The daemon's lifecycle: where its files go, serve, start, stop, status.
+
+Signals (``imgserve serve`` and the daemon ``imgserve start`` leaves behind):
+
+- SIGTERM or SIGINT: drain. Intake stops (POST / answers 503, code 604), running
+  jobs get ``shutdown_timeout_s`` to finish; jobs still queued stay in the
+  durable queue and run on the next start. The process then exits 0.
+- A second SIGTERM or SIGINT: stop at once. Interrupted jobs stay queued.
+
+``start`` runs ``imgserve serve`` as a detached child (a new session; no fork
+after libvips is loaded) and returns once the port answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imgserve import logs
+from imgserve.config import Settings
+
+log = logging.getLogger("imgserve.daemon")
+
+EXIT_OK = 0
+EXIT_FAIL = 1
+EXIT_NOT_RUNNING = 3  # LSB: program is not running
+
+
+@dataclass(frozen=True)
+class Paths:
+    pid_file: Path
+    log_file: Path
+    data_dir: Path
+    """Holds the job database and the source spool."""
+
+    @property
+    def runtime_file(self) -> Path:
+        return self.data_dir / "imgserve.runtime.json"
+
+    @property
+    def startup_log(self) -> Path:
+        return self.data_dir / "imgserve.startup.log"
+
+
+def resolve_paths(
+    state_dir: Path | None,
+    pid_file: Path | None,
+    log_dir: Path | None,
+    *,
+    euid: int,
+    home: Path,
+) -> Paths:
+    """0.2's rule: root logs to /var/log/imgserve and keeps its pid in /var/run;
+    anyone else keeps both in ~/.imgserve. ``state_dir`` (IMGSERVE_HOME) puts
+    everything in one directory; ``pid_file`` and ``log_dir`` override one each."""
+    if state_dir is not None:
+        base_pid, base_log, data = state_dir / "imgserve.pid", state_dir, state_dir
+    elif euid == 0:
+        base_pid = Path("/var/run/imgserve.pid")
+        base_log = Path("/var/log/imgserve")
+        data = Path("/var/lib/imgserve")
+    else:
+        base_pid, base_log, data = home / ".imgserve/imgserve.pid", home / ".imgserve", home / ".imgserve"
+    return Paths(
+        pid_file=pid_file or base_pid,
+        log_file=(log_dir or base_log) / "imgserve.log",
+        data_dir=data,
+    )
+
+
+def paths_for(settings: Settings) -> Paths:
+    server = settings.server
+    return resolve_paths(
+        server.state_dir, server.pid_file, server.log_dir, euid=os.geteuid(), home=Path.home()
+    )
+
+
+# --- pid files -------------------------------------------------------------------------
+
+
+def read_pid(pid_file: Path) -> int | None:
+    try:
+        return int(pid_file.read_text().split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours counts as gone.
+    with contextlib.suppress(FileNotFoundError, IndexError):
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state == "Z":
+            return False
+    return True
+
+
+def running_pid(paths: Paths) -> tuple[int | None, bool]:
+    """(pid, alive). A pid file whose process is gone is stale: (pid, False)."""
+    pid = read_pid(paths.pid_file)
+    return pid, pid is not None and pid_alive(pid)
+
+
+def write_pid_file(paths: Paths, *, force: bool) -> None:
+    paths.pid_file.parent.mkdir(parents=True, exist_ok=True)
+    pid, alive = running_pid(paths)
+    if alive and pid != os.getpid():
+        raise RuntimeError(f"already running with pid {pid} ({paths.pid_file})")
+    if pid is not None and not alive and not force:
+        log.warning("removing stale pid file %s (pid %d is gone)", paths.pid_file, pid)
+    tmp = paths.pid_file.with_suffix(".tmp")
+    tmp.write_text(f"{os.getpid()}\n")
+    os.replace(tmp, paths.pid_file)
+
+
+def remove_pid_file(paths: Paths) -> None:
+    if read_pid(paths.pid_file) == os.getpid():
+        paths.pid_file.unlink(missing_ok=True)
+        paths.runtime_file.unlink(missing_ok=True)
+
+
+# --- serve -------------------------------------------------------------------------------
+
+
+def serve(settings: Settings, *, to_file: bool, force: bool) -> int:
+    """Run the daemon in this process until a signal drains it."""
+    paths = paths_for(settings)
+    logs.configure(
+        paths.log_file if to_file else None,
+        max_bytes=settings.server.log_max_bytes,
+        backups=settings.server.log_backups,
+    )
+    try:
+        write_pid_file(paths, force=force)
+    except RuntimeError as exc:
+        print(f"imgserve: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    try:
+        return asyncio.run(_serve(settings, paths))
+    except OSError as exc:
+        message = (
+            f"cannot listen on {settings.server.host}:{settings.server.port}: address in use"
+            if exc.errno == errno.EADDRINUSE
+            else f"cannot start: {exc}"
+        )
+        log.error("%s", message)
+        print(f"imgserve: {message}", file=sys.stderr)
+        return EXIT_FAIL
+    finally:
+        remove_pid_file(paths)
+
+
+async def _serve(settings: Settings, paths: Paths) -> int:
+    from aiohttp import web
+
+    from imgserve import api
+    from imgserve.pool import ImagePool
+    from imgserve.queue import open_queue
+    from imgserve.transports import Transports
+    from imgserve.worker import Runner
+
+    paths.data_dir.mkdir(parents=True, exist_ok=True)
+    spool_dir = paths.data_dir / "spool"
+    spool_dir.mkdir(exist_ok=True)
+    queue = open_queue(settings.server.queue_url, paths.data_dir)
+    recovered = await queue.recover(stale_after_s=0.0)
+    if recovered:
+        log.info("recovered %d unfinished jobs from the queue", recovered)
+    transports = Transports(settings.transport)
+    pool = ImagePool(settings.worker, settings.imaging)
+    runner = Runner(queue, transports, pool, settings, spool_dir)
+    service = api.Service(
+        settings=settings,
+        queue=queue,
+        transports=transports,
+        runner=runner,
+        spool_dir=spool_dir,
+        workers_alive=pool.workers_alive,
+    )
+    app = api.make_app(service)
+    app_runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await app_runner.setup()
+    site = web.TCPSite(
+        app_runner, settings.server.host, settings.server.port, reuse_address=True, backlog=1024
+    )
+    try:
+        await site.start()
+    except OSError:
+        await app_runner.cleanup()
+        pool.close()
+        await queue.close()
+        raise
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals_seen = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            log.info("%s: draining (again to stop at once)", signal.Signals(signum).name)
+            service.draining = True
+            stop.set()
+        else:
+            log.warning("%s again: stopping now; unfinished jobs stay queued", signal.Signals(signum).name)
+            os._exit(EXIT_FAIL)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+    paths.runtime_file.write_text(
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "host": settings.server.host,
+                "port": settings.server.port,
+                "started_at": time.time(),
+            }
+        )
+    )
+    log.info(
+        "imgserve listening on %s:%d with %d workers, state in %s",
+        settings.server.host,
+        settings.server.port,
+        settings.worker.workers,
+        paths.data_dir,
+    )
+    jobs = asyncio.create_task(runner.serve())
+    pruner = asyncio.create_task(_prune_loop(queue, settings.server.keep_finished_s))
+    await stop.wait()
+
+    drained = await runner.stop(settings.server.shutdown_timeout_s)
+    if not drained:
+        log.warning("deadline passed with jobs running; they stay queued for the next start")
+    for task in (jobs, pruner):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await app_runner.cleanup()
+    await transports.aclose()
+    await asyncio.to_thread(pool.close)
+    await queue.close()
+    log.info("imgserve stopped")
+    return EXIT_OK
+
+
+async def _prune_loop(queue: Any, keep_s: float) -> None:
+    while True:
+        with contextlib.suppress(Exception):
+            removed = await queue.prune(keep_s)
+            if removed:
+                log.info("pruned %d finished jobs older than %.0f s", removed, keep_s)
+        await asyncio.sleep(min(600.0, max(1.0, keep_s / 10)))
+
+
+# --- start / stop / status ---------------------------------------------------------------
+
+
+def _local_address(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host  # noqa: S104
+
+
+def _health(host: str, port: int, timeout_s: float = 2.0) -> dict[str, Any] | None:
+    url = f"http://{_local_address(host)}:{port}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as reply:  # noqa: S310 - local http only
+            data = json.loads(reply.read())
+            return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def start(settings: Settings, serve_argv: list[str], *, force: bool, timeout_s: float = 60.0) -> int:
+    paths = paths_for(settings)
+    pid, alive = running_pid(paths)
+    if alive:
+        print(f"imgserve: already running with pid {pid} ({paths.pid_file})", file=sys.stderr)
+        return EXIT_FAIL
+    if pid is not None and not force:
+        print(
+            f"imgserve: stale pid file {paths.pid_file} (pid {pid} is gone); "
+            "start with -FORCE to replace it",
+            file=sys.stderr,
+        )
+        return EXIT_FAIL
+    paths.data_dir.mkdir(parents=True, exist_ok=True)
+    with open(paths.startup_log, "wb") as err:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "imgserve", "serve", "--daemonized", *serve_argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+            close_fds=True,
+        )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        code = child.poll()
+        if code is not None:
+            reason = paths.startup_log.read_text(errors="replace").strip()
+            print(reason or f"imgserve: failed to start (exit {code})", file=sys.stderr)
+            return EXIT_FAIL
+        if read_pid(paths.pid_file) == child.pid and _health(
+            settings.server.host, settings.server.port, 0.5
+        ):
+            print(
+                f"imgserve started: pid {child.pid}, "
+                f"http://{settings.server.host}:{settings.server.port}/"
+            )
+            return EXIT_OK
+        time.sleep(0.1)
+    print(f"imgserve: did not answer within {timeout_s:.0f} s; see {paths.log_file}", file=sys.stderr)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.pid, signal.SIGKILL)
+    return EXIT_FAIL
+
+
+def stop(settings: Settings, *, timeout_s: float | None = None) -> int:
+    paths = paths_for(settings)
+    pid, alive = running_pid(paths)
+    if pid is None:
+        print("imgserve: not running")
+        return EXIT_OK
+    if not alive:
+        print(f"imgserve: not running (removing stale pid file {paths.pid_file})")
+        paths.pid_file.unlink(missing_ok=True)
+        return EXIT_OK
+    os.kill(pid, signal.SIGTERM)
+    wait_s = timeout_s if timeout_s is not None else settings.server.shutdown_timeout_s + 15.0
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            print(f"imgserve stopped (pid {pid})")
+            return EXIT_OK
+        time.sleep(0.1)
+    print(f"imgserve: pid {pid} did not stop within {wait_s:.0f} s; killing it", file=sys.stderr)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    return EXIT_FAIL
+
+
+def status(settings: Settings) -> int:
+    paths = paths_for(settings)
+    pid, alive = running_pid(paths)
+    if not alive:
+        if pid is not None:
+            print(f"imgserve is not running (stale pid file {paths.pid_file}: pid {pid} is gone)")
+        else:
+            print("imgserve is not running")
+        return EXIT_NOT_RUNNING
+    host, port = settings.server.host, settings.server.port
+    with contextlib.suppress(OSError, ValueError):
+        runtime = json.loads(paths.runtime_file.read_text())
+        host, port = runtime["host"], runtime["port"]
+    health = _health(host, port)
+    print(f"imgserve is running: pid {pid}, address {host}:{port}")
+    if health:
+        queue = health.get("queue", {})
+        print(
+            f"state: {health.get('status')}; jobs queued {queue.get('queued', 0)}, "
+            f"running {queue.get('running', 0)}, done {queue.get('done', 0)}, "
+            f"failed {queue.get('failed', 0)}; workers alive "
+            f"{health.get('workersAlive')}/{health.get('workers')}"
+        )
+    else:
+        print("state: not answering on its port")
+    return EXIT_OK

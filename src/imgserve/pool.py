@@ -1,0 +1,124 @@
+"""The supervised pool of image worker processes (pebble).
+
+Image work never runs on the API's event loop: each render goes to a worker
+process started with forkserver (libvips must not be forked after use). pebble
+replaces a worker that dies (segfault, OOM kill, SIGKILL) and kills one that
+runs past the job deadline; both come back here as imgserve errors, so a dead
+worker costs only its own job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import resource
+import signal
+import time
+from concurrent.futures import CancelledError
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+import pebble
+
+from imgserve import errors
+from imgserve.config import ImagingLimits, WorkerSettings
+
+# Fault injection for the test suite only: with this variable set, a source
+# containing one of these markers makes its worker misbehave on purpose.
+FAULT_ENV = "IMGSERVE_FAULT_INJECTION"
+_FAULTS = (b"IMGSERVE-FAULT-SEGV", b"IMGSERVE-FAULT-SLEEP", b"IMGSERVE-FAULT-HOG")
+
+
+def _init_worker(memory_limit_mb: int) -> None:
+    """Runs once in each new worker: memory cap, default signals, hardened libvips."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if memory_limit_mb > 0:
+        limit = memory_limit_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    import imgserve.imaging.vips  # noqa: F401 - harden libvips before any job
+
+
+def _fault(data: bytes) -> None:
+    if not os.environ.get(FAULT_ENV) or not any(m in data[-64:] for m in _FAULTS):
+        return
+    if b"IMGSERVE-FAULT-SEGV" in data[-64:]:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if b"IMGSERVE-FAULT-SLEEP" in data[-64:]:
+        time.sleep(3600)
+    if b"IMGSERVE-FAULT-HOG" in data[-64:]:
+        bytearray(64 * 1024 * 1024 * 1024)
+
+
+def _render(source_path: str, plan: dict[str, Any], limits: ImagingLimits) -> bytes:
+    """Worker-side entry point: read the spooled source, render the plan."""
+    from imgserve.imaging import pipeline
+
+    with open(source_path, "rb") as fh:
+        data = fh.read()
+    _fault(data)
+    try:
+        return pipeline.render(pipeline.Plan.from_dict(plan), data, limits)
+    except MemoryError as exc:
+        raise errors.WorkerMemoryExceeded("the worker ran out of memory") from exc
+    except errors.ImgserveError as exc:
+        if "out of memory" in exc.detail or "memory allocation" in exc.detail:
+            raise errors.WorkerMemoryExceeded(exc.detail) from exc
+        raise
+
+
+class ImagePool:
+    """N worker processes; ``render`` is safe to await from the event loop."""
+
+    def __init__(self, settings: WorkerSettings, limits: ImagingLimits) -> None:
+        self.settings = settings
+        self.limits = limits
+        self._pool = pebble.ProcessPool(
+            max_workers=settings.workers,
+            initializer=_init_worker,
+            initargs=(settings.memory_limit_mb,),
+            context=multiprocessing.get_context("forkserver"),
+        )
+
+    async def render(self, source_path: str, plan: dict[str, Any]) -> bytes:
+        future = self._pool.schedule(
+            _render, args=(source_path, plan, self.limits), timeout=self.settings.job_timeout_s
+        )
+        try:
+            return await asyncio.wrap_future(future)
+        except FutureTimeout as exc:
+            raise errors.ProcessingTimeout(
+                f"rendering took longer than {self.settings.job_timeout_s:g} s"
+            ) from exc
+        except pebble.ProcessExpired as exc:
+            raise errors.WorkerCrashed(
+                f"worker process died (exit code {exc.exitcode})"
+            ) from exc
+        except CancelledError as exc:
+            raise errors.ShuttingDown("worker pool stopped before the job ran") from exc
+        except errors.ImgserveError:
+            raise
+        except Exception as exc:
+            raise errors.InternalError(f"worker error: {type(exc).__name__}: {exc}") from exc
+
+    def workers_alive(self) -> int:
+        workers = getattr(getattr(self._pool, "_pool_manager", None), "worker_manager", None)
+        processes = getattr(workers, "workers", None)
+        if isinstance(processes, dict):
+            return sum(1 for p in processes.values() if p.is_alive())
+        return self.settings.workers
+
+    def worker_pids(self) -> list[int]:
+        workers = getattr(getattr(self._pool, "_pool_manager", None), "worker_manager", None)
+        processes = getattr(workers, "workers", None)
+        if isinstance(processes, dict):
+            return [p.pid for p in processes.values() if p.pid is not None]
+        return []
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        self._pool.close()
+        self._pool.join(timeout=timeout_s)
+        if self._pool.active:
+            self._pool.stop()
+            self._pool.join(timeout=timeout_s)

@@ -1,0 +1,236 @@
+"""The embedded queue: one SQLite file in the state directory.
+
+Every accepted job is committed (WAL, synchronous=FULL) before the API
+replies, so a kill -9 at any moment loses nothing: on start, ``recover`` puts
+jobs that were running back in the queue. One connection is used from one
+dedicated thread, which serialises access and keeps SQLite off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from imgserve import errors
+from imgserve.queue.base import JobQueue, JobRecord, State
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    record TEXT NOT NULL,
+    run_at REAL NOT NULL,
+    created_at REAL NOT NULL,
+    finished_at REAL,
+    heartbeat_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs (state, run_at);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at);
+"""
+
+
+class SQLiteQueue(JobQueue):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgserve-sqlite")
+        self._db: sqlite3.Connection | None = None
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA busy_timeout=5000")
+            db.executescript(_SCHEMA)
+            self._db = db
+        return self._db
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+
+        def call() -> T:
+            try:
+                return fn(self._conn())
+            except sqlite3.Error as exc:
+                raise errors.QueueUnavailable(f"job database: {exc}") from exc
+
+        return await loop.run_in_executor(self._executor, call)
+
+    @staticmethod
+    def _load(row: Any) -> JobRecord:
+        return JobRecord.from_dict(json.loads(row[0]))
+
+    @staticmethod
+    def _save(db: sqlite3.Connection, record: JobRecord, heartbeat: float | None = None) -> None:
+        db.execute(
+            "UPDATE jobs SET state=?, record=?, run_at=?, finished_at=?, heartbeat_at=? WHERE id=?",
+            (
+                record.state.value,
+                json.dumps(record.to_dict()),
+                record.run_at,
+                record.finished_at,
+                heartbeat,
+                record.id,
+            ),
+        )
+
+    async def put(self, record: JobRecord, *, max_active: int) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                (active,) = db.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')"
+                ).fetchone()
+                if active >= max_active:
+                    raise errors.QueueFull(f"{active} jobs waiting, the limit is {max_active}")
+                db.execute(
+                    "INSERT INTO jobs (id, state, record, run_at, created_at) VALUES (?,?,?,?,?)",
+                    (
+                        record.id,
+                        record.state.value,
+                        json.dumps(record.to_dict()),
+                        record.run_at,
+                        record.created_at,
+                    ),
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+        await self._run(op)
+
+    async def claim(self) -> JobRecord | None:
+        def op(db: sqlite3.Connection) -> JobRecord | None:
+            now = time.time()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                row = db.execute(
+                    "SELECT record FROM jobs WHERE state='queued' AND run_at<=? "
+                    "ORDER BY run_at, created_at LIMIT 1",
+                    (now,),
+                ).fetchone()
+                if row is None:
+                    db.execute("COMMIT")
+                    return None
+                record = self._load(row)
+                record.state = State.RUNNING
+                record.attempts += 1
+                record.started_at = now
+                self._save(db, record, heartbeat=now)
+                db.execute("COMMIT")
+                return record
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+        return await self._run(op)
+
+    async def _update(self, job_id: str, change: Callable[[JobRecord], None]) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            row = db.execute("SELECT record FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                raise errors.JobNotFound(job_id)
+            record = self._load(row)
+            change(record)
+            self._save(db, record)
+
+        await self._run(op)
+
+    async def complete(self, job_id: str) -> None:
+        def change(record: JobRecord) -> None:
+            record.state = State.DONE
+            record.finished_at = time.time()
+            record.error_code = record.error_detail = None
+
+        await self._update(job_id, change)
+
+    async def fail(self, job_id: str, code: int, detail: str) -> None:
+        def change(record: JobRecord) -> None:
+            record.state = State.FAILED
+            record.finished_at = time.time()
+            record.error_code, record.error_detail = code, detail
+
+        await self._update(job_id, change)
+
+    async def retry(self, job_id: str, delay_s: float, code: int, detail: str) -> None:
+        def change(record: JobRecord) -> None:
+            record.state = State.QUEUED
+            record.run_at = time.time() + delay_s
+            record.error_code, record.error_detail = code, detail
+
+        await self._update(job_id, change)
+
+    async def heartbeat(self, job_id: str) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "UPDATE jobs SET heartbeat_at=? WHERE id=? AND state='running'",
+                (time.time(), job_id),
+            )
+        )
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        def op(db: sqlite3.Connection) -> JobRecord | None:
+            row = db.execute("SELECT record FROM jobs WHERE id=?", (job_id,)).fetchone()
+            return None if row is None else self._load(row)
+
+        return await self._run(op)
+
+    async def counts(self) -> dict[str, int]:
+        def op(db: sqlite3.Connection) -> dict[str, int]:
+            found = dict(db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+            return {state.value: int(found.get(state.value, 0)) for state in State}
+
+        return await self._run(op)
+
+    async def recover(self, stale_after_s: float) -> int:
+        def op(db: sqlite3.Connection) -> int:
+            cutoff = time.time() - stale_after_s
+            rows = db.execute(
+                "SELECT record FROM jobs WHERE state='running' "
+                "AND (heartbeat_at IS NULL OR heartbeat_at<=?)",
+                (cutoff,),
+            ).fetchall()
+            for row in rows:
+                record = self._load(row)
+                record.state = State.QUEUED
+                record.run_at = time.time()
+                self._save(db, record)
+            return len(rows)
+
+        return await self._run(op)
+
+    async def prune(self, older_than_s: float) -> int:
+        def op(db: sqlite3.Connection) -> int:
+            cur = db.execute(
+                "DELETE FROM jobs WHERE state IN ('done', 'failed') AND finished_at<?",
+                (time.time() - older_than_s,),
+            )
+            return cur.rowcount
+
+        return await self._run(op)
+
+    async def next_due_in(self) -> float | None:
+        def op(db: sqlite3.Connection) -> float | None:
+            (run_at,) = db.execute("SELECT MIN(run_at) FROM jobs WHERE state='queued'").fetchone()
+            return None if run_at is None else max(0.0, run_at - time.time())
+
+        return await self._run(op)
+
+    async def close(self) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            db.close()
+            self._db = None
+
+        if self._db is not None:
+            await self._run(op)
+        self._executor.shutdown(wait=True)
