@@ -103,27 +103,42 @@ def crop_offsets(scaled: Size, box: Size, gravity: str) -> tuple[int, int]:
     return left, top
 
 
+def window_around(scaled: Size, box: Size, centre_x: int, centre_y: int) -> tuple[int, int]:
+    """Top-left corner of the ``box`` window centred on a point, kept inside ``scaled``."""
+    spare_x = max(0, scaled.width - box.width)
+    spare_y = max(0, scaled.height - box.height)
+    left = min(max(0, centre_x - box.width // 2), spare_x)
+    top = min(max(0, centre_y - box.height // 2), spare_y)
+    return left, top
+
+
 def rasterize_result(
-    src: Size, width: int | None, height: int | None, scale: float | None
+    src_width: float,
+    src_height: float,
+    width: int | None,
+    height: int | None,
+    scale: float | None,
 ) -> tuple[Size, float]:
     """The size an SVG renders at, and the scale factor that gives it.
 
-    Width and/or height fit the drawing inside the box keeping its aspect
-    ratio; ``scale`` multiplies its intrinsic size.
+    ``src_width`` x ``src_height`` is the drawing's intrinsic size, which may
+    be fractional (an Inkscape page of 210 mm is 793.7 px). Width and/or
+    height fit the drawing inside the box keeping its aspect ratio; ``scale``
+    multiplies its intrinsic size.
     """
     if width is None and height is None:
         if scale is None:
             raise errors.WidthInvalid("rasterize needs width, height or scale")
         factor = scale
     elif width is not None and height is not None:
-        factor = min(width / src.width, height / src.height)
+        factor = min(width / src_width, height / src_height)
     elif width is not None:
-        factor = width / src.width
+        factor = width / src_width
     else:
         assert height is not None
-        factor = height / src.height
+        factor = height / src_height
     out = Size(
-        max(1, round_half_up(src.width * factor)), max(1, round_half_up(src.height * factor))
+        max(1, round_half_up(src_width * factor)), max(1, round_half_up(src_height * factor))
     )
     # The requested side is exact even where floating point drifts.
     if width is not None and (height is None or out.width > width):

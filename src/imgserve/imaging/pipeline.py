@@ -45,8 +45,12 @@ class Plan:
 
     @property
     def animated(self) -> bool:
+        """Whether every frame is kept: an animated source written to an animated format."""
         return (
-            self.operation == "resize" and self.pages > 1 and self.output in formats.ANIMATED_FORMATS
+            self.operation == "resize"
+            and self.pages > 1
+            and self.source_format in formats.ANIMATED_FORMATS
+            and self.output in formats.ANIMATED_FORMATS
         )
 
     @property
@@ -71,14 +75,18 @@ class Plan:
         return cls(**values)
 
 
-def plan(job: Job, data: bytes, limits: ImagingLimits) -> Plan:
-    """Check the source against the job and the limits; compute the result."""
+def _check_source(operation: str, data: bytes, limits: ImagingLimits) -> tuple[Format, vips.Header]:
+    """Sniff the source, refuse what the operation or the limits do not allow.
+
+    Runs in ``plan`` and again in ``render``: a worker may have downloaded
+    the source again, and what it got is not trusted to be what was planned.
+    """
     fmt = formats.sniff(data)
     if fmt is None:
         raise errors.SourceUnreadable("source is not an image in a supported format")
-    if job.operation == "resize" and fmt not in formats.RASTER_SOURCES:
+    if operation == "resize" and fmt not in formats.RASTER_SOURCES:
         raise errors.SourceTypeNotAllowed(f"resize cannot take a {fmt.value} source")
-    if job.operation == "rasterize" and fmt not in formats.VECTOR_SOURCES:
+    if operation == "rasterize" and fmt not in formats.VECTOR_SOURCES:
         raise errors.SourceTypeNotAllowed(f"rasterize takes an SVG source, not {fmt.value}")
     if fmt is Format.SVG:
         problem = formats.svg_problem(data)
@@ -92,11 +100,22 @@ def plan(job: Job, data: bytes, limits: ImagingLimits) -> Plan:
             + (f" x {header.pages} frames" if header.pages > 1 else "")
             + f", over the limit of {limits.max_pixels} pixels"
         )
+    return fmt, header
+
+
+def plan(job: Job, data: bytes, limits: ImagingLimits) -> Plan:
+    """Check the source against the job and the limits; compute the result."""
+    fmt, header = _check_source(job.operation, data, limits)
     source = geometry.oriented(Size(header.width, header.height), header.orientation)
 
-    extension = destination_extension(
-        job.dst_template, job.src_extension or formats.CANONICAL_EXTENSION[fmt]
+    # {$ext} names the source's extension; an SVG cannot be written, so a
+    # rasterize destination that keeps "the source's format" gets PNG.
+    tag_extension = (
+        formats.CANONICAL_EXTENSION[Format.PNG]
+        if job.operation == "rasterize"
+        else job.src_extension or formats.CANONICAL_EXTENSION[fmt]
     )
+    extension = destination_extension(job.dst_template, tag_extension)
     output = formats.output_format(extension)
     if output is None:
         raise errors.DstExtensionUnsupported(
@@ -106,7 +125,10 @@ def plan(job: Job, data: bytes, limits: ImagingLimits) -> Plan:
 
     scale: float | None = None
     if job.operation == "rasterize":
-        result, scale = geometry.rasterize_result(source, job.width, job.height, job.scale)
+        src_width, src_height = vips.svg_size(data)
+        result, scale = geometry.rasterize_result(
+            src_width, src_height, job.width, job.height, job.scale
+        )
         if result.pixels > limits.max_result_pixels:
             raise errors.SVGRenderOverLimit(
                 f"SVG would render at {result.width}x{result.height}, over the limit of "
@@ -114,20 +136,14 @@ def plan(job: Job, data: bytes, limits: ImagingLimits) -> Plan:
             )
     else:
         result = geometry.resize_result(source, job.width, job.height, job.enlarge)
-        frames = header.pages if output in formats.ANIMATED_FORMATS else 1
-        if result.pixels * frames > limits.max_result_pixels:
-            raise errors.ResultOverLimit(
-                f"result {result.width}x{result.height} is over the limit of "
-                f"{limits.max_result_pixels} pixels"
-            )
     dst_url = substitute(
         job.dst_template,
         width=result.width,
         height=result.height,
         basename=job.src_basename,
-        extension=job.src_extension or formats.CANONICAL_EXTENSION[fmt],
+        extension=tag_extension,
     )
-    return Plan(
+    planned = Plan(
         operation=job.operation,
         source_format=fmt,
         source=source,
@@ -140,15 +156,28 @@ def plan(job: Job, data: bytes, limits: ImagingLimits) -> Plan:
         keep_metadata=job.keep_metadata,
         svg_scale=scale,
     )
+    frames = header.pages if planned.animated else 1
+    if job.operation == "resize" and result.pixels * frames > limits.max_result_pixels:
+        raise errors.ResultOverLimit(
+            f"result {result.width}x{result.height}"
+            + (f" x {frames} frames" if frames > 1 else "")
+            + f" is over the limit of {limits.max_result_pixels} pixels"
+        )
+    return planned
 
 
 def render(plan: Plan, data: bytes, limits: ImagingLimits) -> bytes:
     """Source bytes -> result bytes, exactly ``plan.result`` in ``plan.output``."""
+    fmt, _header = _check_source(plan.operation, data, limits)
+    if fmt is not plan.source_format:
+        raise errors.SourceUnreadable(
+            f"source is now {fmt.value}, not the {plan.source_format.value} that was planned"
+        )
     box = plan.result
     if plan.operation == "rasterize":
         assert plan.svg_scale is not None
         image = vips.fit_exact(vips.load_svg(data, plan.svg_scale), box.width, box.height, "centre")
-    elif plan.gravity == "smart":
+    elif plan.gravity == "smart" and not plan.animated:
         image = vips.thumbnail(data, plan.source_format, box.width, box.height, crop="attention")
         image = vips.fit_exact(image, box.width, box.height, "centre")
     else:
@@ -162,7 +191,14 @@ def render(plan: Plan, data: bytes, limits: ImagingLimits) -> bytes:
         )
         if plan.animated:
             frame = Size(image.width, image.get("page-height"))
-            left, top = geometry.crop_offsets(frame, box, plan.gravity)
+            if plan.gravity == "smart":
+                # One window for every frame, where the first frame draws the eye.
+                centre_x, centre_y = vips.attention_centre(
+                    vips.first_frame(image), box.width, box.height
+                )
+                left, top = geometry.window_around(frame, box, centre_x, centre_y)
+            else:
+                left, top = geometry.crop_offsets(frame, box, plan.gravity)
             image = vips.crop_frames(
                 image, left, top, min(box.width, frame.width), min(box.height, frame.height)
             )

@@ -31,6 +31,8 @@ ALLOWED_LOADERS = (
 )
 # Loader option string: fail on any decode error, never return a half-grey image.
 _FAIL = "fail_on=warning"
+# Largest side asked of svgload when measuring an SVG (libvips' coordinate limit is 1e8).
+_MAX_SVG_HEADER = 10_000_000
 
 
 def _harden() -> None:
@@ -81,6 +83,37 @@ def read_header(data: bytes, fmt: Format) -> Header:
         raise _unreadable(fmt, exc) from exc
 
 
+def svg_size(data: bytes) -> tuple[float, float]:
+    """An SVG's intrinsic size in CSS pixels, to three decimals.
+
+    libvips reports whole pixels; scaling from a rounded size would crop a
+    drawing or leave transparent rows. The header at a large scale is only
+    arithmetic (nothing is rendered), so it gives the fractional part.
+    """
+    try:
+        image = pyvips.Image.svgload_buffer(data)
+        longest = max(image.width, image.height)
+        factor = min(1000.0, _MAX_SVG_HEADER / longest)
+        if factor <= 1:
+            return float(image.width), float(image.height)
+        scaled = pyvips.Image.svgload_buffer(data, scale=factor)
+        return scaled.width / factor, scaled.height / factor
+    except pyvips.Error as exc:
+        raise _unreadable(Format.SVG, exc) from exc
+
+
+def attention_centre(image: pyvips.Image, width: int, height: int) -> tuple[int, int]:
+    """Where libvips' attention strategy centres a ``width`` x ``height`` crop."""
+    _cropped, found = image.smartcrop(
+        min(width, image.width),
+        min(height, image.height),
+        interesting="attention",
+        attention_x=True,
+        attention_y=True,
+    )
+    return int(found["attention_x"]), int(found["attention_y"])
+
+
 def thumbnail(
     data: bytes,
     fmt: Format,
@@ -127,9 +160,12 @@ def crop(image: pyvips.Image, left: int, top: int, width: int, height: int) -> p
     return image.crop(left, top, width, height)
 
 
-def crop_frames(
-    image: pyvips.Image, left: int, top: int, width: int, height: int
-) -> pyvips.Image:
+def first_frame(image: pyvips.Image) -> pyvips.Image:
+    """The top frame of an animation strip."""
+    return image.crop(0, 0, image.width, image.get("page-height"))
+
+
+def crop_frames(image: pyvips.Image, left: int, top: int, width: int, height: int) -> pyvips.Image:
     """Crop every frame of an animation (a strip of frames ``page-height`` tall)."""
     page_height = image.get("page-height")
     pages = image.height // page_height
