@@ -134,10 +134,10 @@ def _classify(addr: IPAddress) -> str | None:
         return "shared address space"
     if isinstance(addr, ipaddress.IPv6Address) and addr in _SITE_LOCAL:
         return "site-local"
-    if addr.is_private:
-        return "private"
     if addr.is_reserved:
         return "reserved"
+    if addr.is_private:
+        return "private"
     if not addr.is_global:
         return "not globally routable"
     return None
