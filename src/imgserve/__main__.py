@@ -4,4 +4,5 @@ import sys
 
 from imgserve.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # forkserver re-imports __main__ as __mp_main__
+    sys.exit(main())

@@ -288,6 +288,14 @@ def _health(host: str, port: int, timeout_s: float = 2.0) -> dict[str, Any] | No
         return None
 
 
+def _runtime_pid(paths: Paths) -> int | None:
+    """The pid in the runtime file, written only once the port is bound."""
+    try:
+        return int(json.loads(paths.runtime_file.read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def start(settings: Settings, serve_argv: list[str], *, force: bool, timeout_s: float = 60.0) -> int:
     paths = paths_for(settings)
     pid, alive = running_pid(paths)
@@ -318,7 +326,7 @@ def start(settings: Settings, serve_argv: list[str], *, force: bool, timeout_s: 
             reason = paths.startup_log.read_text(errors="replace").strip()
             print(reason or f"imgserve: failed to start (exit {code})", file=sys.stderr)
             return EXIT_FAIL
-        if read_pid(paths.pid_file) == child.pid and _health(
+        if _runtime_pid(paths) == child.pid and _health(
             settings.server.host, settings.server.port, 0.5
         ):
             print(

@@ -54,3 +54,4 @@ def configure(log_file: Path | None, *, max_bytes: int, backups: int, level: int
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("pyvips").setLevel(logging.WARNING)

@@ -10,10 +10,12 @@ worker costs only its own job.
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import os
 import resource
 import signal
+import threading
 import time
 from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -24,10 +26,12 @@ import pebble
 from imgserve import errors
 from imgserve.config import ImagingLimits, WorkerSettings
 
+log = logging.getLogger("imgserve.pool")
+
 # Fault injection for the test suite only: with this variable set, a source
 # containing one of these markers makes its worker misbehave on purpose.
 FAULT_ENV = "IMGSERVE_FAULT_INJECTION"
-_FAULTS = (b"IMGSERVE-FAULT-SEGV", b"IMGSERVE-FAULT-SLEEP", b"IMGSERVE-FAULT-HOG")
+# SEGV: segfault; DELAY: sleep 2 s then render; SLEEP: hang; HOG: allocate 64 GiB.
 
 
 def _init_worker(memory_limit_mb: int) -> None:
@@ -41,14 +45,17 @@ def _init_worker(memory_limit_mb: int) -> None:
 
 
 def _fault(data: bytes) -> None:
-    if not os.environ.get(FAULT_ENV) or not any(m in data[-64:] for m in _FAULTS):
+    tail = data[-64:]
+    if not os.environ.get(FAULT_ENV) or b"IMGSERVE-FAULT-" not in tail:
         return
-    if b"IMGSERVE-FAULT-SEGV" in data[-64:]:
+    if b"IMGSERVE-FAULT-SEGV" in tail:
         os.kill(os.getpid(), signal.SIGSEGV)
-    if b"IMGSERVE-FAULT-SLEEP" in data[-64:]:
-        time.sleep(3600)
-    if b"IMGSERVE-FAULT-HOG" in data[-64:]:
-        bytearray(64 * 1024 * 1024 * 1024)
+    elif b"IMGSERVE-FAULT-DELAY" in tail:
+        time.sleep(2.0)
+    elif b"IMGSERVE-FAULT-SLEEP" in tail:
+        time.sleep(3600.0)
+    elif b"IMGSERVE-FAULT-HOG" in tail:
+        bytearray(64 * 1024**3)
 
 
 def _render(source_path: str, plan: dict[str, Any], limits: ImagingLimits) -> bytes:
@@ -57,8 +64,8 @@ def _render(source_path: str, plan: dict[str, Any], limits: ImagingLimits) -> by
 
     with open(source_path, "rb") as fh:
         data = fh.read()
-    _fault(data)
     try:
+        _fault(data)
         return pipeline.render(pipeline.Plan.from_dict(plan), data, limits)
     except MemoryError as exc:
         raise errors.WorkerMemoryExceeded("the worker ran out of memory") from exc
@@ -74,17 +81,36 @@ class ImagePool:
     def __init__(self, settings: WorkerSettings, limits: ImagingLimits) -> None:
         self.settings = settings
         self.limits = limits
-        self._pool = pebble.ProcessPool(
-            max_workers=settings.workers,
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> pebble.ProcessPool:
+        return pebble.ProcessPool(
+            max_workers=self.settings.workers,
             initializer=_init_worker,
-            initargs=(settings.memory_limit_mb,),
+            initargs=(self.settings.memory_limit_mb,),
             context=multiprocessing.get_context("forkserver"),
         )
 
+    def _replace_broken_pool(self, broken: pebble.ProcessPool) -> None:
+        """pebble cannot recover when an idle worker dies holding its channel lock
+        (an OOM kill, a stray SIGKILL): start a fresh pool and stop the broken one."""
+        if self._pool is broken:
+            log.warning("worker pool broken (a worker died while idle); starting a new one")
+            self._pool = self._new_pool()
+            threading.Thread(target=broken.stop, daemon=True).start()
+
     async def render(self, source_path: str, plan: dict[str, Any]) -> bytes:
-        future = self._pool.schedule(
-            _render, args=(source_path, plan, self.limits), timeout=self.settings.job_timeout_s
-        )
+        pool = self._pool
+        try:
+            future = pool.schedule(
+                _render, args=(source_path, plan, self.limits), timeout=self.settings.job_timeout_s
+            )
+        except RuntimeError:
+            self._replace_broken_pool(pool)
+            pool = self._pool
+            future = pool.schedule(
+                _render, args=(source_path, plan, self.limits), timeout=self.settings.job_timeout_s
+            )
         try:
             return await asyncio.wrap_future(future)
         except FutureTimeout as exc:
@@ -92,13 +118,16 @@ class ImagePool:
                 f"rendering took longer than {self.settings.job_timeout_s:g} s"
             ) from exc
         except pebble.ProcessExpired as exc:
-            raise errors.WorkerCrashed(
-                f"worker process died (exit code {exc.exitcode})"
-            ) from exc
+            raise errors.WorkerCrashed(f"worker process died (exit code {exc.exitcode})") from exc
         except CancelledError as exc:
             raise errors.ShuttingDown("worker pool stopped before the job ran") from exc
+        except MemoryError as exc:
+            raise errors.WorkerMemoryExceeded("the worker ran out of memory") from exc
         except errors.ImgserveError:
             raise
+        except RuntimeError as exc:
+            self._replace_broken_pool(pool)
+            raise errors.WorkerCrashed(f"worker pool failed: {exc}") from exc
         except Exception as exc:
             raise errors.InternalError(f"worker error: {type(exc).__name__}: {exc}") from exc
 

@@ -1,0 +1,174 @@
+"""The real daemon as a subprocess: ``imgserve start --state-dir ...`` on a free port."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pyvips
+
+IMGSERVE = [sys.executable, "-m", "imgserve"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def descendants(pid: int) -> set[int]:
+    """All live processes below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.add(child)
+            stack.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+class Reply:
+    def __init__(self, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers
+
+
+class Daemon:
+    """Drives one daemon started with the real CLI."""
+
+    def __init__(self, state_dir: Path, out_dir: Path, extra: list[str]) -> None:
+        self.state_dir = state_dir
+        self.out_dir = out_dir
+        self.port = free_port()
+        self.args = [
+            "--state-dir", str(state_dir), "--host", "127.0.0.1", "--port", str(self.port),
+            "--workers", "2", "--allow-net", "127.0.0.0/8", "--file-root", str(out_dir),
+            "--shutdown-timeout", "10", *extra,
+        ]  # fmt: skip
+        self.env = {**os.environ, "IMGSERVE_FAULT_INJECTION": "1"}
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def cli(self, command: str, *more: str) -> subprocess.CompletedProcess[str]:
+        args = self.args if command in ("start", "restart", "serve") else self.args[:2]
+        return subprocess.run(
+            [*IMGSERVE, command, *args, *more],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+
+    @property
+    def pid(self) -> int:
+        return int((self.state_dir / "imgserve.pid").read_text().split()[0])
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> Reply:
+        req = urllib.request.Request(self.url + path, data=body, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return Reply(resp.status, json.loads(resp.read()), dict(resp.headers))
+        except urllib.error.HTTPError as exc:
+            return Reply(exc.code, json.loads(exc.read()), dict(exc.headers))
+
+    def post(self, job: dict[str, Any]) -> Reply:
+        return self.request("POST", "/", json.dumps(job).encode())
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/jobs/{job_id}").body
+
+    def wait(self, job_id: str, timeout_s: float = 60.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            body = self.job(job_id)
+            if body.get("state") in ("done", "failed"):
+                return body
+            time.sleep(0.05)
+        raise AssertionError(f"job {job_id} did not finish: {self.job(job_id)}")
+
+    def workers(self) -> set[int]:
+        """Image worker processes: the children of the daemon's forkserver."""
+        tree = descendants(self.pid)
+        servers = {p for p in tree if b"forkserver" in _cmdline(p) and _ppid(p) == self.pid}
+        return {p for p in tree if _ppid(p) in servers}
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[Any]:
+    """Start daemons with extra flags; each is stopped (and checked gone) at the end."""
+    started: list[Daemon] = []
+
+    def start(*extra: str) -> Daemon:
+        daemon = Daemon(tmp_path / f"state{len(started)}", tmp_path / "out", list(extra))
+        daemon.out_dir.mkdir(exist_ok=True)
+        result = daemon.cli("start")
+        assert result.returncode == 0, result.stderr
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        pid_file = daemon.state_dir / "imgserve.pid"
+        if pid_file.exists():
+            pid = daemon.pid
+            tree = descendants(pid) | {pid}
+            daemon.cli("stop")
+            for p in tree:
+                if alive(p):
+                    os.kill(p, signal.SIGKILL)
+
+
+def jpeg(width: int, height: int, marker: bytes = b"") -> bytes:
+    """A JPEG with four coloured quadrants, plus an optional trailing fault marker."""
+    img = pyvips.Image.black(width, height, bands=3) + [40, 120, 200]
+    img = img.draw_rect([220, 60, 60], 0, 0, width // 2, height // 2, fill=True)
+    return bytes(img.jpegsave_buffer(Q=90)) + marker
+
+
+def decode(data: bytes) -> pyvips.Image:
+    return pyvips.Image.new_from_buffer(data, "")
