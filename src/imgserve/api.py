@@ -109,7 +109,9 @@ async def submit(request: web.Request) -> web.Response:
 async def _accept(service: Service, job: Any) -> web.Response:
     data = await service.transports.download(job.src_url)
     plan = await asyncio.to_thread(pipeline.plan, job, data, service.settings.imaging)
-    image = await asyncio.to_thread(_placeholder, plan.result.width, plan.result.height, plan.output)
+    image = await asyncio.to_thread(
+        _placeholder, plan.result.width, plan.result.height, plan.output
+    )
     target = destination_target(plan.dst_url, job.form_field)
     try:
         await service.transports.upload(target, image, plan.content_type)

@@ -72,7 +72,7 @@ class WorkerSettings:
 class ServerSettings:
     """The HTTP API and the daemon around it."""
 
-    host: str = "0.0.0.0"  # noqa: S104 - 0.2's default: all interfaces
+    host: str = "0.0.0.0"
     port: int = 8602
     state_dir: Path | None = None
     pid_file: Path | None = None

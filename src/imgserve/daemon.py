@@ -72,7 +72,11 @@ def resolve_paths(
         base_log = Path("/var/log/imgserve")
         data = Path("/var/lib/imgserve")
     else:
-        base_pid, base_log, data = home / ".imgserve/imgserve.pid", home / ".imgserve", home / ".imgserve"
+        base_pid, base_log, data = (
+            home / ".imgserve/imgserve.pid",
+            home / ".imgserve",
+            home / ".imgserve",
+        )
     return Paths(
         pid_file=pid_file or base_pid,
         log_file=(log_dir or base_log) / "imgserve.log",
@@ -220,7 +224,9 @@ async def _serve(settings: Settings, paths: Paths) -> int:
             service.draining = True
             stop.set()
         else:
-            log.warning("%s again: stopping now; unfinished jobs stay queued", signal.Signals(signum).name)
+            log.warning(
+                "%s again: stopping now; unfinished jobs stay queued", signal.Signals(signum).name
+            )
             os._exit(EXIT_FAIL)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -275,13 +281,13 @@ async def _prune_loop(queue: Any, keep_s: float) -> None:
 
 
 def _local_address(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host  # noqa: S104
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
 
 def _health(host: str, port: int, timeout_s: float = 2.0) -> dict[str, Any] | None:
     url = f"http://{_local_address(host)}:{port}/health"
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as reply:  # noqa: S310 - local http only
+        with urllib.request.urlopen(url, timeout=timeout_s) as reply:
             data = json.loads(reply.read())
             return data if isinstance(data, dict) else None
     except (OSError, ValueError):
@@ -296,7 +302,9 @@ def _runtime_pid(paths: Paths) -> int | None:
         return None
 
 
-def start(settings: Settings, serve_argv: list[str], *, force: bool, timeout_s: float = 60.0) -> int:
+def start(
+    settings: Settings, serve_argv: list[str], *, force: bool, timeout_s: float = 60.0
+) -> int:
     paths = paths_for(settings)
     pid, alive = running_pid(paths)
     if alive:
@@ -335,7 +343,9 @@ def start(settings: Settings, serve_argv: list[str], *, force: bool, timeout_s: 
             )
             return EXIT_OK
         time.sleep(0.1)
-    print(f"imgserve: did not answer within {timeout_s:.0f} s; see {paths.log_file}", file=sys.stderr)
+    print(
+        f"imgserve: did not answer within {timeout_s:.0f} s; see {paths.log_file}", file=sys.stderr
+    )
     with contextlib.suppress(ProcessLookupError):
         os.killpg(child.pid, signal.SIGKILL)
     return EXIT_FAIL

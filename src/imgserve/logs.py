@@ -38,7 +38,9 @@ class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
         return os.fdopen(fd, self.mode.replace("w", "a"), encoding=self.encoding)
 
 
-def configure(log_file: Path | None, *, max_bytes: int, backups: int, level: int = logging.INFO) -> None:
+def configure(
+    log_file: Path | None, *, max_bytes: int, backups: int, level: int = logging.INFO
+) -> None:
     """Log to ``log_file`` (rotated) or, when None, to stderr."""
     handler: logging.Handler
     if log_file is None:

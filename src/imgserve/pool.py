@@ -146,8 +146,8 @@ class ImagePool:
         return []
 
     def close(self, timeout_s: float = 5.0) -> None:
-        self._pool.close()
+        self._pool.close()  # type: ignore[no-untyped-call]
         self._pool.join(timeout=timeout_s)
         if self._pool.active:
-            self._pool.stop()
+            self._pool.stop()  # type: ignore[no-untyped-call]
             self._pool.join(timeout=timeout_s)

@@ -101,7 +101,9 @@ class Runner:
         except asyncio.CancelledError:
             log.warning("job %s interrupted by shutdown; it stays queued", record.id)
             with contextlib.suppress(Exception):
-                await asyncio.shield(self.queue.retry(record.id, 0.0, 604, "interrupted by shutdown"))
+                await asyncio.shield(
+                    self.queue.retry(record.id, 0.0, 604, "interrupted by shutdown")
+                )
             raise
         except errors.ImgserveError as exc:
             await self._failed(record, job, exc)
@@ -150,7 +152,13 @@ class Runner:
             await self.queue.retry(record.id, delay, exc.code, exc.detail)
             self.wakeup.set()
             return
-        log.error("job %s failed code=%d attempts=%d: %s", record.id, exc.code, record.attempts, exc.detail)
+        log.error(
+            "job %s failed code=%d attempts=%d: %s",
+            record.id,
+            exc.code,
+            record.attempts,
+            exc.detail,
+        )
         await self.queue.fail(record.id, exc.code, exc.detail)
         self._drop_spool(record)
         await self._upload_failure_image(record, job)

@@ -165,7 +165,7 @@ def start_daemon(tmp_path: Path) -> Iterator[Any]:
 
 def jpeg(width: int, height: int, marker: bytes = b"") -> bytes:
     """A JPEG with four coloured quadrants, plus an optional trailing fault marker."""
-    img = pyvips.Image.black(width, height, bands=3) + [40, 120, 200]
+    img = pyvips.Image.black(width, height, bands=3).new_from_image([40, 120, 200])
     img = img.draw_rect([220, 60, 60], 0, 0, width // 2, height // 2, fill=True)
     return bytes(img.jpegsave_buffer(Q=90)) + marker
 

@@ -267,7 +267,7 @@ def test_full_queue_gets_503(start_daemon: Any, http_server: HTTPTestServer) -> 
 
 
 def test_cli_lifecycle_files_and_logs(start_daemon: Any, http_server: HTTPTestServer) -> None:
-    """status/stop exit codes, pid and 0640 log in the state dir, no password in logs, no leftovers."""
+    """status/stop exit codes; pid and 0640 log in the state dir; no password logged; none left."""
     daemon = start_daemon()
     http_server.state.files["cred.jpg"] = jpeg(100, 100)
     src = http_server.url("/auth/cred.jpg").replace("://", f"://{BASIC_USER}:{BASIC_PASSWORD}@")
