@@ -40,7 +40,7 @@ from typing import Any
 
 import pytest
 import trustme
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 # --- TLS ------------------------------------------------------------------------------
 
@@ -120,7 +120,7 @@ def _make_app(state: HTTPState, bomb: bytes) -> web.Application:
     async def post_form(request: web.Request) -> web.Response:
         reader = await request.multipart()
         async for part in reader:
-            if isinstance(part, web.BodyPartReader) and part.filename:
+            if isinstance(part, BodyPartReader) and part.filename:
                 state.files[part.filename] = await part.read()
                 state.form_fields[part.filename] = part.name or ""
                 state.content_types[part.filename] = part.headers.get("Content-Type", "")
@@ -145,7 +145,7 @@ def _make_app(state: HTTPState, bomb: bytes) -> web.Application:
         if request.content_type.startswith("multipart/"):
             reader = await request.multipart()
             async for part in reader:
-                if isinstance(part, web.BodyPartReader):
+                if isinstance(part, BodyPartReader):
                     state.files[name] = await part.read()
         else:
             state.files[name] = await request.read()

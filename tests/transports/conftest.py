@@ -18,7 +18,6 @@ import pytest
 
 from imgserve.config import NetPolicy, TransportSettings
 from imgserve.transports import Target, Transports
-from tests.servers import *  # noqa: F403 - the server fixtures
 from tests.servers import (
     FTP_READER,
     FTPTestServer,

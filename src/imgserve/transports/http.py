@@ -12,6 +12,7 @@ and a gzip bomb stops as soon as it passes the limit.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
 import socket
 import ssl
@@ -141,8 +142,20 @@ class _Body:
         return b"".join(self._parts)
 
 
-def _parse(url: str | URL) -> tuple[URL, aiohttp.BasicAuth | None]:
-    """Split credentials off an http(s) URL: (URL without userinfo, auth)."""
+def _basic_auth(user: str, password: str) -> str:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    return f"Basic {token}"
+
+
+def _headers(auth: str | None, **extra: str) -> dict[str, str]:
+    headers = dict(extra)
+    if auth is not None:
+        headers["Authorization"] = auth
+    return headers
+
+
+def _parse(url: str | URL) -> tuple[URL, str | None]:
+    """Split credentials off an http(s) URL: (URL without userinfo, Authorization value)."""
     try:
         parsed = url if isinstance(url, URL) else URL(url)
         host = parsed.host
@@ -154,7 +167,7 @@ def _parse(url: str | URL) -> tuple[URL, aiohttp.BasicAuth | None]:
         raise URLInvalid(f"URL without a host: {redact_url(str(url))}")
     auth = None
     if parsed.user is not None:
-        auth = aiohttp.BasicAuth(parsed.user, parsed.password or "")
+        auth = _basic_auth(parsed.user, parsed.password or "")
     return parsed.with_user(None), auth
 
 
@@ -214,9 +227,8 @@ class HTTPTransport(Transport):
             try:
                 async with self._client().get(
                     current,
-                    auth=auth,
                     allow_redirects=False,
-                    headers={"Accept-Encoding": "gzip, deflate"},
+                    headers=_headers(auth, **{"Accept-Encoding": "gzip, deflate"}),
                 ) as resp:
                     if resp.status in _REDIRECTS:
                         current, auth = self._next_hop(current, auth, resp)
@@ -239,8 +251,8 @@ class HTTPTransport(Transport):
         )
 
     def _next_hop(
-        self, current: URL, auth: aiohttp.BasicAuth | None, resp: aiohttp.ClientResponse
-    ) -> tuple[URL, aiohttp.BasicAuth | None]:
+        self, current: URL, auth: str | None, resp: aiohttp.ClientResponse
+    ) -> tuple[URL, str | None]:
         location = resp.headers.get("Location")
         if not location:
             raise SourceUnreachable(f"HTTP {resp.status} without Location from {current}")
@@ -291,14 +303,15 @@ class HTTPTransport(Transport):
                     filename=target.filename or "upload",
                     content_type=content_type,
                 )
-                request = self._client().post(url, data=form, auth=auth, allow_redirects=False)
+                request = self._client().post(
+                    url, data=form, headers=_headers(auth), allow_redirects=False
+                )
             else:
                 request = self._client().put(
                     url,
                     data=data,
-                    auth=auth,
                     allow_redirects=False,
-                    headers={"Content-Type": content_type},
+                    headers=_headers(auth, **{"Content-Type": content_type}),
                 )
             async with request as resp:
                 status = resp.status
