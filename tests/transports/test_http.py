@@ -186,3 +186,18 @@ async def test_malformed_http_urls_are_url_invalid(transports: Transports) -> No
     for url in ("http:///path", "http://host:99999/x"):
         with pytest.raises(URLInvalid):
             await transports.download(url)
+
+
+async def test_credentials_are_not_forwarded_to_another_origin(
+    http_server: HTTPTestServer, https_server: HTTPTestServer, transports: Transports
+) -> None:
+    """Basic auth from the URL is dropped when a redirect changes scheme, host or port."""
+    name = unique("xorigin")
+    http_server.state.files[name] = b"private"
+    creds = f"{BASIC_USER}:{BASIC_PASSWORD}@"
+    same = http_server.url(f"/redirect?to=/auth/{name}").replace("://", f"://{creds}")
+    assert await transports.download(same) == b"private"
+    other = https_server.url(f"/auth/{name}")
+    cross = http_server.url(f"/redirect?to={other}").replace("://", f"://{creds}", 1)
+    with pytest.raises(SourceUnreachable, match="401"):
+        await transports.download(cross)
