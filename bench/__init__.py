@@ -1,0 +1,1 @@
+"""imgserve's benchmark: imgserve vs the bare pyvips limit vs thumbor (``python -m bench``)."""

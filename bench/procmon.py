@@ -1,0 +1,114 @@
+"""CPU time and peak RSS of whole process trees, sampled from a background thread.
+
+Every ``interval_s`` (50 ms) the monitor walks each watched tree (the root and
+all its descendants), remembers every process's latest user+system CPU time and
+records the tree's summed RSS. CPU of a process that exits between two samples
+is counted up to its last sample (at most one interval lost), which is why the
+monitor keeps per-process values instead of reading ``children_*`` times.
+RSS is summed over the tree, so pages shared between forked processes count
+once per process; it is the same rule for every system measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass, field
+
+import psutil
+
+_GONE = (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess)
+
+
+@dataclass
+class _Tree:
+    root: psutil.Process
+    cpu_s: dict[tuple[int, float], float] = field(default_factory=dict)
+    rss_bytes: int = 0
+    peak_rss_bytes: int = 0
+    processes: int = 0
+
+
+class TreeMonitor:
+    """Samples named process trees until stopped."""
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        self.interval_s = interval_s
+        self._trees: dict[str, _Tree] = {}
+        self._lock = threading.Lock()
+        self._sampling = threading.Lock()  # one sample at a time (thread vs caller)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="treemonitor", daemon=True)
+
+    def watch(self, name: str, pid: int) -> None:
+        """Start sampling the tree rooted at ``pid`` under ``name``."""
+        with self._lock:
+            self._trees[name] = _Tree(psutil.Process(pid))
+        self.sample(name)
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._trees.pop(name, None)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            with self._lock:
+                names = list(self._trees)
+            for name in names:
+                self.sample(name)
+
+    def sample(self, name: str) -> None:
+        """Take one sample of tree ``name`` now."""
+        with self._sampling:
+            self._sample(name)
+
+    def _sample(self, name: str) -> None:
+        with self._lock:
+            tree = self._trees.get(name)
+        if tree is None:
+            return
+        try:
+            members = [tree.root, *tree.root.children(recursive=True)]
+        except _GONE:
+            members = []
+        rss = 0
+        count = 0
+        for proc in members:
+            with contextlib.suppress(*_GONE):
+                with proc.oneshot():
+                    times = proc.cpu_times()
+                    mem = proc.memory_info()
+                    key = (proc.pid, proc.create_time())
+                tree.cpu_s[key] = times.user + times.system
+                rss += mem.rss
+                count += 1
+        with self._lock:
+            tree.rss_bytes = rss
+            tree.processes = count
+            tree.peak_rss_bytes = max(tree.peak_rss_bytes, rss)
+
+    def cpu_s(self, name: str) -> float:
+        """Total CPU seconds used so far by every process ever seen in tree ``name``."""
+        self.sample(name)
+        with self._lock:
+            return sum(self._trees[name].cpu_s.values())
+
+    def peak_rss_bytes(self, name: str) -> int:
+        with self._lock:
+            return self._trees[name].peak_rss_bytes
+
+    def rss_bytes(self, name: str) -> int:
+        with self._lock:
+            return self._trees[name].rss_bytes
+
+    def processes(self, name: str) -> int:
+        with self._lock:
+            return self._trees[name].processes

@@ -1,0 +1,242 @@
+"""Turning results into the markdown tables and the PASS/FAIL verdict on each target."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from bench import stats
+from bench.runner import Results
+from bench.stats import Spread
+from bench.workloads import BY_NAME
+
+# Targets (README.md explains them).
+LIMIT_RATIO_FILL = 0.90
+LIMIT_RATIO_OTHER = 0.80
+THUMBOR_RATIO = 1.0
+THUMBOR_RATIO_HEAVY = 3.0
+HEAVY = ("jpeg-smart-400", "png-200", "svg-800")
+P99_AT_50_MS = 50.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    target: str
+    measured: str
+    passed: bool | None
+    """None: not measured."""
+
+    @property
+    def word(self) -> str:
+        return {True: "PASS", False: "FAIL", None: "n/a"}[self.passed]
+
+
+def _per_round(results: Results, workload: str, system: str) -> list[float | None]:
+    rounds = int(results.options["rounds"])
+    values: list[float | None] = [None] * rounds
+    for phase in results.phases:
+        if phase.workload == workload and phase.system == system:
+            values[phase.round] = phase.per_s
+    return values
+
+
+def ratio(results: Results, workload: str, num: str, den: str) -> Spread | None:
+    """``num``/``den`` throughput per round, summarised over rounds."""
+    return Spread.of(
+        stats.ratios(_per_round(results, workload, num), _per_round(results, workload, den))
+    )
+
+
+def rate(results: Results, workload: str, system: str) -> Spread | None:
+    return Spread.of([v for v in _per_round(results, workload, system) if v is not None])
+
+
+def _median_of(results: Results, workload: str, system: str, attr: str) -> float | None:
+    values = [
+        getattr(p, attr)
+        for p in results.phases
+        if p.workload == workload and p.system == system and getattr(p, attr) is not None
+    ]
+    s = Spread.of(values)
+    return s.median if s else None
+
+
+def _workloads(results: Results) -> list[str]:
+    return [w["name"] for w in results.options["workloads"]]
+
+
+def verdicts(results: Results) -> list[Verdict]:
+    out: list[Verdict] = []
+    have_imgserve = results.available.get("imgserve", False)
+    have_thumbor = results.available.get("thumbor", False)
+    for name in _workloads(results):
+        want = LIMIT_RATIO_FILL if name == "jpeg-fill-200x120" else LIMIT_RATIO_OTHER
+        s = ratio(results, name, "imgserve", "limit") if have_imgserve else None
+        out.append(
+            Verdict(
+                f"{name}: imgserve >= {want:.2f}x limit",
+                stats.fmt_spread(s),
+                None if s is None else s.median >= want,
+            )
+        )
+    for name in _workloads(results):
+        want = THUMBOR_RATIO_HEAVY if name in HEAVY else THUMBOR_RATIO
+        s = ratio(results, name, "imgserve", "thumbor") if have_imgserve and have_thumbor else None
+        out.append(
+            Verdict(
+                f"{name}: imgserve >= {want:g}x thumbor",
+                stats.fmt_spread(s),
+                None if s is None else s.median >= want,
+            )
+        )
+    for name in _workloads(results):
+        if not BY_NAME[name].jpeg:
+            continue
+        lat = next((x for x in results.latency if x.workload == name and x.load == 0.5), None)
+        ok = None if lat is None or math.isnan(lat.p99_ms) else lat.p99_ms <= P99_AT_50_MS
+        out.append(
+            Verdict(
+                f"{name}: p99 reply latency at 50% load <= {P99_AT_50_MS:g} ms",
+                f"{lat.p99_ms:.1f} ms" if lat else "n/a",
+                ok,
+            )
+        )
+    mine = results.peak_rss_mb.get("imgserve")
+    theirs = results.peak_rss_mb.get("thumbor")
+    out.append(
+        Verdict(
+            "peak RSS of the process tree: imgserve <= thumbor",
+            f"{stats.fmt(mine, 0)} MB vs {stats.fmt(theirs, 0)} MB",
+            None if mine is None or theirs is None else mine <= theirs,
+        )
+    )
+    return out
+
+
+def markdown(results: Results) -> str:
+    env = results.environment
+    o = results.options
+    lines: list[str] = []
+    add = lines.append
+    add(
+        f"Run {env.get('date', '?')}: {o['rounds']} rounds x {o['seconds']:g} s per system "
+        f"per workload (after {o['warmup_s']:g} s warm-up), {o['workers']} workers/processes, "
+        f"{o['in_flight']} requests in flight."
+    )
+    add("")
+    add(
+        f"Machine: {env.get('nproc')} CPUs ({env.get('cpu_model')}), "
+        f"{env.get('memory_gib')} GiB; libvips {env.get('libvips')}, pyvips {env.get('pyvips')}, "
+        f"thumbor {env.get('thumbor_thumbor', 'n/a')} (Pillow {env.get('thumbor_Pillow', 'n/a')}, "
+        f"OpenCV {env.get('thumbor_opencv', 'n/a')}, "
+        f"CairoSVG {env.get('thumbor_cairosvg', 'n/a')}),"
+        f" Python {env.get('python')}; imgserve {env.get('imgserve', 'n/a')} at "
+        f"`{env.get('git_head', '?')}`."
+    )
+    for note in results.notes:
+        add("")
+        add(f"**Note:** {note}")
+    add("")
+    add("### Throughput (per-round ratios: median (min-max))")
+    add("")
+    add(
+        "| workload | imgserve / limit | imgserve / thumbor | thumbor / limit "
+        "| limit img/s | imgserve jobs/s | thumbor jobs/s |"
+    )
+    add("|---|---|---|---|---|---|---|")
+    for name in _workloads(results):
+        add(
+            f"| {name} | {stats.fmt_spread(ratio(results, name, 'imgserve', 'limit'))} "
+            f"| {stats.fmt_spread(ratio(results, name, 'imgserve', 'thumbor'))} "
+            f"| {stats.fmt_spread(ratio(results, name, 'thumbor', 'limit'))} "
+            f"| {_rate(results, name, 'limit')} | {_rate(results, name, 'imgserve')} "
+            f"| {_rate(results, name, 'thumbor')} |"
+        )
+    add("")
+    add("Rates are medians over rounds. The limit is the faster of processes and threads.")
+    if results.latency:
+        add("")
+        add("### imgserve reply latency of POST / (open-loop Poisson arrivals)")
+        add("")
+        add("| workload | load | rate/s | requests | p50 ms | p95 ms | p99 ms | max ms | failed |")
+        add("|---|---|---|---|---|---|---|---|---|")
+        for lat in results.latency:
+            add(
+                f"| {lat.workload} | {int(lat.load * 100)}% | {lat.rate_per_s:.1f} | {lat.sent} "
+                f"| {lat.p50_ms:.1f} | {lat.p95_ms:.1f} | {lat.p99_ms:.1f} | {lat.max_ms:.1f} "
+                f"| {lat.failed} |"
+            )
+    add("")
+    add("### Cost per job (medians over rounds)")
+    add("")
+    add(
+        "| workload | CPU ms/img limit | CPU ms/job imgserve | CPU ms/job thumbor "
+        "| client CPU ms/job imgserve | polls/job | out KB/img limit / thumbor |"
+    )
+    add("|---|---|---|---|---|---|---|")
+    for name in _workloads(results):
+        add(
+            f"| {name} | {stats.fmt(_median_of(results, name, 'limit', 'cpu_ms_per_job'))} "
+            f"| {stats.fmt(_median_of(results, name, 'imgserve', 'cpu_ms_per_job'))} "
+            f"| {stats.fmt(_median_of(results, name, 'thumbor', 'cpu_ms_per_job'))} "
+            f"| {stats.fmt(_median_of(results, name, 'imgserve', 'client_cpu_ms_per_job'))} "
+            f"| {stats.fmt(_median_of(results, name, 'imgserve', 'polls_per_job'))} "
+            f"| {stats.fmt(_median_of(results, name, 'limit', 'out_kb_per_job'))} / "
+            f"{stats.fmt(_median_of(results, name, 'thumbor', 'out_kb_per_job'))} |"
+        )
+    add("")
+    rss = ", ".join(
+        f"{name} {mb:.0f} MB ({results.tree_processes.get(name, '?')} processes)"
+        for name, mb in results.peak_rss_mb.items()
+    )
+    add(f"Peak RSS of each process tree (sum over the tree, sampled every 50 ms): {rss or 'n/a'}.")
+    failures = [p for p in results.phases if p.failed or p.unfinished]
+    if failures or any(x.failed for x in results.latency):
+        add("")
+        add("### Failures")
+        add("")
+        for p in failures:
+            add(
+                f"- r{p.round} {p.workload} {p.system}: {p.failed} failed, {p.unfinished} "
+                f"unfinished: {'; '.join(p.errors[:2])}"
+            )
+        for x in results.latency:
+            if x.failed:
+                add(
+                    f"- latency {x.workload} {int(x.load * 100)}%: {x.failed} failed: "
+                    f"{'; '.join(x.errors[:2])}"
+                )
+    if results.checks:
+        add("")
+        add("### Output checks (one result per system and workload, first round)")
+        add("")
+        lines.extend(f"- {c}" for c in results.checks)
+    add("")
+    add("### Targets")
+    add("")
+    add("| target | measured | verdict |")
+    add("|---|---|---|")
+    for v in verdicts(results):
+        add(f"| {v.target} | {v.measured} | {v.word} |")
+    return "\n".join(lines) + "\n"
+
+
+def _rate(results: Results, name: str, system: str) -> str:
+    s = rate(results, name, system)
+    return stats.fmt(s.median if s else None)
+
+
+def summary(results: Results) -> dict[str, Any]:
+    """Ratios and verdicts in JSON form (written beside the raw phases)."""
+    out: dict[str, Any] = {"ratios": {}, "targets": []}
+    for name in _workloads(results):
+        entry = {}
+        for num, den in (("imgserve", "limit"), ("imgserve", "thumbor"), ("thumbor", "limit")):
+            s = ratio(results, name, num, den)
+            entry[f"{num}/{den}"] = s.as_dict() if s else None
+        out["ratios"][name] = entry
+    out["targets"] = [
+        {"target": v.target, "measured": v.measured, "verdict": v.word} for v in verdicts(results)
+    ]
+    return out

@@ -1,0 +1,1 @@
+"""The three systems measured: the bare pyvips limit, imgserve and thumbor."""

@@ -1,0 +1,188 @@
+"""imgserve end to end: the real daemon, started and stopped with its own CLI.
+
+A job is ``POST /`` with the JSON contract; it counts once ``GET /jobs/<id>``
+says ``"state": "done"`` (the result is then in place under ``--file-root``).
+Sources come from the benchmark's source server on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+
+from bench import workloads
+from bench.client import Poller
+from bench.workloads import Workload
+
+
+class JobFailed(RuntimeError):
+    """The daemon refused a job or reported it failed."""
+
+
+def executable() -> str:
+    """The ``imgserve`` script next to this interpreter, else the one on PATH."""
+    beside = Path(sys.executable).parent / "imgserve"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("imgserve")
+    if found is None:
+        raise FileNotFoundError("no imgserve executable (pip install -e . in this venv)")
+    return found
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((host, port)) == 0
+
+
+class Daemon:
+    """One imgserve daemon under ``state_dir``, writing results into ``out_dir``."""
+
+    def __init__(self, state_dir: Path, out_dir: Path, port: int, workers: int) -> None:
+        self.state_dir = state_dir
+        self.out_dir = out_dir
+        self.host = "127.0.0.1"
+        self.port = port
+        self.workers = workers
+        self.pid: int | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def _flags(self) -> list[str]:
+        return ["--state-dir", str(self.state_dir)]
+
+    def start(self, timeout_s: float = 60.0) -> int:
+        """``imgserve start``; returns the daemon's pid."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            executable(), "start", *self._flags(), "--host", self.host,
+            "--port", str(self.port), "--workers", str(self.workers),
+            "--allow-net", "127.0.0.0/8", "--file-root", str(self.out_dir),
+        ]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"imgserve start exited {done.returncode}: {done.stderr.strip()[-1500:]}"
+            )
+        deadline = time.monotonic() + timeout_s
+        while not port_open(self.host, self.port):
+            if time.monotonic() > deadline:
+                raise RuntimeError("imgserve start returned but the port never opened")
+            time.sleep(0.05)
+        self.pid = self._find_pid()
+        return self.pid
+
+    def _find_pid(self) -> int:
+        runtime = self.state_dir / "imgserve.runtime.json"
+        if runtime.exists():
+            pid = json.loads(runtime.read_text()).get("pid")
+            if isinstance(pid, int) and psutil.pid_exists(pid):
+                return pid
+        for pidfile in self.state_dir.glob("*.pid"):
+            text = pidfile.read_text().strip()
+            if text.isdigit() and psutil.pid_exists(int(text)):
+                return int(text)
+        for conn in psutil.net_connections("tcp"):
+            listening = conn.status == psutil.CONN_LISTEN and conn.laddr
+            if listening and conn.laddr.port == self.port and conn.pid:
+                return conn.pid
+        raise RuntimeError("cannot tell the imgserve daemon's pid")
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """``imgserve stop``; kills what is left of the tree if that fails."""
+        tree: list[psutil.Process] = []
+        if self.pid is not None and psutil.pid_exists(self.pid):
+            root = psutil.Process(self.pid)
+            tree = [root, *root.children(recursive=True)]
+        subprocess.run(
+            [executable(), "stop", *self._flags()],
+            capture_output=True, text=True, timeout=timeout_s, check=False,
+        )  # fmt: skip
+        _, alive = psutil.wait_procs(tree, timeout=10)
+        for proc in alive:
+            proc.kill()
+        self.pid = None
+
+    def version_info(self) -> str:
+        done = subprocess.run([executable(), "version"], capture_output=True, text=True)
+        return done.stdout.strip() or done.stderr.strip()
+
+
+class Client:
+    """Submits jobs of one workload and follows each to ``done``."""
+
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        daemon: Daemon,
+        workload: Workload,
+        sources: list[str],
+        src_base_url: str,
+        tag: str,
+    ) -> None:
+        self.http = http
+        self.daemon = daemon
+        self.workload = workload
+        self.sources = sources
+        self.src_base_url = src_base_url
+        self.tag = tag
+        self.poller = Poller()
+        self.polls = 0
+        self.sample_dst: list[tuple[str, workloads.Request]] = []
+
+    def body(self, index: int) -> tuple[dict[str, Any], workloads.Request]:
+        req = workloads.request(self.workload, self.sources, index)
+        body = workloads.imgserve_body(
+            self.workload, req, self.src_base_url, str(self.daemon.out_dir), tag=self.tag
+        )
+        return body, req
+
+    async def submit(self, index: int) -> tuple[str, float, str, workloads.Request]:
+        """POST one job; returns (job id, reply time, dstURL, request)."""
+        body, req = self.body(index)
+        async with self.http.post(self.daemon.base_url + "/", json=body) as reply:
+            text = await reply.text()
+            if reply.status != 200:
+                raise JobFailed(f"POST -> {reply.status}: {text[:300]}")
+        data = json.loads(text)
+        return str(data["jobId"]), time.monotonic(), str(data.get("dstURL", "")), req
+
+    async def wait_done(self, submitted: tuple[str, float, str, workloads.Request]) -> None:
+        """Poll ``GET /jobs/<id>`` until done (raises when it failed)."""
+        job_id, replied_at, dst_url, req = submitted
+        await asyncio.sleep(self.poller.first_delay_s())
+        url = f"{self.daemon.base_url}/jobs/{job_id}"
+        while True:
+            self.polls += 1
+            async with self.http.get(url) as reply:
+                text = await reply.text()
+                if reply.status != 200:
+                    raise JobFailed(f"GET /jobs/{job_id} -> {reply.status}: {text[:300]}")
+            state = json.loads(text).get("state")
+            if state == "done":
+                self.poller.observe(time.monotonic() - replied_at)
+                if len(self.sample_dst) < 3:
+                    self.sample_dst.append((dst_url, req))
+                return
+            if state == "failed":
+                raise JobFailed(f"job {job_id} failed: {text[:300]}")
+            await asyncio.sleep(self.poller.interval_s())
+
+    async def job(self, index: int) -> int:
+        """One job end to end (for the closed loop); output size is not known here."""
+        await self.wait_done(await self.submit(index))
+        return 0
