@@ -7,7 +7,7 @@ whether trying the same job again can help. Third-party exceptions are
 translated into these where they enter imgserve (``raise ... from exc``);
 only the HTTP edge (api.py) turns them into replies.
 
-docs/errors.md lists the same table for humans; tests/test_errors.py checks
+docs/errors.md lists the same table for humans; tests/test_errors_doc.py checks
 that the two agree.
 """
 
