@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="images, state and logs (default bench/out)",
     )
     add("--json", dest="json_out", type=Path, help="write the raw results here")
+    add(
+        "--imgserve-src",
+        dest="imgserve_src",
+        type=Path,
+        help="run imgserve from this src/ directory (e.g. a clean checkout of a commit) "
+        "instead of the installed package",
+    )
     return parser  # fmt: skip
 
 
@@ -83,6 +90,7 @@ def options_from(args: argparse.Namespace) -> runner.Options:
         workers=workers,
         in_flight=args.in_flight or 4 * workers,
         latency_s=args.latency_s or (0.5 if smoke else None),
+        imgserve_src=args.imgserve_src.resolve() if args.imgserve_src else None,
     )
 
 

@@ -132,6 +132,7 @@ def markdown(results: Results) -> str:
         f"OpenCV {env.get('thumbor_opencv', 'n/a')}, "
         f"CairoSVG {env.get('thumbor_cairosvg', 'n/a')}),"
         f" Python {env.get('python')}; imgserve {env.get('imgserve', 'n/a')} at "
+        f"`{env.get('imgserve_git_head', env.get('git_head', '?'))}`; benchmark at "
         f"`{env.get('git_head', '?')}`."
     )
     for note in results.notes:

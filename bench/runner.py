@@ -55,6 +55,8 @@ class Options:
     in_flight: int
     latency_s: float | None
     """None: long enough for ~300 requests, within [seconds, 20 s]."""
+    imgserve_src: Path | None = None
+    """Run imgserve from this ``src/`` directory instead of the installed package."""
 
 
 @dataclass
@@ -133,11 +135,17 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def git_head() -> str:
+def git_head(where: Path = BENCH_DIR) -> str:
+    """The commit checked out at ``where``, with "+dirty" when it has local changes."""
     done = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=BENCH_DIR, capture_output=True, text=True, check=False
+        ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, check=False
     )
-    return done.stdout.strip() or "unknown"
+    head = done.stdout.strip() or "unknown"
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=where, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    return head + ("+dirty" if status.stdout.strip() else "")
 
 
 class Runner:
@@ -215,6 +223,7 @@ class Runner:
             self.run_dir / "imgserve-out",
             free_port(),
             self.o.workers,
+            self.o.imgserve_src,
         )
         try:
             pid = daemon.start()
@@ -228,6 +237,10 @@ class Runner:
         self.daemon = daemon
         self.monitor.watch("imgserve", pid)
         self.results.environment["imgserve"] = daemon.version_info()
+        src = self.o.imgserve_src
+        self.results.environment["imgserve_git_head"] = git_head(src) if src else git_head()
+        if src:
+            self.results.environment["imgserve_src"] = str(src)
         log(f"imgserve: pid {pid} at {daemon.base_url}, {self.o.workers} workers")
 
     def _start_thumbor(self) -> None:
@@ -274,6 +287,7 @@ class Runner:
     async def measure(self) -> Results:
         o = self.o
         async with client.session(keep_alive=True) as keep, client.session(False) as fresh:
+            await self._warm(keep, fresh)
             for rnd in range(o.rounds):
                 order = SYSTEMS[rnd % 3 :] + SYSTEMS[: rnd % 3]
                 for workload in o.workloads:
@@ -288,6 +302,22 @@ class Runner:
                 self.results.peak_rss_mb[name] = self.monitor.peak_rss_bytes(name) / 2**20
                 self.results.tree_processes[name] = self.monitor.processes(name)
         return self.results
+
+    async def _warm(self, keep: aiohttp.ClientSession, fresh: aiohttp.ClientSession) -> None:
+        """Every workload once through each server, unmeasured (imports, pools, caches)."""
+        seconds = min(1.0, 2 * self.o.warmup_s)
+        for workload in self.o.workloads:
+            names = self._names(workload)
+            if self.daemon is not None:
+                c = imgserve_sys.Client(keep, self.daemon, workload, names, self._src_url(), "warm")
+                await client.closed_loop(c.job, self.o.in_flight, 0.0, seconds)
+            if self.thumbor is not None:
+                t = thumbor_sys.Client(
+                    fresh, self.thumbor, workload, names, self._src_host(), "warm"
+                )
+                await client.closed_loop(t.job, self.o.in_flight, 0.0, seconds)
+        self._clean_outputs()
+        log(f"warmed up ({seconds:g} s per workload per server)")
 
     async def _phase(
         self,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -47,15 +48,33 @@ def port_open(host: str, port: int) -> bool:
 
 
 class Daemon:
-    """One imgserve daemon under ``state_dir``, writing results into ``out_dir``."""
+    """One imgserve daemon under ``state_dir``, writing results into ``out_dir``.
 
-    def __init__(self, state_dir: Path, out_dir: Path, port: int, workers: int) -> None:
+    With ``src_dir`` (a checkout's ``src/``) that code is run instead of the
+    installed package, through ``python -m imgserve`` and PYTHONPATH.
+    """
+
+    def __init__(
+        self, state_dir: Path, out_dir: Path, port: int, workers: int, src_dir: Path | None = None
+    ) -> None:
         self.state_dir = state_dir
         self.out_dir = out_dir
         self.host = "127.0.0.1"
         self.port = port
         self.workers = workers
+        self.src_dir = src_dir
         self.pid: int | None = None
+
+    def _command(self) -> list[str]:
+        if self.src_dir is not None:
+            return [sys.executable, "-m", "imgserve"]
+        return [executable()]
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.src_dir is not None:
+            env["PYTHONPATH"] = str(self.src_dir)
+        return env
 
     @property
     def base_url(self) -> str:
@@ -69,11 +88,13 @@ class Daemon:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         cmd = [
-            executable(), "start", *self._flags(), "--host", self.host,
+            *self._command(), "start", *self._flags(), "--host", self.host,
             "--port", str(self.port), "--workers", str(self.workers),
             "--allow-net", "127.0.0.0/8", "--file-root", str(self.out_dir),
         ]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout_s, env=self._env()
+        )
         if done.returncode != 0:
             raise RuntimeError(
                 f"imgserve start exited {done.returncode}: {done.stderr.strip()[-1500:]}"
@@ -109,8 +130,8 @@ class Daemon:
             root = psutil.Process(self.pid)
             tree = [root, *root.children(recursive=True)]
         subprocess.run(
-            [executable(), "stop", *self._flags()],
-            capture_output=True, text=True, timeout=timeout_s, check=False,
+            [*self._command(), "stop", *self._flags()],
+            capture_output=True, text=True, timeout=timeout_s, check=False, env=self._env(),
         )  # fmt: skip
         _, alive = psutil.wait_procs(tree, timeout=10)
         for proc in alive:
@@ -118,7 +139,9 @@ class Daemon:
         self.pid = None
 
     def version_info(self) -> str:
-        done = subprocess.run([executable(), "version"], capture_output=True, text=True)
+        done = subprocess.run(
+            [*self._command(), "version"], capture_output=True, text=True, env=self._env()
+        )
         return done.stdout.strip() or done.stderr.strip()
 
 
