@@ -168,7 +168,9 @@ def validate(obj: dict[str, Any]) -> Job:
                 "a form upload (args.field_name) needs dstURL in the form URL:filename"
             )
     elif field is not None:
-        raise errors.ArgInvalid(f"args.field_name applies to http(s) destinations, not {dst_scheme}")
+        raise errors.ArgInvalid(
+            f"args.field_name applies to http(s) destinations, not {dst_scheme}"
+        )
     for tag in _TAG.findall(dst):
         if tag not in TAGS:
             raise errors.URLInvalid(f"unknown dstURL tag {{${tag}}}")
@@ -260,7 +262,9 @@ def substitute(template: str, *, width: int, height: int, basename: str, extensi
 
 def destination_extension(template: str, source_extension: str) -> str:
     """The output extension once tags are known (only ``{$ext}`` can change it)."""
-    path = substitute(_dst_path(template), width=1, height=1, basename="x", extension=source_extension)
+    path = substitute(
+        _dst_path(template), width=1, height=1, basename="x", extension=source_extension
+    )
     return formats.extension_of(path)
 
 
