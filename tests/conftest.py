@@ -1,3 +1,3 @@
 """Root fixtures: the loopback test servers (tests/servers.py) for every test."""
 
-pytest_plugins = ["tests.servers"]
+pytest_plugins = ["tests.servers", "tests.redis_server"]

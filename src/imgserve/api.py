@@ -27,7 +27,7 @@ from imgserve.queue.base import JobQueue, JobRecord
 from imgserve.request import destination_target, parse_body, validate
 from imgserve.transports import Transports
 from imgserve.urls import redact_url
-from imgserve.worker import Runner, write_spool
+from imgserve.worker import Runner
 
 log = logging.getLogger("imgserve.jobs")
 RETRY_AFTER_S = 2
@@ -41,7 +41,6 @@ class Service:
     queue: JobQueue
     transports: Transports
     runner: Runner | None
-    spool_dir: Any
     draining: bool = False
     intake: int = 0
     started_at: float = field(default_factory=time.time)
@@ -119,20 +118,8 @@ async def _accept(service: Service, job: Any) -> web.Response:
         raise errors.PlaceholderUploadFailed(exc.detail) from exc
 
     job_id = uuid.uuid4().hex
-    spool = service.spool_dir / f"{job_id}.src"
-    await asyncio.to_thread(write_spool, spool, data)
-    record = JobRecord(
-        id=job_id,
-        job=job.to_dict(),
-        plan=plan.to_dict(),
-        dst_url=plan.dst_url,
-        source_path=str(spool),
-    )
-    try:
-        await service.queue.put(record, max_active=service.settings.server.queue_max)
-    except errors.ImgserveError:
-        spool.unlink(missing_ok=True)
-        raise
+    record = JobRecord(id=job_id, job=job.to_dict(), plan=plan.to_dict(), dst_url=plan.dst_url)
+    await service.queue.put(record, data, max_active=service.settings.server.queue_max)
     log.info(
         "job %s accepted %s %s -> %s %dx%d",
         job_id,
@@ -142,8 +129,6 @@ async def _accept(service: Service, job: Any) -> web.Response:
         plan.result.width,
         plan.result.height,
     )
-    if service.runner is not None:
-        service.runner.wakeup.set()
     return web.json_response({"dstURL": redact_url(plan.dst_url), "jobId": job_id})
 
 

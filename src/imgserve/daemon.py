@@ -181,22 +181,23 @@ async def _serve(settings: Settings, paths: Paths) -> int:
     from imgserve.worker import Runner
 
     paths.data_dir.mkdir(parents=True, exist_ok=True)
-    spool_dir = paths.data_dir / "spool"
-    spool_dir.mkdir(exist_ok=True)
     queue = open_queue(settings.server.queue_url, paths.data_dir)
-    recovered = await queue.recover(stale_after_s=0.0)
-    if recovered:
-        log.info("recovered %d unfinished jobs from the queue", recovered)
+    # With a Redis queue this node only accepts jobs; `imgserve worker` nodes run them.
+    runner: Runner | None = None
+    pool: ImagePool | None = None
+    if settings.server.queue_url is None:
+        recovered = await queue.recover()
+        if recovered:
+            log.info("recovered %d unfinished jobs from the queue", recovered)
+        pool = ImagePool(settings.worker, settings.imaging)
+        runner = Runner(queue, Transports(settings.transport), pool, settings)
     transports = Transports(settings.transport)
-    pool = ImagePool(settings.worker, settings.imaging)
-    runner = Runner(queue, transports, pool, settings, spool_dir)
     service = api.Service(
         settings=settings,
         queue=queue,
         transports=transports,
         runner=runner,
-        spool_dir=spool_dir,
-        workers_alive=pool.workers_alive,
+        workers_alive=pool.workers_alive if pool else (lambda: 0),
     )
     app = api.make_app(service)
     app_runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -208,7 +209,8 @@ async def _serve(settings: Settings, paths: Paths) -> int:
         await site.start()
     except OSError:
         await app_runner.cleanup()
-        pool.close()
+        if pool is not None:
+            pool.close()
         await queue.close()
         raise
 
@@ -249,23 +251,38 @@ async def _serve(settings: Settings, paths: Paths) -> int:
         settings.worker.workers,
         paths.data_dir,
     )
-    jobs = asyncio.create_task(runner.serve())
+    jobs = asyncio.create_task(runner.serve()) if runner else None
     pruner = asyncio.create_task(_prune_loop(queue, settings.server.keep_finished_s))
     await stop.wait()
 
-    drained = await runner.stop(settings.server.shutdown_timeout_s)
-    if not drained:
-        log.warning("deadline passed with jobs running; they stay queued for the next start")
-    for task in (jobs, pruner):
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    if runner is not None and jobs is not None:
+        await drain(runner, jobs, settings.server.shutdown_timeout_s)
+        await runner.transports.aclose()
+    pruner.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await pruner
     await app_runner.cleanup()
     await transports.aclose()
-    await asyncio.to_thread(pool.close)
+    if pool is not None:
+        await asyncio.to_thread(pool.close)
     await queue.close()
     log.info("imgserve stopped")
     return EXIT_OK
+
+
+async def drain(runner: Any, jobs: asyncio.Task[None], deadline_s: float) -> None:
+    """Stop taking jobs; give running ones ``deadline_s``, then interrupt them.
+
+    Interrupted jobs are not lost: the queue delivers them again (the embedded
+    queue on the next start, Redis to another worker node).
+    """
+    runner.stopping.set()
+    done, _ = await asyncio.wait({jobs}, timeout=deadline_s)
+    if not done:
+        log.warning("deadline passed with %d jobs running; they will run again", runner.running)
+        jobs.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await jobs
 
 
 async def _prune_loop(queue: Any, keep_s: float) -> None:

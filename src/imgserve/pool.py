@@ -58,12 +58,10 @@ def _fault(data: bytes) -> None:
         bytearray(64 * 1024**3)
 
 
-def _render(source_path: str, plan: dict[str, Any], limits: ImagingLimits) -> bytes:
-    """Worker-side entry point: read the spooled source, render the plan."""
+def _render(data: bytes, plan: dict[str, Any], limits: ImagingLimits) -> bytes:
+    """Worker-side entry point: render the plan (libvips decodes from bytes only)."""
     from imgserve.imaging import pipeline
 
-    with open(source_path, "rb") as fh:
-        data = fh.read()
     try:
         _fault(data)
         return pipeline.render(pipeline.Plan.from_dict(plan), data, limits)
@@ -99,17 +97,17 @@ class ImagePool:
             self._pool = self._new_pool()
             threading.Thread(target=broken.stop, daemon=True).start()
 
-    async def render(self, source_path: str, plan: dict[str, Any]) -> bytes:
+    async def render(self, data: bytes, plan: dict[str, Any]) -> bytes:
         pool = self._pool
         try:
             future = pool.schedule(
-                _render, args=(source_path, plan, self.limits), timeout=self.settings.job_timeout_s
+                _render, args=(data, plan, self.limits), timeout=self.settings.job_timeout_s
             )
         except RuntimeError:
             self._replace_broken_pool(pool)
             pool = self._pool
             future = pool.schedule(
-                _render, args=(source_path, plan, self.limits), timeout=self.settings.job_timeout_s
+                _render, args=(data, plan, self.limits), timeout=self.settings.job_timeout_s
             )
         try:
             return await asyncio.wrap_future(future)

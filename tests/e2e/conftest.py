@@ -171,4 +171,4 @@ def jpeg(width: int, height: int, marker: bytes = b"") -> bytes:
 
 
 def decode(data: bytes) -> pyvips.Image:
-    return pyvips.Image.new_from_buffer(data, "")
+    return pyvips.Image.new_from_buffer(bytes(data), "")

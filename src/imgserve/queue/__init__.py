@@ -1,19 +1,31 @@
 """Job queue backends behind one interface (base.JobQueue), chosen by URL.
 
 ``None`` selects the embedded SQLite queue in the state directory;
-``redis://host:port/db`` the distributed one (needs the ``redis`` extra).
+``redis://host:port/db`` the distributed one on Redis with arq (the ``redis``
+extra). Backends are imported lazily so the embedded mode needs neither.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from imgserve import errors
 from imgserve.queue.base import JobQueue
 
 
-def open_queue(url: str | None, data_dir: Path) -> JobQueue:
+def open_queue(
+    url: str | None,
+    data_dir: Path,
+    *,
+    keep_finished_s: float = 7 * 24 * 3600.0,
+    job_deadline_s: float = 600.0,
+) -> JobQueue:
     if not url:
         from imgserve.queue.sqlite import SQLiteQueue
 
         return SQLiteQueue(data_dir / "jobs.db")
-    raise ValueError(f"unsupported queue URL {url!r}: only the embedded queue is available")
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from imgserve.queue.arq_redis import RedisQueue
+
+        return RedisQueue(url, keep_finished_s=keep_finished_s, job_deadline_s=job_deadline_s)
+    raise errors.QueueUnavailable(f"unsupported queue URL {url!r} (use redis://host:port/db)")

@@ -1,17 +1,20 @@
 """The job queue interface: what the API and the job runners need of a backend.
 
-A backend stores each accepted job durably before ``put`` returns, hands jobs
-to runners with ``claim`` (at-least-once: a claimed job whose runner vanished
-is handed out again), and keeps finished jobs for ``GET /jobs/<id>`` until
-``prune`` removes them. tests/queue/test_contract.py runs one suite against
-every backend.
+A backend stores each accepted job (and a copy of its source) durably before
+``put`` returns, delivers jobs to a handler with ``consume`` (at-least-once: a
+job whose runner vanished is delivered again), and keeps finished jobs for
+``GET /jobs/<id>`` until ``prune`` removes them. The handler decides how a job
+ends by calling ``complete``, ``fail`` or ``retry``. tests/queue/test_contract.py
+runs one suite against every backend.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
 import enum
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -44,8 +47,6 @@ class JobRecord:
     run_at: float = 0.0
     error_code: int | None = None
     error_detail: str | None = None
-    source_path: str | None = None
-    """Spooled copy of the source, so a job runs without downloading twice."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -59,16 +60,27 @@ class JobRecord:
         return cls(**values)
 
 
+Handler = Callable[[JobRecord], Coroutine[Any, Any, None]]
+
+
 class JobQueue(abc.ABC):
     """A durable store of jobs with at-least-once delivery to runners."""
 
     @abc.abstractmethod
-    async def put(self, record: JobRecord, *, max_active: int) -> None:
-        """Store a new job durably; raise QueueFull when ``max_active`` are unfinished."""
+    async def put(self, record: JobRecord, source: bytes, *, max_active: int) -> None:
+        """Store a new job and its source durably; QueueFull when ``max_active`` are unfinished."""
 
     @abc.abstractmethod
-    async def claim(self) -> JobRecord | None:
-        """Take the next due job (state -> running, attempts + 1), or None."""
+    async def source(self, job_id: str) -> bytes | None:
+        """The stored copy of a job's source (None when it was not kept)."""
+
+    @abc.abstractmethod
+    async def consume(self, handler: Handler, concurrency: int, stopping: asyncio.Event) -> None:
+        """Deliver due jobs (state running, attempts + 1) to ``handler``, up to
+        ``concurrency`` at once, until ``stopping`` is set and the running ones end.
+
+        Cancelling it cancels the running handlers; their jobs are delivered again.
+        """
 
     @abc.abstractmethod
     async def complete(self, job_id: str) -> None:
@@ -89,20 +101,20 @@ class JobQueue(abc.ABC):
     async def counts(self) -> dict[str, int]:
         """Number of jobs in each state."""
 
-    @abc.abstractmethod
-    async def recover(self, stale_after_s: float) -> int:
-        """Hand back jobs left running by a runner that is gone; return how many."""
+    async def recover(self) -> int:
+        """On start: hand back jobs a previous run left running; return how many."""
+        return 0
 
     @abc.abstractmethod
     async def prune(self, older_than_s: float) -> int:
         """Delete finished jobs older than ``older_than_s``; return how many."""
 
-    @abc.abstractmethod
-    async def next_due_in(self) -> float | None:
-        """Seconds until the next queued job is due (0 when one is), None when empty."""
+    async def nodes(self) -> list[dict[str, Any]]:
+        """Worker nodes seen recently (distributed backends), for /health."""
+        return []
 
-    async def heartbeat(self, job_id: str) -> None:  # noqa: B027 - optional
-        """Tell the backend a running job's runner is alive."""
+    async def announce(self, node: dict[str, Any]) -> None:  # noqa: B027 - optional
+        """Publish this worker node's state (distributed backends)."""
 
     async def close(self) -> None:  # noqa: B027 - optional
         """Release connections."""

@@ -1,15 +1,18 @@
 """The embedded queue: one SQLite file in the state directory.
 
 Every accepted job is committed (WAL, synchronous=FULL) before the API
-replies, so a kill -9 at any moment loses nothing: on start, ``recover`` puts
-jobs that were running back in the queue. One connection is used from one
-dedicated thread, which serialises access and keeps SQLite off the event loop.
+replies, with its source spooled (fsync'd) next to the database, so a kill -9
+at any moment loses nothing: on start, ``recover`` puts jobs that were running
+back in the queue. One connection is used from one dedicated thread, which
+serialises access and keeps SQLite off the event loop. The daemon that accepts
+the jobs also runs them, so ``put`` wakes ``consume`` directly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -18,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from imgserve import errors
-from imgserve.queue.base import JobQueue, JobRecord, State
+from imgserve.queue.base import Handler, JobQueue, JobRecord, State
 
 T = TypeVar("T")
 
@@ -29,8 +32,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     record TEXT NOT NULL,
     run_at REAL NOT NULL,
     created_at REAL NOT NULL,
-    finished_at REAL,
-    heartbeat_at REAL
+    finished_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (state, run_at);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at);
@@ -40,8 +42,13 @@ CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at);
 class SQLiteQueue(JobQueue):
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.spool_dir = path.parent / "spool"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgserve-sqlite")
         self._db: sqlite3.Connection | None = None
+        self._wakeup = asyncio.Event()
+
+    def _spool(self, job_id: str) -> Path:
+        return self.spool_dir / f"{job_id}.src"
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
@@ -70,21 +77,21 @@ class SQLiteQueue(JobQueue):
         return JobRecord.from_dict(json.loads(row[0]))
 
     @staticmethod
-    def _save(db: sqlite3.Connection, record: JobRecord, heartbeat: float | None = None) -> None:
+    def _save(db: sqlite3.Connection, record: JobRecord) -> None:
         db.execute(
-            "UPDATE jobs SET state=?, record=?, run_at=?, finished_at=?, heartbeat_at=? WHERE id=?",
+            "UPDATE jobs SET state=?, record=?, run_at=?, finished_at=? WHERE id=?",
             (
                 record.state.value,
                 json.dumps(record.to_dict()),
                 record.run_at,
                 record.finished_at,
-                heartbeat,
                 record.id,
             ),
         )
 
-    async def put(self, record: JobRecord, *, max_active: int) -> None:
+    async def put(self, record: JobRecord, source: bytes, *, max_active: int) -> None:
         def op(db: sqlite3.Connection) -> None:
+            _write_durably(self._spool(record.id), source)
             db.execute("BEGIN IMMEDIATE")
             try:
                 (active,) = db.execute(
@@ -105,9 +112,51 @@ class SQLiteQueue(JobQueue):
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
+                self._spool(record.id).unlink(missing_ok=True)
                 raise
 
         await self._run(op)
+        self._wakeup.set()
+
+    async def source(self, job_id: str) -> bytes | None:
+        def read() -> bytes | None:
+            try:
+                return self._spool(job_id).read_bytes()
+            except FileNotFoundError:
+                return None
+
+        return await asyncio.to_thread(read)
+
+    async def consume(self, handler: Handler, concurrency: int, stopping: asyncio.Event) -> None:
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while not stopping.is_set():
+                if len(running) >= concurrency:
+                    await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                record = await self.claim()
+                if record is None:
+                    await self._idle(stopping)
+                    continue
+                task = asyncio.create_task(handler(record))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            if running:
+                await asyncio.wait(running)
+        finally:
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.wait(running)
+
+    async def _idle(self, stopping: asyncio.Event) -> None:
+        due = await self._next_due_in()
+        timeout = 1.0 if due is None else min(1.0, max(0.01, due))
+        self._wakeup.clear()
+        waiters = [asyncio.create_task(self._wakeup.wait()), asyncio.create_task(stopping.wait())]
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
 
     async def claim(self) -> JobRecord | None:
         def op(db: sqlite3.Connection) -> JobRecord | None:
@@ -126,7 +175,7 @@ class SQLiteQueue(JobQueue):
                 record.state = State.RUNNING
                 record.attempts += 1
                 record.started_at = now
-                self._save(db, record, heartbeat=now)
+                self._save(db, record)
                 db.execute("COMMIT")
                 return record
             except BaseException:
@@ -153,6 +202,7 @@ class SQLiteQueue(JobQueue):
             record.error_code = record.error_detail = None
 
         await self._update(job_id, change)
+        await asyncio.to_thread(self._spool(job_id).unlink, missing_ok=True)
 
     async def fail(self, job_id: str, code: int, detail: str) -> None:
         def change(record: JobRecord) -> None:
@@ -161,6 +211,7 @@ class SQLiteQueue(JobQueue):
             record.error_code, record.error_detail = code, detail
 
         await self._update(job_id, change)
+        await asyncio.to_thread(self._spool(job_id).unlink, missing_ok=True)
 
     async def retry(self, job_id: str, delay_s: float, code: int, detail: str) -> None:
         def change(record: JobRecord) -> None:
@@ -169,14 +220,7 @@ class SQLiteQueue(JobQueue):
             record.error_code, record.error_detail = code, detail
 
         await self._update(job_id, change)
-
-    async def heartbeat(self, job_id: str) -> None:
-        await self._run(
-            lambda db: db.execute(
-                "UPDATE jobs SET heartbeat_at=? WHERE id=? AND state='running'",
-                (time.time(), job_id),
-            )
-        )
+        self._wakeup.set()
 
     async def get(self, job_id: str) -> JobRecord | None:
         def op(db: sqlite3.Connection) -> JobRecord | None:
@@ -192,14 +236,9 @@ class SQLiteQueue(JobQueue):
 
         return await self._run(op)
 
-    async def recover(self, stale_after_s: float) -> int:
+    async def recover(self) -> int:
         def op(db: sqlite3.Connection) -> int:
-            cutoff = time.time() - stale_after_s
-            rows = db.execute(
-                "SELECT record FROM jobs WHERE state='running' "
-                "AND (heartbeat_at IS NULL OR heartbeat_at<=?)",
-                (cutoff,),
-            ).fetchall()
+            rows = db.execute("SELECT record FROM jobs WHERE state='running'").fetchall()
             for row in rows:
                 record = self._load(row)
                 record.state = State.QUEUED
@@ -219,7 +258,7 @@ class SQLiteQueue(JobQueue):
 
         return await self._run(op)
 
-    async def next_due_in(self) -> float | None:
+    async def _next_due_in(self) -> float | None:
         def op(db: sqlite3.Connection) -> float | None:
             (run_at,) = db.execute("SELECT MIN(run_at) FROM jobs WHERE state='queued'").fetchone()
             return None if run_at is None else max(0.0, run_at - time.time())
@@ -234,3 +273,14 @@ class SQLiteQueue(JobQueue):
         if self._db is not None:
             await self._run(op)
         self._executor.shutdown(wait=True)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write a file so it survives a crash once this returns (temp, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
