@@ -143,6 +143,7 @@ def job_view(record: JobRecord) -> dict[str, Any]:
         "createdAt": record.created_at,
         "startedAt": record.started_at,
         "finishedAt": record.finished_at,
+        "node": record.node,
         "width": record.plan["result"][0],
         "height": record.plan["result"][1],
     }
@@ -168,6 +169,7 @@ async def get_job(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     service: Service = request.app[SERVICE]
     counts = await service.queue.counts()
+    nodes = await service.queue.nodes()
     body = {
         "status": "draining" if service.draining else "ok",
         "version": __version__,
@@ -175,8 +177,10 @@ async def health(request: web.Request) -> web.Response:
         "queueDepth": counts["queued"],
         "running": counts["running"],
         "failed": counts["failed"],
-        "workers": service.settings.worker.workers,
-        "workersAlive": service.workers_alive(),
+        "workers": (service.settings.worker.workers if service.runner else 0)
+        + sum(n.get("workers", 0) for n in nodes),
+        "workersAlive": service.workers_alive() + sum(n.get("workersAlive", 0) for n in nodes),
+        "nodes": nodes,
         "uptimeS": round(time.time() - service.started_at, 1),
     }
     return web.json_response(body, status=200)

@@ -14,7 +14,7 @@ from typing import Any
 
 from imgserve import __version__, config, daemon
 
-COMMANDS = ("start", "stop", "restart", "status", "version", "serve")
+COMMANDS = ("start", "stop", "restart", "status", "version", "serve", "worker")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +42,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     add("--download-timeout", dest="download_timeout_s", type=float, help="seconds")
     add("--max-download-bytes", dest="max_download_bytes", type=int, help="bytes")
     add("--upload-timeout", dest="upload_timeout_s", type=float, help="seconds per attempt")
+    add("--upload-attempts", dest="upload_attempts", type=int, help="tries per upload")
+    add("--retry-max", dest="retry_max_s", type=float, help="longest backoff, seconds")
+    add("--lease", dest="lease_s", type=float, help="Redis mode: seconds a node holds a job")
     add("--shutdown-timeout", dest="shutdown_timeout_s", type=float, help="drain deadline")
     add("--keep-finished", dest="keep_finished_s", type=float, help="seconds to keep job status")
 
@@ -56,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         "status": "state, pid, address and job counts (exit 3 when not running)",
         "version": "print the version",
         "serve": "run in the foreground, logging to stderr (systemd, containers)",
+        "worker": "run a worker node for --queue redis://... in the foreground",
     }
     for name in COMMANDS:
         child = sub.add_parser(name, help=helps[name])
@@ -69,7 +73,8 @@ _SETTING_FLAGS = (
     "host", "port", "state_dir", "pid", "logdir", "workers", "queue", "queue_max", "allow_net",
     "allow_host", "file_root", "ca_file", "s3_endpoint", "s3_region", "job_timeout_s",
     "memory_limit_mb", "max_attempts", "max_pixels", "download_timeout_s",
-    "max_download_bytes", "upload_timeout_s", "shutdown_timeout_s", "keep_finished_s",
+    "max_download_bytes", "upload_timeout_s", "upload_attempts", "retry_max_s", "lease_s",
+    "shutdown_timeout_s", "keep_finished_s",
 )  # fmt: skip
 
 
@@ -90,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imgserve: bad settings: {exc}", file=sys.stderr)
         return 2
     passthrough = [a for a in argv[1:] if a not in ("-FORCE", "--force")]
+    if args.command == "worker":
+        return daemon.run_worker(settings)
     if args.command == "serve":
         return daemon.serve(settings, to_file=args.daemonized, force=args.force)
     if args.command == "start":

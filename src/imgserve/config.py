@@ -66,6 +66,9 @@ class WorkerSettings:
     """Address-space cap per worker process (RLIMIT_AS); 0 disables it."""
     max_attempts: int = 3
     """Attempts per job before a retryable failure becomes final."""
+    lease_s: float = 0.0
+    """Distributed mode: how long a worker node holds a job before another may take
+    it over (a node that died). 0 computes it from the deadlines of one delivery."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,7 @@ _FIELDS: dict[str, tuple[str, str]] = {
     "job_timeout_s": ("worker", "job_timeout_s"),
     "memory_limit_mb": ("worker", "memory_limit_mb"),
     "max_attempts": ("worker", "max_attempts"),
+    "lease_s": ("worker", "lease_s"),
     "allow_net": ("transport", "policy.allow_nets"),
     "allow_host": ("transport", "policy.allow_hosts"),
     "file_root": ("transport", "file_roots"),
@@ -132,6 +136,7 @@ _FIELDS: dict[str, tuple[str, str]] = {
     "upload_timeout_s": ("transport", "upload_timeout_s"),
     "upload_attempts": ("transport", "upload_attempts"),
     "retry_base_s": ("transport", "retry_base_s"),
+    "retry_max_s": ("transport", "retry_max_s"),
     "max_pixels": ("imaging", "max_pixels"),
     "max_result_pixels": ("imaging", "max_result_pixels"),
     "max_result_bytes": ("imaging", "max_result_bytes"),

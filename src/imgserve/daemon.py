@@ -176,12 +176,11 @@ async def _serve(settings: Settings, paths: Paths) -> int:
 
     from imgserve import api
     from imgserve.pool import ImagePool
-    from imgserve.queue import open_queue
     from imgserve.transports import Transports
     from imgserve.worker import Runner
 
     paths.data_dir.mkdir(parents=True, exist_ok=True)
-    queue = open_queue(settings.server.queue_url, paths.data_dir)
+    queue = _open_queue(settings, paths.data_dir)
     # With a Redis queue this node only accepts jobs; `imgserve worker` nodes run them.
     runner: Runner | None = None
     pool: ImagePool | None = None
@@ -214,25 +213,7 @@ async def _serve(settings: Settings, paths: Paths) -> int:
         await queue.close()
         raise
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals_seen = 0
-
-    def on_signal(signum: int) -> None:
-        nonlocal signals_seen
-        signals_seen += 1
-        if signals_seen == 1:
-            log.info("%s: draining (again to stop at once)", signal.Signals(signum).name)
-            service.draining = True
-            stop.set()
-        else:
-            log.warning(
-                "%s again: stopping now; unfinished jobs stay queued", signal.Signals(signum).name
-            )
-            os._exit(EXIT_FAIL)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
+    stop = _drain_on_signals(on_first=lambda: setattr(service, "draining", True))
 
     paths.runtime_file.write_text(
         json.dumps(
@@ -267,6 +248,105 @@ async def _serve(settings: Settings, paths: Paths) -> int:
         await asyncio.to_thread(pool.close)
     await queue.close()
     log.info("imgserve stopped")
+    return EXIT_OK
+
+
+def _open_queue(settings: Settings, data_dir: Path) -> Any:
+    from imgserve.queue import open_queue
+
+    t = settings.transport
+    # The longest one delivery of a job can take: the Redis lease must outlive it.
+    deadline = settings.worker.lease_s or (
+        t.download_timeout_s
+        + settings.worker.job_timeout_s
+        + (t.upload_attempts + 1) * (t.upload_timeout_s + t.retry_max_s)
+        + 10.0
+    )
+    return open_queue(
+        settings.server.queue_url,
+        data_dir,
+        keep_finished_s=settings.server.keep_finished_s,
+        job_deadline_s=deadline,
+    )
+
+
+def _drain_on_signals(on_first: Any = None) -> asyncio.Event:
+    """SIGTERM/SIGINT once: set the returned event (drain). Twice: exit at once."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    seen = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal seen
+        seen += 1
+        name = signal.Signals(signum).name
+        if seen == 1:
+            log.info("%s: draining (again to stop at once)", name)
+            if on_first is not None:
+                on_first()
+            stop.set()
+        else:
+            log.warning("%s again: stopping now; unfinished jobs will run again", name)
+            os._exit(EXIT_FAIL)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    return stop
+
+
+def run_worker(settings: Settings) -> int:
+    """``imgserve worker``: a worker node of the distributed mode, in the foreground."""
+    logs.configure(None, max_bytes=settings.server.log_max_bytes, backups=0)
+    if not settings.server.queue_url:
+        print("imgserve worker: --queue redis://host:port/db is required", file=sys.stderr)
+        return EXIT_FAIL
+    return asyncio.run(_worker(settings))
+
+
+async def _worker(settings: Settings) -> int:
+    import socket
+
+    from imgserve.pool import ImagePool
+    from imgserve.transports import Transports
+    from imgserve.worker import Runner
+
+    queue = _open_queue(settings, Path("."))
+    pool = ImagePool(settings.worker, settings.imaging)
+    runner = Runner(queue, Transports(settings.transport), pool, settings)
+    stop = _drain_on_signals()
+    name = f"{socket.gethostname()}:{os.getpid()}"
+
+    async def announce() -> None:
+        while True:
+            node = {
+                "name": name,
+                "pid": os.getpid(),
+                "workers": settings.worker.workers,
+                "workersAlive": pool.workers_alive(),
+                "running": runner.running,
+                "at": time.time(),
+            }
+            with contextlib.suppress(Exception):
+                await queue.announce(node)
+            await asyncio.sleep(5.0)
+
+    log.info(
+        "imgserve worker %s: %d workers on %s",
+        name,
+        settings.worker.workers,
+        logs.redact_url(settings.server.queue_url or ""),
+    )
+    jobs = asyncio.create_task(runner.serve())
+    announcer = asyncio.create_task(announce())
+    await asyncio.wait(
+        {jobs, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED
+    )
+    await drain(runner, jobs, settings.server.shutdown_timeout_s)
+    announcer.cancel()
+    await runner.transports.aclose()
+    await asyncio.to_thread(pool.close)
+    await queue.close()
+    log.info("imgserve worker %s stopped", name)
     return EXIT_OK
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from imgserve.urls import redact_url
 
+__all__ = ["RedactFilter", "configure", "redact_url"]
+
 FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 

@@ -31,7 +31,7 @@ log = logging.getLogger("imgserve.pool")
 # Fault injection for the test suite only: with this variable set, a source
 # containing one of these markers makes its worker misbehave on purpose.
 FAULT_ENV = "IMGSERVE_FAULT_INJECTION"
-# SEGV: segfault; DELAY: sleep 2 s then render; SLEEP: hang; HOG: allocate 64 GiB.
+# SEGV: segfault; DELAY[=s]: sleep (2 s) then render; SLEEP: hang; HOG: allocate 64 GiB.
 
 
 def _init_worker(memory_limit_mb: int) -> None:
@@ -51,7 +51,8 @@ def _fault(data: bytes) -> None:
     if b"IMGSERVE-FAULT-SEGV" in tail:
         os.kill(os.getpid(), signal.SIGSEGV)
     elif b"IMGSERVE-FAULT-DELAY" in tail:
-        time.sleep(2.0)
+        _, _, seconds = tail.partition(b"IMGSERVE-FAULT-DELAY=")
+        time.sleep(float(seconds.decode()) if seconds else 2.0)
     elif b"IMGSERVE-FAULT-SLEEP" in tail:
         time.sleep(3600.0)
     elif b"IMGSERVE-FAULT-HOG" in tail:

@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from imgserve import errors
-from imgserve.queue.base import Handler, JobQueue, JobRecord, State
+from imgserve.queue.base import NODE, Handler, JobQueue, JobRecord, State
 
 try:
     import redis.exceptions
@@ -235,8 +235,20 @@ class RedisQueue(JobQueue):
                 record.state = State.RUNNING
                 record.attempts = int(ctx["job_try"])
                 record.started_at = time.time()
+                record.node = NODE
 
-            await handler(await self._update(job_id, start))
+            record = await self._update(job_id, start)
+            try:
+                # End before arq's own timeout would drop the job with its status unset.
+                async with asyncio.timeout(self.job_deadline_s - 1.0):
+                    await handler(record)
+            except TimeoutError:
+                await self.fail(
+                    job_id,
+                    errors.ProcessingTimeout.code,
+                    f"the job took longer than its lease ({self.job_deadline_s:g} s)",
+                )
+                return
             delay = self._retries.pop(job_id, None)
             if delay is not None:
                 raise Retry(defer=delay)
@@ -247,7 +259,7 @@ class RedisQueue(JobQueue):
                 redis_settings=self.redis_settings,
                 queue_name=self.queue_name,
                 max_jobs=concurrency,
-                job_timeout=self.job_deadline_s,
+                job_timeout=self.job_deadline_s,  # the lease is this + 10 s
                 keep_result=0,
                 poll_delay=0.05,
                 handle_signals=False,

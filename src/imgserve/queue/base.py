@@ -13,6 +13,8 @@ from __future__ import annotations
 import abc
 import asyncio
 import enum
+import os
+import socket
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
@@ -47,6 +49,8 @@ class JobRecord:
     run_at: float = 0.0
     error_code: int | None = None
     error_detail: str | None = None
+    node: str | None = None
+    """host:pid of the process that ran (or runs) the job."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -61,6 +65,9 @@ class JobRecord:
 
 
 Handler = Callable[[JobRecord], Coroutine[Any, Any, None]]
+
+
+NODE = f"{socket.gethostname()}:{os.getpid()}"
 
 
 class JobQueue(abc.ABC):

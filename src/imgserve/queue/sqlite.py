@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from imgserve import errors
-from imgserve.queue.base import Handler, JobQueue, JobRecord, State
+from imgserve.queue.base import NODE, Handler, JobQueue, JobRecord, State
 
 T = TypeVar("T")
 
@@ -175,6 +175,7 @@ class SQLiteQueue(JobQueue):
                 record.state = State.RUNNING
                 record.attempts += 1
                 record.started_at = now
+                record.node = NODE
                 self._save(db, record)
                 db.execute("COMMIT")
                 return record
