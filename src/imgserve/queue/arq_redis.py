@@ -31,6 +31,8 @@ try:
     import redis.exceptions
     from arq import Retry, Worker, create_pool, func
     from arq.connections import ArqRedis, RedisSettings
+    from redis.asyncio.retry import Retry as RedisRetry
+    from redis.backoff import ExponentialBackoff
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError(
         "the Redis queue needs the 'redis' extra: pip install 'imgserve[redis]'"
@@ -66,6 +68,9 @@ class RedisQueue(JobQueue):
         settings = RedisSettings.from_dsn(redis_url)
         settings.conn_retries = 0
         settings.conn_timeout = 2
+        # A connection left stale by a Redis restart is re-opened, not reported.
+        settings.retry_on_error = [redis.exceptions.ConnectionError]
+        settings.retry = RedisRetry(ExponentialBackoff(cap=1.0, base=0.05), 3)
         self.redis_settings = settings
         self.queue_name = f"{self.prefix}:queue"
         self.keep_finished_s = keep_finished_s
@@ -224,34 +229,46 @@ class RedisQueue(JobQueue):
         # arq re-schedules the job when its function raises Retry (see _job below).
         self._retries[job_id] = delay_s
 
+    async def _deliver(self, handler: Handler, job_id: str, job_try: int) -> None:
+        self._retries.pop(job_id, None)
+        current = await self.get(job_id)
+        if current is None or current.state in (State.DONE, State.FAILED):
+            return  # delivered again after it ended (at-least-once): nothing to do
+
+        def start(record: JobRecord) -> None:
+            record.state = State.RUNNING
+            record.attempts = job_try
+            record.started_at = time.time()
+            record.node = NODE
+
+        record = await self._update(job_id, start)
+        try:
+            # End before arq's own timeout would drop the job with its status unset.
+            async with asyncio.timeout(self.job_deadline_s - 1.0):
+                await handler(record)
+        except TimeoutError:
+            await self.fail(
+                job_id,
+                errors.ProcessingTimeout.code,
+                f"the job took longer than its lease ({self.job_deadline_s:g} s)",
+            )
+            return
+        delay = self._retries.pop(job_id, None)
+        if delay is not None:
+            raise Retry(defer=delay)
+
     async def consume(self, handler: Handler, concurrency: int, stopping: asyncio.Event) -> None:
         async def job(ctx: dict[str, Any], job_id: str) -> None:
-            self._retries.pop(job_id, None)
-            current = await self.get(job_id)
-            if current is None or current.state in (State.DONE, State.FAILED):
-                return  # delivered again after it ended (at-least-once): nothing to do
-
-            def start(record: JobRecord) -> None:
-                record.state = State.RUNNING
-                record.attempts = int(ctx["job_try"])
-                record.started_at = time.time()
-                record.node = NODE
-
-            record = await self._update(job_id, start)
             try:
-                # End before arq's own timeout would drop the job with its status unset.
-                async with asyncio.timeout(self.job_deadline_s - 1.0):
-                    await handler(record)
-            except TimeoutError:
-                await self.fail(
-                    job_id,
-                    errors.ProcessingTimeout.code,
-                    f"the job took longer than its lease ({self.job_deadline_s:g} s)",
-                )
-                return
-            delay = self._retries.pop(job_id, None)
-            if delay is not None:
-                raise Retry(defer=delay)
+                await self._deliver(handler, job_id, int(ctx["job_try"]))
+            except Retry:
+                raise
+            except Exception as exc:
+                # Only infrastructure failures get here (Runner.run records job errors
+                # itself); a job must never end in arq with its status unset.
+                delay = min(30.0, float(ctx["job_try"]))
+                log.warning("job %s: %s; delivering it again in %.0f s", job_id, exc, delay)
+                raise Retry(defer=delay) from exc
 
         while not stopping.is_set():
             worker = Worker(
