@@ -1,8 +1,8 @@
 """The ``backend`` fixture: one real server per transport, behind one shape.
 
 The contract suite (test_contract.py) runs against every backend; what a
-backend cannot do (a slow server for file://, say) is ``None`` and the test
-skips with the reason.
+backend cannot do (a slow server for file://, say) is ``None``, and the tests
+that need it are parametrised over the backends that can (test_contract.py).
 """
 
 from __future__ import annotations

@@ -83,10 +83,16 @@ async def test_download_at_the_size_limit_succeeds(backend: Backend) -> None:
         await registry.aclose()
 
 
+# Only these have a loopback server that can trickle bytes.
+SLOW_SERVERS = ["http", "https", "ftp"]
+# Only these have a server that can fail an upload on demand.
+FLAKY_SERVERS = ["http", "https", "ftp", "ftps"]
+
+
+@pytest.mark.parametrize("backend", SLOW_SERVERS, indirect=True)
 async def test_slow_download_hits_the_total_deadline(backend: Backend) -> None:
     """A server trickling bytes hits download_timeout_s as one total deadline."""
-    if backend.slow_url is None:
-        pytest.skip(f"no slow server for {backend.name}")
+    assert backend.slow_url is not None
     registry = backend.transports(download_timeout_s=1.5)
     started = time.monotonic()
     try:
@@ -97,10 +103,10 @@ async def test_slow_download_hits_the_total_deadline(backend: Backend) -> None:
     assert time.monotonic() - started < 4.0
 
 
+@pytest.mark.parametrize("backend", FLAKY_SERVERS, indirect=True)
 async def test_upload_retries_transient_failures(backend: Backend) -> None:
     """Two transient failures, then success: the upload succeeds on attempt 3."""
-    if backend.flaky is None:
-        pytest.skip(f"no failure injection for {backend.name}")
+    assert backend.flaky is not None
     name = unique("flaky")
     target = backend.flaky(name, 2)
     registry = backend.transports(upload_attempts=3)
@@ -111,10 +117,10 @@ async def test_upload_retries_transient_failures(backend: Backend) -> None:
     assert backend.read_back(name) == PAYLOAD
 
 
+@pytest.mark.parametrize("backend", FLAKY_SERVERS, indirect=True)
 async def test_upload_gives_up_after_upload_attempts(backend: Backend) -> None:
     """With fewer attempts than failures the last UploadFailed is raised."""
-    if backend.flaky is None:
-        pytest.skip(f"no failure injection for {backend.name}")
+    assert backend.flaky is not None
     target = backend.flaky(unique("flaky"), 2)
     registry = backend.transports(upload_attempts=2)
     try:
@@ -127,8 +133,7 @@ async def test_upload_gives_up_after_upload_attempts(backend: Backend) -> None:
 
 async def test_permanent_refusal_is_not_retried(backend: Backend) -> None:
     """A permanent refusal raises a non-retryable error after one attempt."""
-    if backend.refused is None:
-        pytest.skip(f"no refusing server for {backend.name}")
+    assert backend.refused is not None, f"{backend.name} needs a refusing server"
     target, attempts = backend.refused(unique("refused"))
     before = attempts()
     registry = backend.transports(upload_attempts=4)
