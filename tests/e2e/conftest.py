@@ -170,5 +170,16 @@ def jpeg(width: int, height: int, marker: bytes = b"") -> bytes:
     return bytes(img.jpegsave_buffer(Q=90)) + marker
 
 
+def resize(src: str, dst: str, **args: Any) -> dict[str, Any]:
+    """A 0.2 resize request."""
+    return {"operationType": "resize", "srcURL": src, "dstURL": dst, "args": args}
+
+
+def serve(http_server: Any, name: str, data: bytes) -> str:
+    """Put ``data`` on the HTTP test server; return its URL."""
+    http_server.state.files[name] = data
+    return str(http_server.url(f"/files/{name}"))
+
+
 def decode(data: bytes) -> pyvips.Image:
     return pyvips.Image.new_from_buffer(bytes(data), "")

@@ -11,19 +11,10 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Daemon, alive, decode, descendants, jpeg
+from tests.e2e.conftest import Daemon, alive, decode, descendants, jpeg, resize, serve
 from tests.servers import BASIC_PASSWORD, BASIC_USER, HTTPTestServer
 
 pytestmark = pytest.mark.slow
-
-
-def resize(src: str, dst: str, **args: Any) -> dict[str, Any]:
-    return {"operationType": "resize", "srcURL": src, "dstURL": dst, "args": args}
-
-
-def serve(http_server: HTTPTestServer, name: str, data: bytes) -> str:
-    http_server.state.files[name] = data
-    return http_server.url(f"/files/{name}")
 
 
 def is_placeholder(image: Any) -> bool:

@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from imgserve import errors
-from imgserve.queue.base import NODE, Handler, JobQueue, JobRecord, State
+from imgserve.queue.base import Handler, JobQueue, JobRecord, State
 
 try:
     import redis.exceptions
@@ -204,29 +204,14 @@ class RedisQueue(JobQueue):
         return record
 
     async def complete(self, job_id: str) -> None:
-        def change(record: JobRecord) -> None:
-            record.state = State.DONE
-            record.finished_at = time.time()
-            record.error_code = record.error_detail = None
-
-        await self._update(job_id, change)
+        await self._update(job_id, lambda record: record.mark_done())
 
     async def fail(self, job_id: str, code: int, detail: str) -> None:
-        def change(record: JobRecord) -> None:
-            record.state = State.FAILED
-            record.finished_at = time.time()
-            record.error_code, record.error_detail = code, detail
-
-        await self._update(job_id, change)
+        await self._update(job_id, lambda record: record.mark_failed(code, detail))
 
     async def retry(self, job_id: str, delay_s: float, code: int, detail: str) -> None:
-        def change(record: JobRecord) -> None:
-            record.state = State.QUEUED
-            record.run_at = time.time() + delay_s
-            record.error_code, record.error_detail = code, detail
-
-        await self._update(job_id, change)
-        # arq re-schedules the job when its function raises Retry (see _job below).
+        await self._update(job_id, lambda record: record.mark_retry(delay_s, code, detail))
+        # arq re-schedules the job when its function raises Retry (see _deliver).
         self._retries[job_id] = delay_s
 
     async def _deliver(self, handler: Handler, job_id: str, job_try: int) -> None:
@@ -235,13 +220,7 @@ class RedisQueue(JobQueue):
         if current is None or current.state in (State.DONE, State.FAILED):
             return  # delivered again after it ended (at-least-once): nothing to do
 
-        def start(record: JobRecord) -> None:
-            record.state = State.RUNNING
-            record.attempts = job_try
-            record.started_at = time.time()
-            record.node = NODE
-
-        record = await self._update(job_id, start)
+        record = await self._update(job_id, lambda record: record.mark_running(job_try))
         try:
             # End before arq's own timeout would drop the job with its status unset.
             async with asyncio.timeout(self.job_deadline_s - 1.0):

@@ -29,6 +29,8 @@ class State(enum.StrEnum):
 
 
 ACTIVE_STATES = (State.QUEUED, State.RUNNING)
+NODE = f"{socket.gethostname()}:{os.getpid()}"
+"""This process, as job records name the node that ran them."""
 
 
 @dataclass
@@ -52,6 +54,27 @@ class JobRecord:
     node: str | None = None
     """host:pid of the process that ran (or runs) the job."""
 
+    def mark_running(self, attempt: int) -> None:
+        self.state = State.RUNNING
+        self.attempts = attempt
+        self.started_at = time.time()
+        self.node = NODE
+
+    def mark_done(self) -> None:
+        self.state = State.DONE
+        self.finished_at = time.time()
+        self.error_code = self.error_detail = None
+
+    def mark_failed(self, code: int, detail: str) -> None:
+        self.state = State.FAILED
+        self.finished_at = time.time()
+        self.error_code, self.error_detail = code, detail
+
+    def mark_retry(self, delay_s: float, code: int, detail: str) -> None:
+        self.state = State.QUEUED
+        self.run_at = time.time() + delay_s
+        self.error_code, self.error_detail = code, detail
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["state"] = self.state.value
@@ -65,9 +88,6 @@ class JobRecord:
 
 
 Handler = Callable[[JobRecord], Coroutine[Any, Any, None]]
-
-
-NODE = f"{socket.gethostname()}:{os.getpid()}"
 
 
 class JobQueue(abc.ABC):

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from imgserve import errors
-from imgserve.queue.base import NODE, Handler, JobQueue, JobRecord, State
+from imgserve.queue.base import Handler, JobQueue, JobRecord, State
 
 T = TypeVar("T")
 
@@ -172,10 +172,7 @@ class SQLiteQueue(JobQueue):
                     db.execute("COMMIT")
                     return None
                 record = self._load(row)
-                record.state = State.RUNNING
-                record.attempts += 1
-                record.started_at = now
-                record.node = NODE
+                record.mark_running(record.attempts + 1)
                 self._save(db, record)
                 db.execute("COMMIT")
                 return record
@@ -197,30 +194,15 @@ class SQLiteQueue(JobQueue):
         await self._run(op)
 
     async def complete(self, job_id: str) -> None:
-        def change(record: JobRecord) -> None:
-            record.state = State.DONE
-            record.finished_at = time.time()
-            record.error_code = record.error_detail = None
-
-        await self._update(job_id, change)
+        await self._update(job_id, lambda record: record.mark_done())
         await asyncio.to_thread(self._spool(job_id).unlink, missing_ok=True)
 
     async def fail(self, job_id: str, code: int, detail: str) -> None:
-        def change(record: JobRecord) -> None:
-            record.state = State.FAILED
-            record.finished_at = time.time()
-            record.error_code, record.error_detail = code, detail
-
-        await self._update(job_id, change)
+        await self._update(job_id, lambda record: record.mark_failed(code, detail))
         await asyncio.to_thread(self._spool(job_id).unlink, missing_ok=True)
 
     async def retry(self, job_id: str, delay_s: float, code: int, detail: str) -> None:
-        def change(record: JobRecord) -> None:
-            record.state = State.QUEUED
-            record.run_at = time.time() + delay_s
-            record.error_code, record.error_detail = code, detail
-
-        await self._update(job_id, change)
+        await self._update(job_id, lambda record: record.mark_retry(delay_s, code, detail))
         self._wakeup.set()
 
     async def get(self, job_id: str) -> JobRecord | None:
