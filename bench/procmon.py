@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psutil
 
@@ -27,6 +28,18 @@ class _Tree:
     rss_bytes: int = 0
     peak_rss_bytes: int = 0
     processes: int = 0
+    peak_by_process: dict[tuple[int, float], tuple[str, int]] = field(default_factory=dict)
+    """Per process: a short description and its own peak RSS."""
+
+
+def describe(proc: psutil.Process) -> str:
+    """A short name for a process: its command line, trimmed to the telling part."""
+    with contextlib.suppress(*_GONE):
+        cmd = proc.cmdline()
+        if cmd:
+            text = " ".join(Path(cmd[0]).name if i == 0 else c for i, c in enumerate(cmd))
+            return text[:120]
+    return f"pid {proc.pid}"
 
 
 class TreeMonitor:
@@ -90,6 +103,11 @@ class TreeMonitor:
                 tree.cpu_s[key] = times.user + times.system
                 rss += mem.rss
                 count += 1
+                known = tree.peak_by_process.get(key)
+                if known is None:
+                    tree.peak_by_process[key] = (describe(proc), mem.rss)
+                elif mem.rss > known[1]:
+                    tree.peak_by_process[key] = (known[0], mem.rss)
         with self._lock:
             tree.rss_bytes = rss
             tree.processes = count
@@ -104,6 +122,16 @@ class TreeMonitor:
     def peak_rss_bytes(self, name: str) -> int:
         with self._lock:
             return self._trees[name].peak_rss_bytes
+
+    def per_process(self, name: str) -> list[dict[str, object]]:
+        """Every process seen in tree ``name``: pid, description, peak RSS, CPU seconds."""
+        with self._lock:
+            tree = self._trees[name]
+            return [
+                {"pid": key[0], "process": desc, "peak_rss_mb": round(rss / 2**20, 1),
+                 "cpu_s": round(tree.cpu_s.get(key, 0.0), 2)}
+                for key, (desc, rss) in tree.peak_by_process.items()
+            ]  # fmt: skip
 
     def rss_bytes(self, name: str) -> int:
         with self._lock:

@@ -192,6 +192,12 @@ def markdown(results: Results) -> str:
         for name, mb in results.peak_rss_mb.items()
     )
     add(f"Peak RSS of each process tree (sum over the tree, sampled every 50 ms): {rss or 'n/a'}.")
+    for name, procs in results.per_process.items():
+        add("")
+        add(f"{name} processes (own peak RSS, CPU over the whole run):")
+        add("")
+        for p in sorted(procs, key=lambda x: -float(x["cpu_s"])):
+            add(f"- `{p['process']}`: {p['peak_rss_mb']:.0f} MB, {p['cpu_s']:.1f} s CPU")
     failures = [p for p in results.phases if p.failed or p.unfinished]
     if failures or any(x.failed for x in results.latency):
         add("")

@@ -108,6 +108,7 @@ class Results:
     latency: list[Latency] = field(default_factory=list)
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
     tree_processes: dict[str, int] = field(default_factory=dict)
+    per_process: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     checks: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     available: dict[str, bool] = field(default_factory=dict)
@@ -301,6 +302,7 @@ class Runner:
             if self.results.available.get(name):
                 self.results.peak_rss_mb[name] = self.monitor.peak_rss_bytes(name) / 2**20
                 self.results.tree_processes[name] = self.monitor.processes(name)
+                self.results.per_process[name] = self.monitor.per_process(name)
         return self.results
 
     async def _warm(self, keep: aiohttp.ClientSession, fresh: aiohttp.ClientSession) -> None:
