@@ -218,16 +218,11 @@ def render(plan: Plan, data: bytes, limits: ImagingLimits) -> bytes:
 
 def placeholder(size: Size, output: Format) -> bytes:
     """The "Image being processed" stand-in, at the result's size and format."""
-    return vips.save(
-        vips.label_canvas(size.width, size.height, PLACEHOLDER_TEXT, failed=False),
-        output,
-        None,
-        False,
-    )
+    image = vips.label_canvas(size.width, size.height, PLACEHOLDER_TEXT, failed=False)
+    return vips.save(image, output, None, False, fast=True)
 
 
 def failure_image(size: Size, output: Format) -> bytes:
     """The "Image processing failed" image that replaces a placeholder on failure."""
-    return vips.save(
-        vips.label_canvas(size.width, size.height, FAILURE_TEXT, failed=True), output, None, False
-    )
+    image = vips.label_canvas(size.width, size.height, FAILURE_TEXT, failed=True)
+    return vips.save(image, output, None, False, fast=True)

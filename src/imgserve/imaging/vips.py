@@ -10,6 +10,7 @@ to it. pyvips errors become imgserve errors here.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,22 +190,30 @@ def flatten(image: pyvips.Image) -> pyvips.Image:
     return image
 
 
-def save(image: pyvips.Image, fmt: Format, quality: int | None, keep_metadata: bool) -> bytes:
+def save(
+    image: pyvips.Image,
+    fmt: Format,
+    quality: int | None,
+    keep_metadata: bool,
+    *,
+    fast: bool = False,
+) -> bytes:
+    """Encode ``image``; ``fast`` trades size for speed (placeholders live seconds)."""
     keep = "all" if keep_metadata else "none"
     q: dict[str, Any] = {"Q": quality} if quality is not None else {}
     try:
         if fmt is Format.JPEG:
-            out = image.jpegsave_buffer(keep=keep, optimize_coding=True, **q)
+            out = image.jpegsave_buffer(keep=keep, optimize_coding=not fast, **q)
         elif fmt is Format.PNG:
-            out = image.pngsave_buffer(keep=keep, compression=6)
+            out = image.pngsave_buffer(keep=keep, compression=1 if fast else 6)
         elif fmt is Format.WEBP:
-            out = image.webpsave_buffer(keep=keep, **q)
+            out = image.webpsave_buffer(keep=keep, effort=0 if fast else 4, **q)
         elif fmt is Format.AVIF:
-            out = image.heifsave_buffer(keep=keep, compression="av1", effort=2, **q)
+            out = image.heifsave_buffer(keep=keep, compression="av1", effort=0 if fast else 2, **q)
         elif fmt is Format.HEIF:
             out = image.heifsave_buffer(keep=keep, compression="hevc", **q)
         elif fmt is Format.GIF:
-            out = image.gifsave_buffer(keep=keep)
+            out = image.gifsave_buffer(keep=keep, effort=1 if fast else 7)
         elif fmt is Format.TIFF:
             out = image.tiffsave_buffer(keep=keep, compression="deflate")
         else:
@@ -214,24 +223,27 @@ def save(image: pyvips.Image, fmt: Format, quality: int | None, keep_metadata: b
     return bytes(out)
 
 
+@functools.lru_cache(maxsize=4)
+def _text_mask(text: str) -> pyvips.Image | None:
+    """``text`` rendered once, large; label_canvas shrinks it to each size."""
+    try:
+        return pyvips.Image.text(
+            text, width=1200, dpi=300, align="centre", font="sans"
+        ).copy_memory()
+    except pyvips.Error:
+        return None  # no fonts on this machine: the plain canvas still says "not ready"
+
+
 def label_canvas(width: int, height: int, text: str, *, failed: bool) -> pyvips.Image:
     """A light canvas with ``text`` centred, for placeholders and failure images."""
     background = [250, 235, 235] if failed else [238, 238, 238]
     colour = [160, 40, 40] if failed else [110, 110, 110]
-    canvas = (pyvips.Image.black(width, height, bands=3) + background).cast("uchar")
+    canvas = pyvips.Image.black(width, height, bands=3).new_from_image(background)
     canvas = canvas.copy(interpretation="srgb")
-    text_width = max(1, int(width * 0.8))
-    text_height = max(1, int(height * 0.5))
-    if text_width < 24 or text_height < 6:
+    mask = _text_mask(text)
+    scale = 0.0 if mask is None else min(0.8 * width / mask.width, 0.5 * height / mask.height)
+    if mask is None or mask.width * scale < 24 or mask.height * scale < 6:
         return canvas
-    try:
-        mask = pyvips.Image.text(
-            text, width=text_width, height=text_height, align="centre", font="sans"
-        )
-    except pyvips.Error:
-        return canvas  # no fonts on this machine: the plain canvas still says "not ready"
-    left = (width - mask.width) // 2
-    top = (height - mask.height) // 2
-    ink = mask.new_from_image(colour).copy(interpretation="srgb")
-    overlay = ink.bandjoin(mask)
-    return canvas.composite2(overlay, "over", x=left, y=top).flatten()
+    small = mask.resize(scale)
+    placed = small.embed((width - small.width) // 2, (height - small.height) // 2, width, height)
+    return placed.ifthenelse(colour, canvas, blend=True).copy(interpretation="srgb")
