@@ -24,7 +24,7 @@ from imgserve.imaging import pipeline
 from imgserve.imaging.formats import Format
 from imgserve.imaging.geometry import Size
 from imgserve.queue.base import JobQueue, JobRecord
-from imgserve.request import destination_target, parse_body, validate
+from imgserve.request import Job, destination_target, parse_body, validate
 from imgserve.transports import Transports
 from imgserve.urls import redact_url
 from imgserve.worker import Runner
@@ -105,7 +105,7 @@ async def submit(request: web.Request) -> web.Response:
         service.intake -= 1
 
 
-async def _accept(service: Service, job: Any) -> web.Response:
+async def _accept(service: Service, job: Job) -> web.Response:
     data = await service.transports.download(job.src_url)
     plan = await asyncio.to_thread(pipeline.plan, job, data, service.settings.imaging)
     image = await asyncio.to_thread(

@@ -181,6 +181,7 @@ async def _serve(settings: Settings, paths: Paths) -> int:
 
     paths.data_dir.mkdir(parents=True, exist_ok=True)
     queue = _open_queue(settings, paths.data_dir)
+    transports = Transports(settings.transport)
     # With a Redis queue this node only accepts jobs; `imgserve worker` nodes run them.
     runner: Runner | None = None
     pool: ImagePool | None = None
@@ -189,8 +190,7 @@ async def _serve(settings: Settings, paths: Paths) -> int:
         if recovered:
             log.info("recovered %d unfinished jobs from the queue", recovered)
         pool = ImagePool(settings.worker, settings.imaging)
-        runner = Runner(queue, Transports(settings.transport), pool, settings)
-    transports = Transports(settings.transport)
+        runner = Runner(queue, transports, pool, settings)
     service = api.Service(
         settings=settings,
         queue=queue,
@@ -238,7 +238,6 @@ async def _serve(settings: Settings, paths: Paths) -> int:
 
     if runner is not None and jobs is not None:
         await drain(runner, jobs, settings.server.shutdown_timeout_s)
-        await runner.transports.aclose()
     pruner.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await pruner

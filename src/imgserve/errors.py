@@ -369,6 +369,14 @@ class QueueUnavailable(ImgserveError):
     retryable = True
 
 
+class DependencyMissing(ImgserveError):
+    """An optional package this job needs is not installed (the message names the extra)."""
+
+    code = 609
+    status = 500
+    message = "a package this job needs is not installed"
+
+
 def all_errors() -> list[type[ImgserveError]]:
     """Every error class that defines its own code, in code order."""
     found: list[type[ImgserveError]] = []

@@ -14,9 +14,9 @@ import logging
 
 from imgserve.config import TransportSettings
 from imgserve.errors import (
+    DependencyMissing,
     DstSchemeUnsupported,
     ImgserveError,
-    InternalError,
     SrcSchemeUnsupported,
     URLInvalid,
 )
@@ -54,7 +54,7 @@ def _load(import_string: str, scheme: str) -> type[Transport]:
     except ModuleNotFoundError as exc:
         missing = (exc.name or "").split(".")[0]
         hint = _INSTALL_HINT.get(missing, f"pip install {missing}")
-        raise InternalError(
+        raise DependencyMissing(
             f"the {scheme}:// transport needs the {missing!r} package, which is not installed: "
             f"{hint}"
         ) from exc
