@@ -1,6 +1,7 @@
 """``python -m bench``: parse flags, run the benchmark, print the markdown report.
 
-Exit codes: 0 the run completed (whatever the targets say), 1 it could not run.
+Exit codes: 0 the run completed (whatever the targets say), 1 it could not run,
+130 it was stopped by SIGINT/SIGTERM (servers are stopped either way).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def options_from(args: argparse.Namespace) -> runner.Options:
     workers = args.workers or os.cpu_count() or 2
     return runner.Options(
         rounds=args.rounds or (1 if smoke else 3),
-        seconds=args.seconds or (0.5 if smoke else 4.0),
+        seconds=args.seconds or (0.5 if smoke else 3.0),
         warmup_s=args.warmup_s if args.warmup_s is not None else (0.1 if smoke else 0.5),
         workloads=workloads.select(args.workloads),
         skip_thumbor=bool(args.skip_thumbor) or smoke,
@@ -103,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     try:
         results = runner.run(options)
+    except runner.Interrupted as exc:
+        print(f"benchmark stopped: {exc}", file=sys.stderr)
+        return 130
     except Exception as exc:
         print(f"benchmark failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

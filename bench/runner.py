@@ -15,6 +15,7 @@ import contextlib
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -54,7 +55,7 @@ class Options:
     workers: int
     in_flight: int
     latency_s: float | None
-    """None: long enough for ~300 requests, within [seconds, 20 s]."""
+    """None: long enough for ~250 requests, within [seconds, 15 s]."""
     imgserve_src: Path | None = None
     """Run imgserve from this ``src/`` directory instead of the installed package."""
 
@@ -117,6 +118,10 @@ class Results:
         return asdict(self)
 
 
+class Interrupted(RuntimeError):
+    """SIGINT or SIGTERM arrived; the run stopped between two phases."""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -164,6 +169,11 @@ class Runner:
         self.daemon: imgserve_sys.Daemon | None = None
         self.thumbor: thumbor_sys.Server | None = None
         self.limit_modes: dict[str, list[str]] = {}
+        self.stopping = False
+
+    def _check_stop(self) -> None:
+        if self.stopping:
+            raise Interrupted("interrupted by a signal; servers stopped")
 
     # ---- setup / teardown -------------------------------------------------
 
@@ -293,10 +303,12 @@ class Runner:
                 order = SYSTEMS[rnd % 3 :] + SYSTEMS[: rnd % 3]
                 for workload in o.workloads:
                     for system in order:
+                        self._check_stop()
                         await self._phase(rnd, workload, system, keep, fresh)
             if self.daemon is not None:
                 for workload in o.workloads:
                     for load in LOAD_LEVELS:
+                        self._check_stop()
                         await self._latency(workload, load, keep)
         for name in ("imgserve", "thumbor"):
             if self.results.available.get(name):
@@ -309,6 +321,7 @@ class Runner:
         """Every workload once through each server, unmeasured (imports, pools, caches)."""
         seconds = min(1.0, 2 * self.o.warmup_s)
         for workload in self.o.workloads:
+            self._check_stop()
             names = self._names(workload)
             if self.daemon is not None:
                 c = imgserve_sys.Client(keep, self.daemon, workload, names, self._src_url(), "warm")
@@ -442,7 +455,7 @@ class Runner:
             return
         capacity.sort()
         rate = load * capacity[len(capacity) // 2]
-        duration = self.o.latency_s or min(20.0, max(self.o.seconds, 300 / rate))
+        duration = self.o.latency_s or min(15.0, max(self.o.seconds, 250 / rate))
         c = imgserve_sys.Client(
             http, self.daemon, workload, self._names(workload), self._src_url(),
             f"l{int(load * 100)}",
@@ -516,10 +529,28 @@ def _jsonable(value: Any) -> Any:
 
 
 def run(options: Options) -> Results:
-    """Set up, measure, tear down; returns the results (raises on setup errors)."""
+    """Set up, measure, tear down; returns the results (raises on setup errors).
+
+    SIGINT or SIGTERM stops the run after the current phase (a second one at
+    once) and still stops every server it started. The handlers are installed
+    explicitly: a background job's inherited "ignore SIGINT" would otherwise
+    leave no way to stop it cleanly.
+    """
     runner = Runner(options)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if runner.stopping:
+            raise KeyboardInterrupt
+        runner.stopping = True
+        log(f"signal {signum}: stopping after this phase (send it again to stop now)")
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         runner.setup()
         return asyncio.run(runner.measure())
     finally:
-        runner.teardown()
+        try:
+            runner.teardown()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
