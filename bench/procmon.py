@@ -119,6 +119,15 @@ class TreeMonitor:
         with self._lock:
             return sum(self._trees[name].cpu_s.values())
 
+    def root_cpu_s(self, name: str) -> float:
+        """CPU seconds of the tree's root process alone (imgserve: the API process)."""
+        self.sample(name)
+        with self._lock:
+            tree = self._trees[name]
+            with contextlib.suppress(*_GONE):
+                return tree.cpu_s.get((tree.root.pid, tree.root.create_time()), 0.0)
+            return 0.0
+
     def peak_rss_bytes(self, name: str) -> int:
         with self._lock:
             return self._trees[name].peak_rss_bytes

@@ -172,14 +172,16 @@ def markdown(results: Results) -> str:
     add("### Cost per job (medians over rounds)")
     add("")
     add(
-        "| workload | CPU ms/img limit | CPU ms/job imgserve | CPU ms/job thumbor "
-        "| client CPU ms/job imgserve | polls/job | out KB/img limit / thumbor |"
+        "| workload | CPU ms/img limit | CPU ms/job imgserve | of which API process "
+        "| CPU ms/job thumbor | client CPU ms/job imgserve | polls/job "
+        "| out KB/img limit / thumbor |"
     )
-    add("|---|---|---|---|---|---|---|")
+    add("|---|---|---|---|---|---|---|---|")
     for name in _workloads(results):
         add(
             f"| {name} | {stats.fmt(_median_of(results, name, 'limit', 'cpu_ms_per_job'))} "
             f"| {stats.fmt(_median_of(results, name, 'imgserve', 'cpu_ms_per_job'))} "
+            f"| {stats.fmt(_median_of(results, name, 'imgserve', 'root_cpu_ms_per_job'))} "
             f"| {stats.fmt(_median_of(results, name, 'thumbor', 'cpu_ms_per_job'))} "
             f"| {stats.fmt(_median_of(results, name, 'imgserve', 'client_cpu_ms_per_job'))} "
             f"| {stats.fmt(_median_of(results, name, 'imgserve', 'polls_per_job'))} "

@@ -72,6 +72,8 @@ class Phase:
     window_s: float
     mode: str = ""
     cpu_ms_per_job: float | None = None
+    root_cpu_ms_per_job: float | None = None
+    """CPU of the root process alone (imgserve: the API process, not the workers)."""
     client_cpu_ms_per_job: float | None = None
     out_kb_per_job: float | None = None
     polls_per_job: float | None = None
@@ -415,11 +417,13 @@ class Runner:
         probes: dict[str, float] = {}
 
         def start() -> None:
+            probes["root0"] = self.monitor.root_cpu_s(system)
             probes["cpu0"] = self.monitor.cpu_s(system)
             probes["client0"] = time.process_time()
             probes["polls0"] = polls() if polls else 0
 
         def end() -> None:
+            probes["root1"] = self.monitor.root_cpu_s(system)
             probes["cpu1"] = self.monitor.cpu_s(system)
             probes["client1"] = time.process_time()
             probes["polls1"] = polls() if polls else 0
@@ -435,6 +439,7 @@ class Runner:
         )  # fmt: skip
         if n and "cpu1" in probes:
             phase.cpu_ms_per_job = 1000 * (probes["cpu1"] - probes["cpu0"]) / n
+            phase.root_cpu_ms_per_job = 1000 * (probes["root1"] - probes["root0"]) / n
             phase.client_cpu_ms_per_job = 1000 * (probes["client1"] - probes["client0"]) / n
             if polls:
                 phase.polls_per_job = (probes["polls1"] - probes["polls0"]) / n
