@@ -96,8 +96,9 @@ def real(root: Path) -> SourceSet:
         if svg is not None and _self_contained_svg(svg):
             _copy(sources, "svg", svg, f"{theme.name}-{svg.name}")
     _make_twelve_mp(sources, themes)
-    for kind in ("jpeg", "png", "svg"):
-        if not sources.files.get(kind):  # type: ignore[call-overload]
+    kinds: tuple[SourceKind, ...] = ("jpeg", "png", "svg")
+    for kind in kinds:
+        if not sources.files.get(kind):
             raise RuntimeError(f"found no {kind} sources under {WALLPAPERS} / {DESKTOP_BASE}")
     return sources
 

@@ -198,8 +198,8 @@ def markdown(results: Results) -> str:
         add("")
         add(f"{name} processes (own peak RSS, CPU over the whole run):")
         add("")
-        for p in sorted(procs, key=lambda x: -float(x["cpu_s"])):
-            add(f"- `{p['process']}`: {p['peak_rss_mb']:.0f} MB, {p['cpu_s']:.1f} s CPU")
+        for proc in sorted(procs, key=lambda x: -float(x["cpu_s"])):
+            add(f"- `{proc['process']}`: {proc['peak_rss_mb']:.0f} MB, {proc['cpu_s']:.1f} s CPU")
     failures = [p for p in results.phases if p.failed or p.unfinished]
     if failures or any(x.failed for x in results.latency):
         add("")

@@ -120,7 +120,7 @@ class Daemon:
         for conn in psutil.net_connections("tcp"):
             listening = conn.status == psutil.CONN_LISTEN and conn.laddr
             if listening and conn.laddr.port == self.port and conn.pid:
-                return conn.pid
+                return int(conn.pid)
         raise RuntimeError("cannot tell the imgserve daemon's pid")
 
     def stop(self, timeout_s: float = 60.0) -> None:
