@@ -175,10 +175,12 @@ async def _serve(settings: Settings, paths: Paths) -> int:
     from aiohttp import web
 
     from imgserve import api
+    from imgserve.imaging import vips
     from imgserve.pool import ImagePool
     from imgserve.transports import Transports
     from imgserve.worker import Runner
 
+    vips.set_threads(1)
     paths.data_dir.mkdir(parents=True, exist_ok=True)
     queue = _open_queue(settings, paths.data_dir)
     transports = Transports(settings.transport)

@@ -62,10 +62,16 @@ def _fault(data: bytes) -> None:
         bytearray(64 * 1024**3)
 
 
-def _render(data: bytes, plan: dict[str, Any], limits: ImagingLimits) -> bytes:
-    """Worker-side entry point: render the plan (libvips decodes from bytes only)."""
+def _render(source: bytes | str, plan: dict[str, Any], limits: ImagingLimits) -> bytes:
+    """Worker-side entry point: render the plan from the source bytes, or from a
+    spooled file read here (libvips still decodes from bytes only)."""
     from imgserve.imaging import pipeline
 
+    if isinstance(source, str):
+        with open(source, "rb") as fh:
+            data = fh.read()
+    else:
+        data = source
     try:
         _fault(data)
         return pipeline.render(pipeline.Plan.from_dict(plan), data, limits)
@@ -101,17 +107,18 @@ class ImagePool:
             self._pool = self._new_pool()
             threading.Thread(target=broken.stop, daemon=True).start()
 
-    async def render(self, data: bytes, plan: dict[str, Any]) -> bytes:
+    async def render(self, source: bytes | str, plan: dict[str, Any]) -> bytes:
+        """Render ``plan`` from ``source``: the bytes, or the path of a file holding them."""
         pool = self._pool
         try:
             future = pool.schedule(
-                _render, args=(data, plan, self.limits), timeout=self.settings.job_timeout_s
+                _render, args=(source, plan, self.limits), timeout=self.settings.job_timeout_s
             )
         except RuntimeError:
             self._replace_broken_pool(pool)
             pool = self._pool
             future = pool.schedule(
-                _render, args=(data, plan, self.limits), timeout=self.settings.job_timeout_s
+                _render, args=(source, plan, self.limits), timeout=self.settings.job_timeout_s
             )
         try:
             return await asyncio.wrap_future(future)

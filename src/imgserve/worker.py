@@ -55,10 +55,12 @@ class Runner:
         log.info("job %s running attempt=%d dst=%s", record.id, record.attempts, record.dst_url)
         self.running += 1
         try:
-            data = await self.queue.source(record.id)
-            if data is None:
-                data = await self.transports.download(job.src_url)
-            result = await self.pool.render(data, record.plan)
+            source: bytes | str | None = await self.queue.source_file(record.id)
+            if source is None:
+                source = await self.queue.source(record.id)
+            if source is None:
+                source = await self.transports.download(job.src_url)
+            result = await self.pool.render(source, record.plan)
             plan = pipeline.Plan.from_dict(record.plan)
             target = destination_target(plan.dst_url, job.form_field)
             await self.transports.upload(target, result, plan.content_type)

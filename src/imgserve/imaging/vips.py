@@ -58,6 +58,12 @@ class Header:
     orientation: int
 
 
+def set_threads(threads: int) -> None:
+    """libvips worker threads per operation in this process (the API process uses 1:
+    its images are small, and the CPU belongs to the worker processes)."""
+    pyvips.concurrency_set(threads)
+
+
 def version() -> str:
     return f"{pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}"
 

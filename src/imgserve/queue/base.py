@@ -101,6 +101,11 @@ class JobQueue(abc.ABC):
     async def source(self, job_id: str) -> bytes | None:
         """The stored copy of a job's source (None when it was not kept)."""
 
+    async def source_file(self, job_id: str) -> str | None:
+        """A local file holding the source, when the backend keeps one (cheaper than
+        passing the bytes to a worker process); None otherwise."""
+        return None
+
     @abc.abstractmethod
     async def consume(self, handler: Handler, concurrency: int, stopping: asyncio.Event) -> None:
         """Deliver due jobs (state running, attempts + 1) to ``handler``, up to

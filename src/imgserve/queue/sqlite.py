@@ -127,6 +127,10 @@ class SQLiteQueue(JobQueue):
 
         return await asyncio.to_thread(read)
 
+    async def source_file(self, job_id: str) -> str | None:
+        path = self._spool(job_id)
+        return str(path) if await asyncio.to_thread(path.exists) else None
+
     async def consume(self, handler: Handler, concurrency: int, stopping: asyncio.Event) -> None:
         running: set[asyncio.Task[None]] = set()
         try:
