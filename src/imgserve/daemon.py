@@ -288,6 +288,9 @@ def _drain_on_signals(on_first: Any = None) -> asyncio.Event:
             stop.set()
         else:
             log.warning("%s again: stopping now; unfinished jobs will run again", name)
+            logging.shutdown()
+            if os.getpgrp() == os.getpid():  # `start` makes the daemon a group leader:
+                os.killpg(os.getpgrp(), signal.SIGKILL)  # take the workers along
             os._exit(EXIT_FAIL)
 
     for signum in (signal.SIGTERM, signal.SIGINT):

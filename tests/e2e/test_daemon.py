@@ -311,3 +311,48 @@ def test_stale_pid_file_and_port_in_use(start_daemon: Any, tmp_path: Path) -> No
     forced = stale.cli("start", "-FORCE")
     assert forced.returncode == 0, forced.stderr
     assert stale.cli("stop").returncode == 0
+
+
+def test_stop_drains_running_jobs_and_restart(
+    start_daemon: Any, http_server: HTTPTestServer
+) -> None:
+    """stop lets a running job finish before exiting; restart comes back with a new pid."""
+    daemon = start_daemon()
+    src = serve(http_server, "g/drain.jpg", jpeg(300, 200, b"IMGSERVE-FAULT-DELAY=1.5"))
+    reply = daemon.post(resize(src, f"file://{daemon.out_dir}/g/drain.jpg", width=30))
+    deadline = time.monotonic() + 10
+    while daemon.job(reply.body["jobId"])["state"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    first_pid = daemon.pid
+    restarted = daemon.cli("restart")
+    assert restarted.returncode == 0, restarted.stderr
+    assert daemon.pid != first_pid and not alive(first_pid)
+    status = daemon.job(reply.body["jobId"])
+    assert status["state"] == "done" and status["attempts"] == 1, status
+    assert "draining" in (daemon.state_dir / "imgserve.log").read_text()
+
+
+def test_second_signal_stops_at_once_and_the_job_runs_later(
+    start_daemon: Any, http_server: HTTPTestServer
+) -> None:
+    """A second SIGTERM exits without waiting; the interrupted job runs on the next start."""
+    daemon = start_daemon("--shutdown-timeout", "60")
+    src = serve(http_server, "g/hang.jpg", jpeg(300, 200, b"IMGSERVE-FAULT-DELAY=4"))
+    reply = daemon.post(resize(src, f"file://{daemon.out_dir}/g/hang.jpg", width=30))
+    deadline = time.monotonic() + 10
+    while daemon.job(reply.body["jobId"])["state"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    pid = daemon.pid
+    tree = descendants(pid)
+    os.kill(pid, signal.SIGTERM)
+    time.sleep(0.3)
+    assert alive(pid)  # draining: waiting for the running job
+    started = time.monotonic()
+    os.kill(pid, signal.SIGTERM)
+    while alive(pid) and time.monotonic() - started < 5:
+        time.sleep(0.05)
+    assert not alive(pid) and time.monotonic() - started < 3
+    time.sleep(0.3)
+    assert not [p for p in tree if alive(p)], "workers left behind"
+    assert daemon.cli("start", "-FORCE").returncode == 0
+    assert daemon.wait(reply.body["jobId"])["state"] == "done"
