@@ -33,12 +33,23 @@ class _Tree:
 
 
 def describe(proc: psutil.Process) -> str:
-    """A short name for a process: its command line, trimmed to the telling part."""
+    """A short name for a process: its command line, trimmed to the telling part.
+
+    ``python -c "from multiprocessing.X import main; ..."`` becomes
+    ``multiprocessing.X``, and a child of a forkserver is called its worker.
+    """
     with contextlib.suppress(*_GONE):
         cmd = proc.cmdline()
+        if "-c" in cmd[:-1]:
+            code = cmd[cmd.index("-c") + 1]
+            module = code.split(" import ", 1)[0].removeprefix("from ").strip()
+            parent = proc.parent()
+            if parent is not None and parent.cmdline() == cmd:
+                return f"{module} child (pid {proc.pid})"
+            return f"{module} (pid {proc.pid})"
         if cmd:
             text = " ".join(Path(cmd[0]).name if i == 0 else c for i, c in enumerate(cmd))
-            return text[:120]
+            return f"{text[:90]} (pid {proc.pid})"
     return f"pid {proc.pid}"
 
 

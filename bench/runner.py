@@ -143,14 +143,14 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def git_head(where: Path = BENCH_DIR) -> str:
-    """The commit checked out at ``where``, with "+dirty" when it has local changes."""
+def git_head(where: Path = BENCH_DIR, paths: tuple[str, ...] = ()) -> str:
+    """The commit checked out at ``where``, "+dirty" when ``paths`` (all: empty) differ."""
     done = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, check=False
     )
     head = done.stdout.strip() or "unknown"
     status = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
+        ["git", "status", "--porcelain", "--untracked-files=no", "--", *paths],
         cwd=where, capture_output=True, text=True, check=False,
     )  # fmt: skip
     return head + ("+dirty" if status.stdout.strip() else "")
@@ -212,7 +212,7 @@ class Runner:
         env["python"] = platform.python_version()
         env["libvips"] = f"{pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}"
         env["pyvips"] = pyvips.__version__
-        env["git_head"] = git_head()
+        env["git_head"] = git_head(BENCH_DIR, (str(BENCH_DIR),))
         env["kernel"] = platform.release()
 
     def _start_source_server(self) -> None:
