@@ -58,6 +58,8 @@ class Options:
     """None: long enough for ~250 requests, within [seconds, 15 s]."""
     imgserve_src: Path | None = None
     """Run imgserve from this ``src/`` directory instead of the installed package."""
+    imgserve_env: tuple[tuple[str, str], ...] = ()
+    """Extra environment for the imgserve daemon only (A/B experiments)."""
 
 
 @dataclass
@@ -237,6 +239,7 @@ class Runner:
             free_port(),
             self.o.workers,
             self.o.imgserve_src,
+            dict(self.o.imgserve_env),
         )
         try:
             pid = daemon.start()
@@ -254,6 +257,8 @@ class Runner:
         self.results.environment["imgserve_git_head"] = git_head(src) if src else git_head()
         if src:
             self.results.environment["imgserve_src"] = str(src)
+        if self.o.imgserve_env:
+            self.results.environment["imgserve_env"] = dict(self.o.imgserve_env)
         log(f"imgserve: pid {pid} at {daemon.base_url}, {self.o.workers} workers")
 
     def _start_thumbor(self) -> None:

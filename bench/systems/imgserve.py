@@ -55,7 +55,13 @@ class Daemon:
     """
 
     def __init__(
-        self, state_dir: Path, out_dir: Path, port: int, workers: int, src_dir: Path | None = None
+        self,
+        state_dir: Path,
+        out_dir: Path,
+        port: int,
+        workers: int,
+        src_dir: Path | None = None,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.out_dir = out_dir
@@ -63,6 +69,7 @@ class Daemon:
         self.port = port
         self.workers = workers
         self.src_dir = src_dir
+        self.extra_env = dict(extra_env or {})
         self.pid: int | None = None
 
     def _command(self) -> list[str]:
@@ -71,7 +78,7 @@ class Daemon:
         return [executable()]
 
     def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = dict(os.environ, **self.extra_env)
         if self.src_dir is not None:
             env["PYTHONPATH"] = str(self.src_dir)
         return env
