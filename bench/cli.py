@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seconds-per-round",
         dest="seconds",
         type=float,
-        help="measured seconds per system per workload per round (default 4; smoke 0.5)",
+        help="measured seconds per system per workload per round (default 3; smoke 0.5)",
     )
     add(
         "--warmup",
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--latency-seconds",
         dest="latency_s",
         type=float,
-        help="seconds per open-loop latency run (default: ~300 requests, 4-20 s)",
+        help="seconds per open-loop latency run (default: ~250 requests, 3-15 s)",
     )
     add(
         "--out-dir",
@@ -73,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="run imgserve from this src/ directory (e.g. a clean checkout of a commit) "
         "instead of the installed package",
+    )
+    add(
+        "--imgserve-env",
+        dest="imgserve_env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the imgserve daemon only (repeatable), for A/B runs",
     )
     return parser  # fmt: skip
 
@@ -92,7 +100,15 @@ def options_from(args: argparse.Namespace) -> runner.Options:
         in_flight=args.in_flight or 4 * workers,
         latency_s=args.latency_s or (0.5 if smoke else None),
         imgserve_src=args.imgserve_src.resolve() if args.imgserve_src else None,
+        imgserve_env=tuple(_key_value(item) for item in args.imgserve_env),
     )
+
+
+def _key_value(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--imgserve-env takes KEY=VALUE, not {item!r}")
+    return key, value
 
 
 def main(argv: list[str] | None = None) -> int:

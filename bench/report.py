@@ -135,6 +135,9 @@ def markdown(results: Results) -> str:
         f"`{env.get('imgserve_git_head', env.get('git_head', '?'))}`; benchmark at "
         f"`{env.get('git_head', '?')}`."
     )
+    if env.get("imgserve_env"):
+        add("")
+        add(f"imgserve ran with extra environment {env['imgserve_env']}.")
     for note in results.notes:
         add("")
         add(f"**Note:** {note}")
