@@ -176,7 +176,7 @@ def markdown(results: Results) -> str:
     add("")
     add(
         "| workload | CPU ms/img limit | CPU ms/job imgserve | of which API process "
-        "| CPU ms/job thumbor | client CPU ms/job imgserve | polls/job "
+        "| CPU ms/job thumbor | client + source server CPU ms/job imgserve | polls/job "
         "| out KB/img limit / thumbor |"
     )
     add("|---|---|---|---|---|---|---|---|")
@@ -186,7 +186,8 @@ def markdown(results: Results) -> str:
             f"| {stats.fmt(_median_of(results, name, 'imgserve', 'cpu_ms_per_job'))} "
             f"| {stats.fmt(_median_of(results, name, 'imgserve', 'root_cpu_ms_per_job'))} "
             f"| {stats.fmt(_median_of(results, name, 'thumbor', 'cpu_ms_per_job'))} "
-            f"| {stats.fmt(_median_of(results, name, 'imgserve', 'client_cpu_ms_per_job'))} "
+            f"| {stats.fmt(_median_of(results, name, 'imgserve', 'client_cpu_ms_per_job'))} + "
+            f"{stats.fmt(_median_of(results, name, 'imgserve', 'source_server_cpu_ms_per_job'))} "
             f"| {stats.fmt(_median_of(results, name, 'imgserve', 'polls_per_job'))} "
             f"| {stats.fmt(_median_of(results, name, 'limit', 'out_kb_per_job'))} / "
             f"{stats.fmt(_median_of(results, name, 'thumbor', 'out_kb_per_job'))} |"

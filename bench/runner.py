@@ -77,6 +77,7 @@ class Phase:
     root_cpu_ms_per_job: float | None = None
     """CPU of the root process alone (imgserve: the API process, not the workers)."""
     client_cpu_ms_per_job: float | None = None
+    source_server_cpu_ms_per_job: float | None = None
     out_kb_per_job: float | None = None
     polls_per_job: float | None = None
     failed: int = 0
@@ -231,6 +232,7 @@ class Runner:
             if self.src_proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the source server did not start")
             time.sleep(0.05)
+        self.monitor.watch("srcserver", self.src_proc.pid)
 
     def _start_imgserve(self) -> None:
         daemon = imgserve_sys.Daemon(
@@ -425,12 +427,14 @@ class Runner:
             probes["root0"] = self.monitor.root_cpu_s(system)
             probes["cpu0"] = self.monitor.cpu_s(system)
             probes["client0"] = time.process_time()
+            probes["src0"] = self.monitor.cpu_s("srcserver")
             probes["polls0"] = polls() if polls else 0
 
         def end() -> None:
             probes["root1"] = self.monitor.root_cpu_s(system)
             probes["cpu1"] = self.monitor.cpu_s(system)
             probes["client1"] = time.process_time()
+            probes["src1"] = self.monitor.cpu_s("srcserver")
             probes["polls1"] = polls() if polls else 0
 
         r = await client.closed_loop(
@@ -446,6 +450,7 @@ class Runner:
             phase.cpu_ms_per_job = 1000 * (probes["cpu1"] - probes["cpu0"]) / n
             phase.root_cpu_ms_per_job = 1000 * (probes["root1"] - probes["root0"]) / n
             phase.client_cpu_ms_per_job = 1000 * (probes["client1"] - probes["client0"]) / n
+            phase.source_server_cpu_ms_per_job = 1000 * (probes["src1"] - probes["src0"]) / n
             if polls:
                 phase.polls_per_job = (probes["polls1"] - probes["polls0"]) / n
         if r.out_bytes and n:
