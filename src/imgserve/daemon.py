@@ -422,6 +422,7 @@ def start(
     with open(paths.startup_log, "wb") as err:
         child = subprocess.Popen(
             [sys.executable, "-m", "imgserve", "serve", "--daemonized", *serve_argv],
+            env={"MALLOC_ARENA_MAX": "2", **os.environ},  # see pool.ImagePool
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=err,

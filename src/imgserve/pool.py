@@ -89,6 +89,10 @@ class ImagePool:
     def __init__(self, settings: WorkerSettings, limits: ImagingLimits) -> None:
         self.settings = settings
         self.limits = limits
+        # glibc gives each libvips thread its own malloc arena; two per process
+        # halves worker RSS at no measurable cost. The forkserver (and so every
+        # worker) is exec'd with this environment.
+        os.environ.setdefault("MALLOC_ARENA_MAX", "2")
         self._pool = self._new_pool()
 
     def _new_pool(self) -> pebble.ProcessPool:

@@ -75,7 +75,9 @@ class Plan:
         return cls(**values)
 
 
-def _check_source(operation: str, data: bytes, limits: ImagingLimits) -> tuple[Format, vips.Header]:
+def _check_source(
+    operation: str, data: bytes, limits: ImagingLimits
+) -> tuple[Format, vips.Header, tuple[float, float] | None]:
     """Sniff the source, refuse what the operation or the limits do not allow.
 
     Runs in ``plan`` and again in ``render``: a worker may have downloaded
@@ -93,19 +95,24 @@ def _check_source(operation: str, data: bytes, limits: ImagingLimits) -> tuple[F
         if problem:
             raise errors.SVGInvalid(problem)
 
+    if fmt is Format.SVG:
+        # The drawing's exact size, from one parse; SVG limits apply to the render.
+        width, height = vips.svg_size(data)
+        header = vips.Header(max(1, round(width)), max(1, round(height)), 1, 1)
+        return fmt, header, (width, height)
     header = vips.read_header(data, fmt)
-    if fmt is not Format.SVG and header.width * header.height * header.pages > limits.max_pixels:
+    if header.width * header.height * header.pages > limits.max_pixels:
         raise errors.SourcePixelsOverLimit(
             f"source is {header.width}x{header.height}"
             + (f" x {header.pages} frames" if header.pages > 1 else "")
             + f", over the limit of {limits.max_pixels} pixels"
         )
-    return fmt, header
+    return fmt, header, None
 
 
 def plan(job: Job, data: bytes, limits: ImagingLimits) -> Plan:
     """Check the source against the job and the limits; compute the result."""
-    fmt, header = _check_source(job.operation, data, limits)
+    fmt, header, svg_size = _check_source(job.operation, data, limits)
     source = geometry.oriented(Size(header.width, header.height), header.orientation)
 
     # {$ext} names the source's extension; an SVG cannot be written, so a
@@ -125,7 +132,8 @@ def plan(job: Job, data: bytes, limits: ImagingLimits) -> Plan:
 
     scale: float | None = None
     if job.operation == "rasterize":
-        src_width, src_height = vips.svg_size(data)
+        assert svg_size is not None
+        src_width, src_height = svg_size
         result, scale = geometry.rasterize_result(
             src_width, src_height, job.width, job.height, job.scale
         )
@@ -168,7 +176,7 @@ def plan(job: Job, data: bytes, limits: ImagingLimits) -> Plan:
 
 def render(plan: Plan, data: bytes, limits: ImagingLimits) -> bytes:
     """Source bytes -> result bytes, exactly ``plan.result`` in ``plan.output``."""
-    fmt, _header = _check_source(plan.operation, data, limits)
+    fmt, _header, _svg_size = _check_source(plan.operation, data, limits)
     if fmt is not plan.source_format:
         raise errors.SourceUnreadable(
             f"source is now {fmt.value}, not the {plan.source_format.value} that was planned"

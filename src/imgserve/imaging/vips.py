@@ -98,6 +98,14 @@ def svg_size(data: bytes) -> tuple[float, float]:
     arithmetic (nothing is rendered), so it gives the fractional part.
     """
     try:
+        try:
+            # One parse in the common case: most drawings fit VIPS_MAX_COORD at x1000.
+            scaled = pyvips.Image.svgload_buffer(data, scale=1000.0)
+            # A size past libvips' range comes back as 1: measure such drawings below.
+            if min(scaled.width, scaled.height) > 1:
+                return scaled.width / 1000.0, scaled.height / 1000.0
+        except pyvips.Error:
+            pass  # too large to scale by 1000: measure first, as below
         image = pyvips.Image.svgload_buffer(data)
         longest = max(image.width, image.height)
         factor = min(1000.0, _MAX_SVG_HEADER / longest)
