@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,12 +25,42 @@ _GONE = (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess)
 @dataclass
 class _Tree:
     root: psutil.Process
+    background: bool = True
     cpu_s: dict[tuple[int, float], float] = field(default_factory=dict)
     rss_bytes: int = 0
     peak_rss_bytes: int = 0
     processes: int = 0
     peak_by_process: dict[tuple[int, float], tuple[str, int]] = field(default_factory=dict)
     """Per process: a short description and its own peak RSS."""
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has spent running anything (all cores)."""
+    t = psutil.cpu_times()
+    return float(t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0))
+
+
+class Noise:
+    """Measures CPU used on the machine by processes outside the watched trees.
+
+    ``start()`` then ``stop()`` returns that foreign CPU in percent of one core
+    over the interval: other people's work competing with the benchmark.
+    """
+
+    def __init__(self, monitor: TreeMonitor) -> None:
+        self.monitor = monitor
+        self._t0 = self._busy0 = self._ours0 = 0.0
+
+    def start(self) -> None:
+        self._t0 = time.monotonic()
+        self._busy0 = machine_busy_s()
+        self._ours0 = self.monitor.all_cpu_s()
+
+    def stop(self) -> float:
+        ours = self.monitor.all_cpu_s() - self._ours0
+        busy = machine_busy_s() - self._busy0
+        wall = max(1e-6, time.monotonic() - self._t0)
+        return max(0.0, 100 * (busy - ours) / wall)
 
 
 def describe(proc: psutil.Process) -> str:
@@ -64,10 +95,14 @@ class TreeMonitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="treemonitor", daemon=True)
 
-    def watch(self, name: str, pid: int) -> None:
-        """Start sampling the tree rooted at ``pid`` under ``name``."""
+    def watch(self, name: str, pid: int, background: bool = True) -> None:
+        """Start sampling the tree rooted at ``pid`` under ``name``.
+
+        ``background=False``: sampled only when asked (for long-lived trees whose
+        CPU is read at phase boundaries only, such as the benchmark's own).
+        """
         with self._lock:
-            self._trees[name] = _Tree(psutil.Process(pid))
+            self._trees[name] = _Tree(psutil.Process(pid), background)
         self.sample(name)
 
     def forget(self, name: str) -> None:
@@ -85,7 +120,7 @@ class TreeMonitor:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             with self._lock:
-                names = list(self._trees)
+                names = [name for name, tree in self._trees.items() if tree.background]
             for name in names:
                 self.sample(name)
 
@@ -129,6 +164,18 @@ class TreeMonitor:
         self.sample(name)
         with self._lock:
             return sum(self._trees[name].cpu_s.values())
+
+    def all_cpu_s(self) -> float:
+        """CPU seconds of every process seen in any watched tree, each counted once."""
+        with self._lock:
+            names = list(self._trees)
+        for name in names:
+            self.sample(name)
+        seen: dict[tuple[int, float], float] = {}
+        with self._lock:
+            for tree in self._trees.values():
+                seen.update(tree.cpu_s)
+        return sum(seen.values())
 
     def root_cpu_s(self, name: str) -> float:
         """CPU seconds of the tree's root process alone (imgserve: the API process)."""

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Any
 
 from bench import stats
-from bench.runner import Results
+from bench.runner import NOISY_PCT, Results
 from bench.stats import Spread
 from bench.workloads import BY_NAME
 
@@ -220,6 +221,28 @@ def markdown(results: Results) -> str:
                     f"- latency {x.workload} {int(x.load * 100)}%: {x.failed} failed: "
                     f"{'; '.join(x.errors[:2])}"
                 )
+    noisy = [
+        f"r{p.round} {p.workload} {p.system}{'/' + p.mode if p.mode else ''}: "
+        f"{p.foreign_cpu_pct:.0f}%"
+        for p in results.phases
+        if p.foreign_cpu_pct is not None and p.foreign_cpu_pct > NOISY_PCT
+    ] + [
+        f"latency {x.workload} {int(x.load * 100)}%: {x.foreign_cpu_pct:.0f}%"
+        for x in results.latency
+        if x.foreign_cpu_pct is not None and x.foreign_cpu_pct > NOISY_PCT
+    ]
+    foreign = [p.foreign_cpu_pct for p in results.phases if p.foreign_cpu_pct is not None]
+    if foreign:
+        add("")
+        add("### Other load on the machine")
+        add("")
+        add(
+            "CPU used by processes outside the benchmark's own trees, in % of one core: "
+            f"median {statistics.median(foreign):.0f}%, max {max(foreign):.0f}% over the "
+            f"throughput phases. Phases above {NOISY_PCT:.0f}%: "
+            + (", ".join(noisy) if noisy else "none")
+            + "."
+        )
     if results.checks:
         add("")
         add("### Output checks (one result per system and workload, first round)")

@@ -29,7 +29,7 @@ import aiohttp
 import pyvips
 
 from bench import client, images, workloads
-from bench.procmon import TreeMonitor
+from bench.procmon import Noise, TreeMonitor
 from bench.systems import imgserve as imgserve_sys
 from bench.systems import limit as limit_sys
 from bench.systems import thumbor as thumbor_sys
@@ -38,6 +38,8 @@ from bench.workloads import Workload
 BENCH_DIR = Path(__file__).resolve().parent
 THUMBOR_VENV = BENCH_DIR / ".venv-thumbor"
 SYSTEMS = ("limit", "imgserve", "thumbor")
+# Foreign CPU (% of one core) above which a phase is flagged as disturbed.
+NOISY_PCT = 15.0
 LOAD_LEVELS = (0.5, 0.8)
 
 
@@ -83,6 +85,8 @@ class Phase:
     failed: int = 0
     unfinished: int = 0
     errors: list[str] = field(default_factory=list)
+    foreign_cpu_pct: float | None = None
+    """CPU used by processes outside the benchmark, % of one core, over the phase."""
 
 
 @dataclass
@@ -101,6 +105,7 @@ class Latency:
     p99_ms: float
     max_ms: float
     errors: list[str] = field(default_factory=list)
+    foreign_cpu_pct: float | None = None
 
 
 @dataclass
@@ -196,6 +201,7 @@ class Runner:
         self._start_source_server()
         log(f"limit: {o.workers} pyvips processes")
         self.limit = limit_sys.Limit(self.sources.root, o.workers)
+        self.monitor.watch("bench", os.getpid(), background=False)
         self.monitor.start()
         self._start_imgserve()
         if not o.skip_thumbor:
@@ -367,16 +373,23 @@ class Runner:
         modes = self.limit_modes.get(workload.name, ["processes", "threads"])
         best: Phase | None = None
         for mode in modes:
+            noise = Noise(self.monitor)
+            noise.start()
             r = self.limit.run(
                 mode, workload, self._names(workload), self.o.warmup_s, self.o.seconds
             )
+            foreign = noise.stop()
             phase = Phase(
                 round=rnd, workload=workload.name, system="limit", mode=mode,
                 per_s=r.images / r.window_s, completed=r.images, window_s=r.window_s,
                 cpu_ms_per_job=1000 * r.cpu_s / r.all_images if r.all_images else None,
                 out_kb_per_job=r.out_bytes / r.images / 1024 if r.images else None,
+                foreign_cpu_pct=foreign,
             )  # fmt: skip
-            log(f"r{rnd} {workload.name:18} limit/{mode:9} {phase.per_s:7.1f} img/s")
+            log(
+                f"r{rnd} {workload.name:18} limit/{mode:9} {phase.per_s:7.1f} img/s"
+                + _noisy(foreign)
+            )
             if best is None or phase.per_s > best.per_s:
                 best = phase
         assert best is not None
@@ -437,14 +450,18 @@ class Runner:
             probes["src1"] = self.monitor.cpu_s("srcserver")
             probes["polls1"] = polls() if polls else 0
 
+        noise = Noise(self.monitor)
+        noise.start()
         r = await client.closed_loop(
             job, self.o.in_flight, self.o.warmup_s, self.o.seconds, start, end
         )
+        foreign = noise.stop()
         n = r.completed
         phase = Phase(
             round=rnd, workload=workload.name, system=system, per_s=r.per_s,
             completed=n, window_s=r.window_s, failed=r.failed,
             unfinished=r.started - r.finished - r.failed, errors=r.errors,
+            foreign_cpu_pct=foreign,
         )  # fmt: skip
         if n and "cpu1" in probes:
             phase.cpu_ms_per_job = 1000 * (probes["cpu1"] - probes["cpu0"]) / n
@@ -456,6 +473,7 @@ class Runner:
         if r.out_bytes and n:
             phase.out_kb_per_job = r.out_bytes / n / 1024
         extra = f", {r.failed} failed: {r.errors[:1]}" if r.failed or r.errors else ""
+        extra += _noisy(foreign)
         log(f"r{rnd} {workload.name:18} {system:15} {phase.per_s:7.1f} jobs/s{extra}")
         return phase
 
@@ -475,7 +493,10 @@ class Runner:
             http, self.daemon, workload, self._names(workload), self._src_url(),
             f"l{int(load * 100)}",
         )  # fmt: skip
+        noise = Noise(self.monitor)
+        noise.start()
         r = await client.open_loop(c.submit, c.wait_done, rate, duration)
+        foreign = noise.stop()
         self._clean_outputs()
         lat = [1000 * x for x in r.latencies_s]
         entry = Latency(
@@ -483,12 +504,13 @@ class Runner:
             sent=r.sent, finished=r.finished, failed=r.failed,
             p50_ms=client.percentile(lat, 50), p95_ms=client.percentile(lat, 95),
             p99_ms=client.percentile(lat, 99), max_ms=max(lat) if lat else float("nan"),
-            errors=r.errors,
+            errors=r.errors, foreign_cpu_pct=foreign,
         )  # fmt: skip
         log(
             f"latency {workload.name:18} {int(load * 100)}% ({rate:.1f}/s, {r.sent} sent): "
             f"p50 {entry.p50_ms:.1f} p95 {entry.p95_ms:.1f} p99 {entry.p99_ms:.1f} ms"
             + (f", {r.failed} failed: {r.errors[:1]}" if r.failed else "")
+            + _noisy(foreign)
         )
         self.results.latency.append(entry)
 
@@ -529,6 +551,12 @@ class Runner:
             f"{verdict} {system} {workload.name}: {got[0]}x{got[1]} {loader}, "
             f"expected {want[0]}x{want[1]} {workload.out_ext}"
         )
+
+
+def _noisy(foreign_pct: float) -> str:
+    if foreign_pct <= NOISY_PCT:
+        return ""
+    return f" [other processes used {foreign_pct:.0f}% of a core]"
 
 
 def _jsonable(value: Any) -> Any:
