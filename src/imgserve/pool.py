@@ -62,7 +62,9 @@ def _fault(data: bytes) -> None:
         bytearray(64 * 1024**3)
 
 
-def _render(source: bytes | str, plan: dict[str, Any], limits: ImagingLimits) -> bytes:
+def _render(
+    source: bytes | str, plan: dict[str, Any], limits: ImagingLimits, planned: bool
+) -> bytes:
     """Worker-side entry point: render the plan from the source bytes, or from a
     spooled file read here (libvips still decodes from bytes only)."""
     from imgserve.imaging import pipeline
@@ -74,7 +76,7 @@ def _render(source: bytes | str, plan: dict[str, Any], limits: ImagingLimits) ->
         data = source
     try:
         _fault(data)
-        return pipeline.render(pipeline.Plan.from_dict(plan), data, limits)
+        return pipeline.render(pipeline.Plan.from_dict(plan), data, limits, planned=planned)
     except MemoryError as exc:
         raise errors.WorkerMemoryExceeded("the worker ran out of memory") from exc
     except errors.ImgserveError as exc:
@@ -111,18 +113,27 @@ class ImagePool:
             self._pool = self._new_pool()
             threading.Thread(target=broken.stop, daemon=True).start()
 
-    async def render(self, source: bytes | str, plan: dict[str, Any]) -> bytes:
-        """Render ``plan`` from ``source``: the bytes, or the path of a file holding them."""
+    async def render(
+        self, source: bytes | str, plan: dict[str, Any], *, planned: bool = False
+    ) -> bytes:
+        """Render ``plan`` from ``source``: the bytes, or the path of a file holding them.
+
+        ``planned``: the source is the queue's copy of the bytes the plan checked.
+        """
         pool = self._pool
         try:
             future = pool.schedule(
-                _render, args=(source, plan, self.limits), timeout=self.settings.job_timeout_s
+                _render,
+                args=(source, plan, self.limits, planned),
+                timeout=self.settings.job_timeout_s,
             )
         except RuntimeError:
             self._replace_broken_pool(pool)
             pool = self._pool
             future = pool.schedule(
-                _render, args=(source, plan, self.limits), timeout=self.settings.job_timeout_s
+                _render,
+                args=(source, plan, self.limits, planned),
+                timeout=self.settings.job_timeout_s,
             )
         try:
             return await asyncio.wrap_future(future)

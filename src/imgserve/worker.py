@@ -55,12 +55,14 @@ class Runner:
         log.info("job %s running attempt=%d dst=%s", record.id, record.attempts, record.dst_url)
         self.running += 1
         try:
+            # The queue's copy is the very source the plan checked; a new download is not.
             source: bytes | str | None = await self.queue.source_file(record.id)
             if source is None:
                 source = await self.queue.source(record.id)
+            planned = source is not None
             if source is None:
                 source = await self.transports.download(job.src_url)
-            result = await self.pool.render(source, record.plan)
+            result = await self.pool.render(source, record.plan, planned=planned)
             plan = pipeline.Plan.from_dict(record.plan)
             target = destination_target(plan.dst_url, job.form_field)
             await self.transports.upload(target, result, plan.content_type)

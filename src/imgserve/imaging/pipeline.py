@@ -174,13 +174,18 @@ def plan(job: Job, data: bytes, limits: ImagingLimits) -> Plan:
     return planned
 
 
-def render(plan: Plan, data: bytes, limits: ImagingLimits) -> bytes:
-    """Source bytes -> result bytes, exactly ``plan.result`` in ``plan.output``."""
-    fmt, _header, _svg_size = _check_source(plan.operation, data, limits)
-    if fmt is not plan.source_format:
-        raise errors.SourceUnreadable(
-            f"source is now {fmt.value}, not the {plan.source_format.value} that was planned"
-        )
+def render(plan: Plan, data: bytes, limits: ImagingLimits, *, planned: bool = False) -> bytes:
+    """Source bytes -> result bytes, exactly ``plan.result`` in ``plan.output``.
+
+    ``planned`` says ``data`` are the very bytes ``plan`` checked (the queue's
+    copy); otherwise (downloaded again) every source check runs again first.
+    """
+    if not planned:
+        fmt, _header, _svg_size = _check_source(plan.operation, data, limits)
+        if fmt is not plan.source_format:
+            raise errors.SourceUnreadable(
+                f"source is now {fmt.value}, not the {plan.source_format.value} that was planned"
+            )
     box = plan.result
     if plan.operation == "rasterize":
         assert plan.svg_scale is not None
