@@ -11,8 +11,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-pytest.importorskip("psutil", reason="the benchmark samples process trees with psutil")
-
 
 @pytest.mark.slow
 def test_bench_smoke_measures_every_workload_with_all_jobs_done(tmp_path: Path) -> None:
