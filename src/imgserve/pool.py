@@ -98,12 +98,16 @@ class ImagePool:
         self._pool = self._new_pool()
 
     def _new_pool(self) -> pebble.ProcessPool:
-        return pebble.ProcessPool(
+        pool = pebble.ProcessPool(
             max_workers=self.settings.workers,
             initializer=_init_worker,
             initargs=(self.settings.memory_limit_mb,),
             context=multiprocessing.get_context("forkserver"),
         )
+        # Start the workers now (pebble starts them on first use), so the first job
+        # does not wait for them and /health counts them from the start.
+        pool.schedule(os.getpid)
+        return pool
 
     def _replace_broken_pool(self, broken: pebble.ProcessPool) -> None:
         """pebble cannot recover when an idle worker dies holding its channel lock
