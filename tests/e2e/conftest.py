@@ -117,6 +117,13 @@ class Daemon:
             time.sleep(0.05)
         raise AssertionError(f"job {job_id} did not finish: {self.job(job_id)}")
 
+    def wait_running(self, job_id: str, timeout_s: float = 10.0) -> None:
+        """Until a worker has the job (fails the test if it never does)."""
+        deadline = time.monotonic() + timeout_s
+        while self.job(job_id)["state"] != "running":
+            assert time.monotonic() < deadline, f"job {job_id} never ran: {self.job(job_id)}"
+            time.sleep(0.02)
+
     def workers(self) -> set[int]:
         """Image worker processes: the children of the daemon's forkserver."""
         tree = descendants(self.pid)

@@ -198,9 +198,7 @@ def test_worker_killed_mid_job_is_retried(start_daemon: Any, http_server: HTTPTe
     src = serve(http_server, "k/slow.jpg", jpeg(600, 400, b"IMGSERVE-FAULT-DELAY"))
     reply = daemon.post(resize(src, f"file://{daemon.out_dir}/k/slow.jpg", width=60))
     job_id = reply.body["jobId"]
-    deadline = time.monotonic() + 10
-    while daemon.job(job_id)["state"] != "running" and time.monotonic() < deadline:
-        time.sleep(0.02)
+    daemon.wait_running(job_id)
     time.sleep(0.3)
     victims = daemon.workers()
     assert victims, "no worker processes found"
@@ -320,9 +318,7 @@ def test_stop_drains_running_jobs_and_restart(
     daemon = start_daemon()
     src = serve(http_server, "g/drain.jpg", jpeg(300, 200, b"IMGSERVE-FAULT-DELAY=1.5"))
     reply = daemon.post(resize(src, f"file://{daemon.out_dir}/g/drain.jpg", width=30))
-    deadline = time.monotonic() + 10
-    while daemon.job(reply.body["jobId"])["state"] != "running" and time.monotonic() < deadline:
-        time.sleep(0.02)
+    daemon.wait_running(reply.body["jobId"])
     first_pid = daemon.pid
     restarted = daemon.cli("restart")
     assert restarted.returncode == 0, restarted.stderr
@@ -339,9 +335,7 @@ def test_second_signal_stops_at_once_and_the_job_runs_later(
     daemon = start_daemon("--shutdown-timeout", "60")
     src = serve(http_server, "g/hang.jpg", jpeg(300, 200, b"IMGSERVE-FAULT-DELAY=4"))
     reply = daemon.post(resize(src, f"file://{daemon.out_dir}/g/hang.jpg", width=30))
-    deadline = time.monotonic() + 10
-    while daemon.job(reply.body["jobId"])["state"] != "running" and time.monotonic() < deadline:
-        time.sleep(0.02)
+    daemon.wait_running(reply.body["jobId"])
     pid = daemon.pid
     tree = descendants(pid)
     os.kill(pid, signal.SIGTERM)

@@ -155,9 +155,7 @@ def test_worker_node_killed_mid_job(
     api, nodes = cluster(1, "--lease", "4")
     src = serve(http_server, "r/long.jpg", jpeg(320, 240, b"IMGSERVE-FAULT-DELAY=1.5"))
     job_id = api.post(resize(src, f"file://{api.out_dir}/r/long.jpg", width=64)).body["jobId"]
-    deadline = time.monotonic() + 10
-    while api.job(job_id)["state"] != "running" and time.monotonic() < deadline:
-        time.sleep(0.05)
+    api.wait_running(job_id)
     first = api.job(job_id)
     assert first["state"] == "running"
     nodes[0].kill()
@@ -180,9 +178,7 @@ def test_worker_node_sigterm_finishes_its_job(cluster: Any, http_server: HTTPTes
     api, nodes = cluster(1)
     src = serve(http_server, "r/term.jpg", jpeg(320, 240, b"IMGSERVE-FAULT-DELAY=1"))
     job_id = api.post(resize(src, f"file://{api.out_dir}/r/term.jpg", width=64)).body["jobId"]
-    deadline = time.monotonic() + 10
-    while api.job(job_id)["state"] != "running" and time.monotonic() < deadline:
-        time.sleep(0.05)
+    api.wait_running(job_id)
     assert nodes[0].terminate() == 0
     assert api.job(job_id)["state"] == "done"
 
