@@ -119,3 +119,11 @@ def test_log_filter_redacts(tmp_path: Path) -> None:
     assert "hunter2" not in text and "ftp://bob:***@h/x.jpg" in text
     assert oct(log_file.stat().st_mode & 0o777) == "0o640"
     logs.configure(None, max_bytes=1, backups=0)
+
+
+def test_every_setting_flag_is_a_setting() -> None:
+    """Each CLI flag that carries a setting names one config.load knows (no silent drop)."""
+    assert set(cli._SETTING_FLAGS) <= set(config.option_names())
+    parser = cli.build_parser()
+    dests = {a.dest for a in parser._subparsers._group_actions[0].choices["serve"]._actions}  # type: ignore[union-attr]
+    assert set(cli._SETTING_FLAGS) <= dests

@@ -43,7 +43,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     add("--max-download-bytes", dest="max_download_bytes", type=int, help="bytes")
     add("--upload-timeout", dest="upload_timeout_s", type=float, help="seconds per attempt")
     add("--upload-attempts", dest="upload_attempts", type=int, help="tries per upload")
+    add("--retry-base", dest="retry_base_s", type=float, help="first backoff, seconds")
     add("--retry-max", dest="retry_max_s", type=float, help="longest backoff, seconds")
+    add("--max-redirects", dest="max_redirects", type=int, help="http(s) redirects to follow")
     add("--lease", dest="lease_s", type=float, help="Redis mode: seconds a node holds a job")
     add("--shutdown-timeout", dest="shutdown_timeout_s", type=float, help="drain deadline")
     add("--keep-finished", dest="keep_finished_s", type=float, help="seconds to keep job status")
@@ -73,7 +75,8 @@ _SETTING_FLAGS = (
     "host", "port", "state_dir", "pid", "logdir", "workers", "queue", "queue_max", "allow_net",
     "allow_host", "file_root", "ca_file", "s3_endpoint", "s3_region", "job_timeout_s",
     "memory_limit_mb", "max_attempts", "max_pixels", "download_timeout_s",
-    "max_download_bytes", "upload_timeout_s", "upload_attempts", "retry_max_s", "lease_s",
+    "max_download_bytes", "upload_timeout_s", "upload_attempts", "retry_base_s", "retry_max_s",
+    "max_redirects", "lease_s",
     "shutdown_timeout_s", "keep_finished_s",
 )  # fmt: skip
 
