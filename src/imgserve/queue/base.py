@@ -17,7 +17,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -76,7 +76,9 @@ class JobRecord:
         self.error_code, self.error_detail = code, detail
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        # Shallow on purpose: job and plan are plain JSON dicts already (asdict would
+        # deep-copy them on every state change).
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["state"] = self.state.value
         return data
 

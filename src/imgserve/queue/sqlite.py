@@ -129,7 +129,7 @@ class SQLiteQueue(JobQueue):
 
     async def source_file(self, job_id: str) -> str | None:
         path = self._spool(job_id)
-        return str(path) if await asyncio.to_thread(path.exists) else None
+        return str(path) if path.exists() else None  # one stat: not worth a thread hop
 
     async def consume(self, handler: Handler, concurrency: int, stopping: asyncio.Event) -> None:
         running: set[asyncio.Task[None]] = set()
@@ -194,16 +194,16 @@ class SQLiteQueue(JobQueue):
             record = self._load(row)
             change(record)
             self._save(db, record)
+            if record.state in (State.DONE, State.FAILED):
+                self._spool(job_id).unlink(missing_ok=True)  # on this thread: no extra hop
 
         await self._run(op)
 
     async def complete(self, job_id: str) -> None:
         await self._update(job_id, lambda record: record.mark_done())
-        await asyncio.to_thread(self._spool(job_id).unlink, missing_ok=True)
 
     async def fail(self, job_id: str, code: int, detail: str) -> None:
         await self._update(job_id, lambda record: record.mark_failed(code, detail))
-        await asyncio.to_thread(self._spool(job_id).unlink, missing_ok=True)
 
     async def retry(self, job_id: str, delay_s: float, code: int, detail: str) -> None:
         await self._update(job_id, lambda record: record.mark_retry(delay_s, code, detail))
