@@ -30,6 +30,7 @@ from typing import Any
 
 from imgserve import logs
 from imgserve.config import Settings
+from imgserve.urls import redact_url
 
 log = logging.getLogger("imgserve.daemon")
 
@@ -338,7 +339,7 @@ async def _worker(settings: Settings) -> int:
         "imgserve worker %s: %d workers on %s",
         name,
         settings.worker.workers,
-        logs.redact_url(settings.server.queue_url or ""),
+        redact_url(settings.server.queue_url or ""),
     )
     jobs = asyncio.create_task(runner.serve())
     announcer = asyncio.create_task(announce())

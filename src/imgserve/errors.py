@@ -282,12 +282,6 @@ class TLSVerifyFailed(ImgserveError):
     message = "TLS certificate verification failed"
 
 
-class LoaderNotAllowed(ImgserveError):
-    code = 407
-    status = 422
-    message = "image format not allowed"
-
-
 # --- destination (501-509) -------------------------------------------------------------
 
 

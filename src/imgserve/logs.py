@@ -15,8 +15,6 @@ from pathlib import Path
 
 from imgserve.urls import redact_url
 
-__all__ = ["RedactFilter", "configure", "redact_url"]
-
 FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 

@@ -166,13 +166,6 @@ class ImagePool:
             return sum(1 for p in processes.values() if p.is_alive())
         return self.settings.workers
 
-    def worker_pids(self) -> list[int]:
-        workers = getattr(getattr(self._pool, "_pool_manager", None), "worker_manager", None)
-        processes = getattr(workers, "workers", None)
-        if isinstance(processes, dict):
-            return [p.pid for p in processes.values() if p.pid is not None]
-        return []
-
     def close(self, timeout_s: float = 5.0) -> None:
         self._pool.close()  # type: ignore[no-untyped-call]
         self._pool.join(timeout=timeout_s)

@@ -66,8 +66,6 @@ CANONICAL_EXTENSION: dict[Format, str] = {
 
 # Formats that keep an alpha channel; the others are flattened onto white.
 ALPHA_FORMATS = frozenset({Format.PNG, Format.WEBP, Format.GIF, Format.TIFF, Format.AVIF})
-# Formats whose quality setting means something.
-LOSSY_FORMATS = frozenset({Format.JPEG, Format.WEBP, Format.AVIF, Format.HEIF})
 # Formats that can hold several frames (an animated source stays animated).
 ANIMATED_FORMATS = frozenset({Format.GIF, Format.WEBP})
 

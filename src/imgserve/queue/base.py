@@ -28,7 +28,6 @@ class State(enum.StrEnum):
     FAILED = "failed"
 
 
-ACTIVE_STATES = (State.QUEUED, State.RUNNING)
 NODE = f"{socket.gethostname()}:{os.getpid()}"
 """This process, as job records name the node that ran them."""
 
