@@ -171,10 +171,6 @@ def fit_exact(image: pyvips.Image, width: int, height: int, direction: str) -> p
     return image.gravity(direction, width, height, extend="copy")
 
 
-def crop(image: pyvips.Image, left: int, top: int, width: int, height: int) -> pyvips.Image:
-    return image.crop(left, top, width, height)
-
-
 def first_frame(image: pyvips.Image) -> pyvips.Image:
     """The top frame of an animation strip."""
     return image.crop(0, 0, image.width, image.get("page-height"))
