@@ -31,16 +31,14 @@ log = logging.getLogger("imgserve.pool")
 # Fault injection for the test suite only: with this variable set, a source
 # containing one of these markers makes its worker misbehave on purpose.
 FAULT_ENV = "IMGSERVE_FAULT_INJECTION"
-WORKER_NICE = 5
 # SEGV: segfault; DELAY[=s]: sleep (2 s) then render; SLEEP: hang; HOG: allocate 64 GiB.
 
 
-def _init_worker(memory_limit_mb: int) -> None:
+def _init_worker(memory_limit_mb: int, nice: int) -> None:
     """Runs once in each new worker: memory cap, default signals, hardened libvips."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    # Replies wait on the API process; batch pixel work yields the CPU to it.
-    os.nice(WORKER_NICE)
+    os.nice(nice)  # replies wait on the API process: pixel work yields the CPU to it
     if memory_limit_mb > 0:
         limit = memory_limit_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -101,7 +99,7 @@ class ImagePool:
         pool = pebble.ProcessPool(
             max_workers=self.settings.workers,
             initializer=_init_worker,
-            initargs=(self.settings.memory_limit_mb,),
+            initargs=(self.settings.memory_limit_mb, self.settings.nice),
             context=multiprocessing.get_context("forkserver"),
         )
         # Start the workers now (pebble starts them on first use), so the first job

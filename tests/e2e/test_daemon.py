@@ -272,6 +272,8 @@ def test_cli_lifecycle_files_and_logs(start_daemon: Any, http_server: HTTPTestSe
     assert result.returncode == 0
     assert f"pid {daemon.pid}" in result.stdout and f":{daemon.port}" in result.stdout
     assert "done 1" in result.stdout and "workers alive 2/2" in result.stdout
+    for worker in daemon.workers():  # stat field 19: niceness
+        assert Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[16] == "10"
 
     log = daemon.state_dir / "imgserve.log"
     assert stat.S_IMODE(log.stat().st_mode) == 0o640
