@@ -122,21 +122,14 @@ class ImagePool:
 
         ``planned``: the source is the queue's copy of the bytes the plan checked.
         """
+        args = (source, plan, self.limits, planned)
         pool = self._pool
         try:
-            future = pool.schedule(
-                _render,
-                args=(source, plan, self.limits, planned),
-                timeout=self.settings.job_timeout_s,
-            )
-        except RuntimeError:
+            future = pool.schedule(_render, args=args, timeout=self.settings.job_timeout_s)
+        except RuntimeError:  # broken since the last job: one retry on a fresh pool
             self._replace_broken_pool(pool)
             pool = self._pool
-            future = pool.schedule(
-                _render,
-                args=(source, plan, self.limits, planned),
-                timeout=self.settings.job_timeout_s,
-            )
+            future = pool.schedule(_render, args=args, timeout=self.settings.job_timeout_s)
         try:
             return await asyncio.wrap_future(future)
         except FutureTimeout as exc:
