@@ -39,6 +39,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     add("--memory-limit-mb", dest="memory_limit_mb", type=int, help="per-worker cap, 0 = none")
     add("--max-attempts", dest="max_attempts", type=int, help="attempts per job")
     add("--worker-nice", dest="worker_nice", type=int, help="niceness of workers (10)")
+    add("--worker-threads", dest="worker_threads", type=int, help="libvips threads per worker (1)")
     add("--max-pixels", dest="max_pixels", type=int, help="largest source in pixels")
     add("--download-timeout", dest="download_timeout_s", type=float, help="seconds")
     add("--max-download-bytes", dest="max_download_bytes", type=int, help="bytes")
@@ -75,9 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
 _SETTING_FLAGS = (
     "host", "port", "state_dir", "pid", "logdir", "workers", "queue", "queue_max", "allow_net",
     "allow_host", "file_root", "ca_file", "s3_endpoint", "s3_region", "job_timeout_s",
-    "memory_limit_mb", "max_attempts", "worker_nice", "max_pixels", "download_timeout_s",
-    "max_download_bytes", "upload_timeout_s", "upload_attempts", "retry_base_s", "retry_max_s",
-    "max_redirects", "lease_s",
+    "memory_limit_mb", "max_attempts", "worker_nice", "worker_threads", "max_pixels",
+    "download_timeout_s", "max_download_bytes", "upload_timeout_s", "upload_attempts",
+    "retry_base_s", "retry_max_s", "max_redirects", "lease_s",
     "shutdown_timeout_s", "keep_finished_s",
 )  # fmt: skip
 

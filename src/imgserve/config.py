@@ -69,6 +69,9 @@ class WorkerSettings:
     nice: int = 10
     """Niceness of the worker processes: replies wait on the API process, so the
     batch pixel work yields the CPU to it (p99 reply latency halves under load)."""
+    threads: int = 1
+    """libvips threads per worker process: the processes already use every core,
+    and more threads per image only add contention (+10% CPU per job measured)."""
     lease_s: float = 0.0
     """Distributed mode: how long a worker node holds a job before another may take
     it over (a node that died). 0 computes it from the deadlines of one delivery."""
@@ -128,6 +131,7 @@ _FIELDS: dict[str, tuple[str, str]] = {
     "max_attempts": ("worker", "max_attempts"),
     "lease_s": ("worker", "lease_s"),
     "worker_nice": ("worker", "nice"),
+    "worker_threads": ("worker", "threads"),
     "allow_net": ("transport", "policy.allow_nets"),
     "allow_host": ("transport", "policy.allow_hosts"),
     "file_root": ("transport", "file_roots"),

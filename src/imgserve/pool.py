@@ -34,7 +34,7 @@ FAULT_ENV = "IMGSERVE_FAULT_INJECTION"
 # SEGV: segfault; DELAY[=s]: sleep (2 s) then render; SLEEP: hang; HOG: allocate 64 GiB.
 
 
-def _init_worker(memory_limit_mb: int, nice: int) -> None:
+def _init_worker(memory_limit_mb: int, nice: int, threads: int) -> None:
     """Runs once in each new worker: memory cap, default signals, hardened libvips."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -42,7 +42,9 @@ def _init_worker(memory_limit_mb: int, nice: int) -> None:
     if memory_limit_mb > 0:
         limit = memory_limit_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    import imgserve.imaging.vips  # noqa: F401 - harden libvips before any job
+    from imgserve.imaging import vips  # hardens libvips before any job
+
+    vips.set_threads(threads)
 
 
 def _fault(data: bytes) -> None:
@@ -99,7 +101,7 @@ class ImagePool:
         pool = pebble.ProcessPool(
             max_workers=self.settings.workers,
             initializer=_init_worker,
-            initargs=(self.settings.memory_limit_mb, self.settings.nice),
+            initargs=(self.settings.memory_limit_mb, self.settings.nice, self.settings.threads),
             context=multiprocessing.get_context("forkserver"),
         )
         # Start the workers now (pebble starts them on first use), so the first job

@@ -1,0 +1,33 @@
+"""The worker pool's processes are set up as configured (real forkserver workers)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import pyvips
+
+from imgserve.config import ImagingLimits, WorkerSettings
+from imgserve.pool import ImagePool
+
+
+def _probe() -> tuple[int, int]:
+    return os.nice(0), pyvips.concurrency_get()
+
+
+@pytest.fixture
+def pool() -> Iterator[ImagePool]:
+    pool = ImagePool(WorkerSettings(workers=1, nice=7, threads=3), ImagingLimits())
+    yield pool
+    pool.close()
+
+
+def test_workers_run_at_the_configured_nice_and_libvips_threads(pool: ImagePool) -> None:
+    niceness, threads = pool._pool.schedule(_probe).result(timeout=60)
+    assert niceness == os.nice(0) + 7
+    assert threads == 3
+
+
+def test_default_is_one_libvips_thread_per_worker() -> None:
+    assert WorkerSettings().threads == 1
