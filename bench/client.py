@@ -120,7 +120,7 @@ async def open_loop(
     """Poisson arrivals of ``send`` at ``rate_per_s`` for ``duration_s``.
 
     The latency of ``send`` (the reply) is recorded; ``finish`` then follows the
-    request to its end (for imgserve: polls the job until done) off the clock.
+    request to its end (for imgserve: waits for its result) off the clock.
     """
     loop = asyncio.get_running_loop()
     rng = random.Random(seed)
@@ -168,27 +168,6 @@ def percentile(values: list[float], q: float) -> float:
     low = int(pos)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
-class Poller:
-    """Adaptive status polling: wait about as long as recent jobs took, then poll often.
-
-    Polling costs the daemon CPU, so the first poll comes at ~80% of the recent
-    job time (an exponentially weighted mean), later ones every 1/8 of it
-    (3 ms to 50 ms).
-    """
-
-    def __init__(self) -> None:
-        self.mean_s = 0.05
-
-    def first_delay_s(self) -> float:
-        return min(1.0, max(0.002, 0.8 * self.mean_s))
-
-    def interval_s(self) -> float:
-        return min(0.05, max(0.003, self.mean_s / 8))
-
-    def observe(self, took_s: float) -> None:
-        self.mean_s = 0.8 * self.mean_s + 0.2 * took_s
 
 
 def session(keep_alive: bool, connections: int = 0) -> aiohttp.ClientSession:

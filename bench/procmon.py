@@ -20,6 +20,9 @@ from pathlib import Path
 import psutil
 
 _GONE = (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess)
+# Members of a tree are listed again this often (or when one exited): listing
+# children reads every process on the machine, ~1 ms, too much for every sample.
+MEMBERS_EVERY_S = 0.5
 
 
 @dataclass
@@ -32,6 +35,9 @@ class _Tree:
     processes: int = 0
     peak_by_process: dict[tuple[int, float], tuple[str, int]] = field(default_factory=dict)
     """Per process: a short description and its own peak RSS."""
+    members: list[psutil.Process] = field(default_factory=list)
+    members_at: float = -1e9
+    """When ``members`` was last listed (finding children scans every process)."""
 
 
 def machine_busy_s() -> float:
@@ -134,10 +140,14 @@ class TreeMonitor:
             tree = self._trees.get(name)
         if tree is None:
             return
-        try:
-            members = [tree.root, *tree.root.children(recursive=True)]
-        except _GONE:
-            members = []
+        now = time.monotonic()
+        if now - tree.members_at > MEMBERS_EVERY_S or not all(p.is_running() for p in tree.members):
+            try:
+                tree.members = [tree.root, *tree.root.children(recursive=True)]
+            except _GONE:
+                tree.members = []
+            tree.members_at = now
+        members = tree.members
         rss = 0
         count = 0
         for proc in members:

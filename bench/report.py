@@ -177,10 +177,10 @@ def markdown(results: Results) -> str:
     add("")
     add(
         "| workload | CPU ms/img limit | CPU ms/job imgserve | of which API process "
-        "| CPU ms/job thumbor | client + source server CPU ms/job imgserve | polls/job "
+        "| CPU ms/job thumbor | client + source server CPU ms/job imgserve "
         "| out KB/img limit / thumbor |"
     )
-    add("|---|---|---|---|---|---|---|---|")
+    add("|---|---|---|---|---|---|---|")
     for name in _workloads(results):
         add(
             f"| {name} | {stats.fmt(_median_of(results, name, 'limit', 'cpu_ms_per_job'))} "
@@ -189,7 +189,6 @@ def markdown(results: Results) -> str:
             f"| {stats.fmt(_median_of(results, name, 'thumbor', 'cpu_ms_per_job'))} "
             f"| {stats.fmt(_median_of(results, name, 'imgserve', 'client_cpu_ms_per_job'))} + "
             f"{stats.fmt(_median_of(results, name, 'imgserve', 'source_server_cpu_ms_per_job'))} "
-            f"| {stats.fmt(_median_of(results, name, 'imgserve', 'polls_per_job'))} "
             f"| {stats.fmt(_median_of(results, name, 'limit', 'out_kb_per_job'))} / "
             f"{stats.fmt(_median_of(results, name, 'thumbor', 'out_kb_per_job'))} |"
         )

@@ -81,7 +81,6 @@ class Phase:
     client_cpu_ms_per_job: float | None = None
     source_server_cpu_ms_per_job: float | None = None
     out_kb_per_job: float | None = None
-    polls_per_job: float | None = None
     failed: int = 0
     unfinished: int = 0
     errors: list[str] = field(default_factory=list)
@@ -177,6 +176,7 @@ class Runner:
         self.src_port = 0
         self.limit: limit_sys.Limit | None = None
         self.daemon: imgserve_sys.Daemon | None = None
+        self.arrivals: imgserve_sys.Arrivals | None = None
         self.thumbor: thumbor_sys.Server | None = None
         self.limit_modes: dict[str, list[str]] = {}
         self.stopping = False
@@ -311,26 +311,35 @@ class Runner:
     # ---- measuring ---------------------------------------------------------
 
     async def measure(self) -> Results:
-        o = self.o
         async with client.session(keep_alive=True) as keep, client.session(False) as fresh:
-            await self._warm(keep, fresh)
-            for rnd in range(o.rounds):
-                order = SYSTEMS[rnd % 3 :] + SYSTEMS[: rnd % 3]
-                for workload in o.workloads:
-                    for system in order:
-                        self._check_stop()
-                        await self._phase(rnd, workload, system, keep, fresh)
             if self.daemon is not None:
-                for workload in o.workloads:
-                    for load in LOAD_LEVELS:
-                        self._check_stop()
-                        await self._latency(workload, load, keep)
+                self.arrivals = imgserve_sys.Arrivals(self.daemon.out_dir)
+            try:
+                await self._measure(keep, fresh)
+            finally:
+                if self.arrivals is not None:
+                    await self.arrivals.close()
         for name in ("imgserve", "thumbor"):
             if self.results.available.get(name):
                 self.results.peak_rss_mb[name] = self.monitor.peak_rss_bytes(name) / 2**20
                 self.results.tree_processes[name] = self.monitor.processes(name)
                 self.results.per_process[name] = self.monitor.per_process(name)
         return self.results
+
+    async def _measure(self, keep: aiohttp.ClientSession, fresh: aiohttp.ClientSession) -> None:
+        o = self.o
+        await self._warm(keep, fresh)
+        for rnd in range(o.rounds):
+            order = SYSTEMS[rnd % 3 :] + SYSTEMS[: rnd % 3]
+            for workload in o.workloads:
+                for system in order:
+                    self._check_stop()
+                    await self._phase(rnd, workload, system, keep, fresh)
+        if self.daemon is not None:
+            for workload in o.workloads:
+                for load in LOAD_LEVELS:
+                    self._check_stop()
+                    await self._latency(workload, load, keep)
 
     async def _warm(self, keep: aiohttp.ClientSession, fresh: aiohttp.ClientSession) -> None:
         """Every workload once through each server, unmeasured (imports, pools, caches)."""
@@ -339,7 +348,7 @@ class Runner:
             self._check_stop()
             names = self._names(workload)
             if self.daemon is not None:
-                c = imgserve_sys.Client(keep, self.daemon, workload, names, self._src_url(), "warm")
+                c = self._imgserve_client(keep, workload, "warm")
                 await client.closed_loop(c.job, self.o.in_flight, 0.0, seconds)
             if self.thumbor is not None:
                 t = thumbor_sys.Client(
@@ -363,6 +372,14 @@ class Runner:
             await self._imgserve_phase(rnd, workload, keep)
         elif system == "thumbor" and self.thumbor is not None:
             await self._thumbor_phase(rnd, workload, fresh)
+
+    def _imgserve_client(
+        self, http: aiohttp.ClientSession, workload: Workload, tag: str
+    ) -> imgserve_sys.Client:
+        assert self.daemon is not None and self.arrivals is not None
+        return imgserve_sys.Client(
+            http, self.daemon, self.arrivals, workload, self._names(workload), self._src_url(), tag
+        )
 
     def _names(self, workload: Workload) -> list[str]:
         assert self.sources is not None
@@ -401,11 +418,13 @@ class Runner:
         self, rnd: int, workload: Workload, http: aiohttp.ClientSession
     ) -> None:
         assert self.daemon is not None
-        tag = f"r{rnd}i"
-        c = imgserve_sys.Client(
-            http, self.daemon, workload, self._names(workload), self._src_url(), tag
-        )
-        phase = await self._closed(rnd, workload, "imgserve", c.job, polls=lambda: c.polls)
+        c = self._imgserve_client(http, workload, f"r{rnd}i")
+        failed0 = await imgserve_sys.failed_jobs(http, self.daemon)
+        phase = await self._closed(rnd, workload, "imgserve", c.job)
+        failed = await imgserve_sys.failed_jobs(http, self.daemon) - failed0
+        if failed:
+            phase.failed += failed
+            phase.errors.append(f"{failed} jobs failed in the daemon")
         if rnd == 0:
             for dst_url, req in c.sample_dst[:1]:
                 self._check_file(workload, req, urlparse(dst_url).path)
@@ -432,23 +451,20 @@ class Runner:
         workload: Workload,
         system: str,
         job: client.Job,
-        polls: Any = None,
     ) -> Phase:
         probes: dict[str, float] = {}
 
         def start() -> None:
             probes["root0"] = self.monitor.root_cpu_s(system)
             probes["cpu0"] = self.monitor.cpu_s(system)
-            probes["client0"] = time.process_time()
+            probes["client0"] = time.thread_time()
             probes["src0"] = self.monitor.cpu_s("srcserver")
-            probes["polls0"] = polls() if polls else 0
 
         def end() -> None:
             probes["root1"] = self.monitor.root_cpu_s(system)
             probes["cpu1"] = self.monitor.cpu_s(system)
-            probes["client1"] = time.process_time()
+            probes["client1"] = time.thread_time()
             probes["src1"] = self.monitor.cpu_s("srcserver")
-            probes["polls1"] = polls() if polls else 0
 
         noise = Noise(self.monitor)
         noise.start()
@@ -468,8 +484,6 @@ class Runner:
             phase.root_cpu_ms_per_job = 1000 * (probes["root1"] - probes["root0"]) / n
             phase.client_cpu_ms_per_job = 1000 * (probes["client1"] - probes["client0"]) / n
             phase.source_server_cpu_ms_per_job = 1000 * (probes["src1"] - probes["src0"]) / n
-            if polls:
-                phase.polls_per_job = (probes["polls1"] - probes["polls0"]) / n
         if r.out_bytes and n:
             phase.out_kb_per_job = r.out_bytes / n / 1024
         extra = f", {r.failed} failed: {r.errors[:1]}" if r.failed or r.errors else ""
@@ -489,14 +503,16 @@ class Runner:
         capacity.sort()
         rate = load * capacity[len(capacity) // 2]
         duration = self.o.latency_s or min(15.0, max(self.o.seconds, 250 / rate))
-        c = imgserve_sys.Client(
-            http, self.daemon, workload, self._names(workload), self._src_url(),
-            f"l{int(load * 100)}",
-        )  # fmt: skip
+        c = self._imgserve_client(http, workload, f"l{int(load * 100)}")
+        failed0 = await imgserve_sys.failed_jobs(http, self.daemon)
         noise = Noise(self.monitor)
         noise.start()
         r = await client.open_loop(c.submit, c.wait_done, rate, duration)
         foreign = noise.stop()
+        failed = await imgserve_sys.failed_jobs(http, self.daemon) - failed0
+        if failed:
+            r.failed += failed
+            r.errors.append(f"{failed} jobs failed in the daemon")
         self._clean_outputs()
         lat = [1000 * x for x in r.latencies_s]
         entry = Latency(

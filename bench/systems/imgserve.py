@@ -1,8 +1,13 @@
 """imgserve end to end: the real daemon, started and stopped with its own CLI.
 
-A job is ``POST /`` with the JSON contract; it counts once ``GET /jobs/<id>``
-says ``"state": "done"`` (the result is then in place under ``--file-root``).
-Sources come from the benchmark's source server on loopback.
+A job is ``POST /`` with the JSON contract; it counts once its result is in
+place under ``--file-root``, as seen through inotify (:class:`Arrivals`): the
+daemon renames every file into place, the placeholder before the reply and the
+result after it, so a name's second arrival is its result. Watching the
+directory costs the daemon nothing, where polling ``GET /jobs/<id>`` would
+cost it a request per poll. Jobs that failed (their failure image also
+arrives) are counted from ``GET /health`` around each phase. Sources come from
+the benchmark's source server on loopback.
 """
 
 from __future__ import annotations
@@ -20,9 +25,9 @@ from typing import Any
 
 import aiohttp
 import psutil
+from asyncinotify import Inotify, Mask
 
 from bench import workloads
-from bench.client import Poller
 from bench.workloads import Workload
 
 
@@ -152,13 +157,67 @@ class Daemon:
         return done.stdout.strip() or done.stderr.strip()
 
 
+class Arrivals:
+    """Files renamed into one directory, counted per name (inotify, no polling)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.inotify = Inotify()
+        self.inotify.add_watch(directory, Mask.MOVED_TO | Mask.Q_OVERFLOW)
+        self.count: dict[str, int] = {}
+        self.waiters: dict[str, tuple[int, asyncio.Future[None]]] = {}
+        self.task = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        async for event in self.inotify:
+            if event.mask & Mask.Q_OVERFLOW:
+                error = RuntimeError("inotify queue overflowed: arrivals were missed")
+                for _, waiter in self.waiters.values():
+                    if not waiter.done():
+                        waiter.set_exception(error)
+                continue
+            if event.name is None:
+                continue
+            name = event.name.name
+            seen = self.count[name] = self.count.get(name, 0) + 1
+            wanted = self.waiters.get(name)
+            if wanted is not None and seen >= wanted[0] and not wanted[1].done():
+                wanted[1].set_result(None)
+
+    async def wait(self, name: str, arrivals: int, timeout_s: float) -> None:
+        """Until ``name`` has arrived ``arrivals`` times (counting those already seen)."""
+        if self.count.get(name, 0) < arrivals:
+            waiter = asyncio.get_running_loop().create_future()
+            self.waiters[name] = (arrivals, waiter)
+            try:
+                await asyncio.wait_for(waiter, timeout_s)
+            finally:
+                del self.waiters[name]
+        self.count.pop(name, None)
+
+    async def close(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        self.inotify.close()
+
+
+async def failed_jobs(http: aiohttp.ClientSession, daemon: Daemon) -> int:
+    """The daemon's count of failed jobs (``GET /health``)."""
+    async with http.get(daemon.base_url + "/health") as reply:
+        return int((await reply.json())["failed"])
+
+
 class Client:
-    """Submits jobs of one workload and follows each to ``done``."""
+    """Submits jobs of one workload and waits for each result to be in place."""
+
+    # The placeholder arrives before the reply, the result (or failure image) after.
+    ARRIVALS_PER_JOB = 2
+    RESULT_TIMEOUT_S = 120.0
 
     def __init__(
         self,
         http: aiohttp.ClientSession,
         daemon: Daemon,
+        arrivals: Arrivals,
         workload: Workload,
         sources: list[str],
         src_base_url: str,
@@ -166,12 +225,11 @@ class Client:
     ) -> None:
         self.http = http
         self.daemon = daemon
+        self.arrivals = arrivals
         self.workload = workload
         self.sources = sources
         self.src_base_url = src_base_url
         self.tag = tag
-        self.poller = Poller()
-        self.polls = 0
         self.sample_dst: list[tuple[str, workloads.Request]] = []
 
     def body(self, index: int) -> tuple[dict[str, Any], workloads.Request]:
@@ -181,36 +239,26 @@ class Client:
         )
         return body, req
 
-    async def submit(self, index: int) -> tuple[str, float, str, workloads.Request]:
-        """POST one job; returns (job id, reply time, dstURL, request)."""
+    async def submit(self, index: int) -> tuple[str, str, workloads.Request]:
+        """POST one job; returns (job id, dstURL, request)."""
         body, req = self.body(index)
         async with self.http.post(self.daemon.base_url + "/", json=body) as reply:
             text = await reply.text()
             if reply.status != 200:
                 raise JobFailed(f"POST -> {reply.status}: {text[:300]}")
         data = json.loads(text)
-        return str(data["jobId"]), time.monotonic(), str(data.get("dstURL", "")), req
+        return str(data["jobId"]), str(data.get("dstURL", "")), req
 
-    async def wait_done(self, submitted: tuple[str, float, str, workloads.Request]) -> None:
-        """Poll ``GET /jobs/<id>`` until done (raises when it failed)."""
-        job_id, replied_at, dst_url, req = submitted
-        await asyncio.sleep(self.poller.first_delay_s())
-        url = f"{self.daemon.base_url}/jobs/{job_id}"
-        while True:
-            self.polls += 1
-            async with self.http.get(url) as reply:
-                text = await reply.text()
-                if reply.status != 200:
-                    raise JobFailed(f"GET /jobs/{job_id} -> {reply.status}: {text[:300]}")
-            state = json.loads(text).get("state")
-            if state == "done":
-                self.poller.observe(time.monotonic() - replied_at)
-                if len(self.sample_dst) < 3:
-                    self.sample_dst.append((dst_url, req))
-                return
-            if state == "failed":
-                raise JobFailed(f"job {job_id} failed: {text[:300]}")
-            await asyncio.sleep(self.poller.interval_s())
+    async def wait_done(self, submitted: tuple[str, str, workloads.Request]) -> None:
+        """Wait until the job's result is renamed into place (raises on timeout)."""
+        job_id, dst_url, req = submitted
+        name = dst_url.rsplit("/", 1)[-1]
+        try:
+            await self.arrivals.wait(name, self.ARRIVALS_PER_JOB, self.RESULT_TIMEOUT_S)
+        except TimeoutError as exc:
+            raise JobFailed(f"job {job_id}: no result after {self.RESULT_TIMEOUT_S:g} s") from exc
+        if len(self.sample_dst) < 3:
+            self.sample_dst.append((dst_url, req))
 
     async def job(self, index: int) -> int:
         """One job end to end (for the closed loop); output size is not known here."""
