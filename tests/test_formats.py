@@ -143,6 +143,12 @@ SVG_PROBLEMS: list[tuple[str, bytes, str | None]] = [
         b'parse="text"/></svg>',
         "external",
     ),
+    # Found case-insensitively, shown as written.
+    (
+        "upper-case href",
+        b"<svg " + _NS + b'><image XLINK:HREF="File:///Etc/X"/></svg>',
+        "File:///Etc/X",
+    ),
     ("css url", b'<svg><rect style="fill: url(/etc/passwd)"/></svg>', "external"),
     ("css quoted url", b"<svg><style>rect{fill:url('file:///x')}</style></svg>", "external"),
     ("css import", b"<svg><style>@import 'http://evil/x.css';</style></svg>", "stylesheet"),

@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from imgserve import __version__, errors
-from imgserve.config import Settings
+from imgserve.config import ImagingLimits, Settings
 from imgserve.imaging import pipeline
 from imgserve.imaging.formats import Format
 from imgserve.imaging.geometry import Size
@@ -53,6 +53,12 @@ SERVICE = web.AppKey("service", Service)
 @functools.lru_cache(maxsize=128)
 def _placeholder(width: int, height: int, output: Format) -> bytes:
     return pipeline.placeholder(Size(width, height), output)
+
+
+def _plan(job: Job, data: bytes, limits: ImagingLimits) -> tuple[pipeline.Plan, bytes]:
+    """Check the source and size the result, then draw its placeholder (one thread hop)."""
+    plan = pipeline.plan(job, data, limits)
+    return plan, _placeholder(plan.result.width, plan.result.height, plan.output)
 
 
 def error_reply(exc: errors.ImgserveError) -> web.Response:
@@ -107,10 +113,7 @@ async def submit(request: web.Request) -> web.Response:
 
 async def _accept(service: Service, job: Job) -> web.Response:
     data = await service.transports.download(job.src_url)
-    plan = await asyncio.to_thread(pipeline.plan, job, data, service.settings.imaging)
-    image = await asyncio.to_thread(
-        _placeholder, plan.result.width, plan.result.height, plan.output
-    )
+    plan, image = await asyncio.to_thread(_plan, job, data, service.settings.imaging)
     target = destination_target(plan.dst_url, job.form_field)
     try:
         await service.transports.upload(target, image, plan.content_type)

@@ -52,7 +52,7 @@ class Runner:
             )
             await self._failed(record, job, exc)
             return
-        log.info("job %s running attempt=%d dst=%s", record.id, record.attempts, record.dst_url)
+        log.debug("job %s running attempt=%d dst=%s", record.id, record.attempts, record.dst_url)
         self.running += 1
         try:
             # The queue's copy is the very source the plan checked; a new download is not.

@@ -221,3 +221,32 @@ async def test_unknown_job(queue: JobQueue) -> None:
     assert await queue.get("missing") is None
     with pytest.raises(errors.JobNotFound):
         await queue.complete("missing")
+
+
+async def test_sqlite_counts_follow_every_change_and_are_rebuilt_on_open(tmp_path: Path) -> None:
+    """The embedded queue's per-state counts (kept by triggers) match the jobs table,
+    and a reopened database recounts them from the jobs themselves."""
+    import sqlite3
+
+    from imgserve.queue.sqlite import SQLiteQueue
+
+    queue = open_queue(None, tmp_path)
+    assert isinstance(queue, SQLiteQueue)
+    for _ in range(3):
+        await queue.put(record(), b"x", max_active=10)
+    first = await queue.claim()
+    second = await queue.claim()
+    assert first is not None and second is not None
+    await queue.complete(first.id)
+    await queue.fail(second.id, 301, "gone")
+    expected = {"queued": 1, "running": 0, "done": 1, "failed": 1}
+    assert await queue.counts() == expected
+    await queue.close()
+
+    with sqlite3.connect(queue.path) as db:
+        db.execute("UPDATE state_counts SET n = 99")
+    reopened = open_queue(None, tmp_path)
+    try:
+        assert await reopened.counts() == expected
+    finally:
+        await reopened.close()

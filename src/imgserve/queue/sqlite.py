@@ -36,6 +36,28 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (state, run_at);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at);
+-- Jobs per state, kept by triggers: counting a week of finished jobs per request
+-- would scan them all. Rebuilt from the jobs table on every open.
+CREATE TABLE IF NOT EXISTS state_counts (state TEXT PRIMARY KEY, n INTEGER NOT NULL);
+CREATE TRIGGER IF NOT EXISTS jobs_insert AFTER INSERT ON jobs BEGIN
+    INSERT INTO state_counts VALUES (new.state, 1)
+        ON CONFLICT (state) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS jobs_delete AFTER DELETE ON jobs BEGIN
+    UPDATE state_counts SET n = n - 1 WHERE state = old.state;
+END;
+CREATE TRIGGER IF NOT EXISTS jobs_state AFTER UPDATE OF state ON jobs
+WHEN old.state <> new.state BEGIN
+    UPDATE state_counts SET n = n - 1 WHERE state = old.state;
+    INSERT INTO state_counts VALUES (new.state, 1)
+        ON CONFLICT (state) DO UPDATE SET n = n + 1;
+END;
+"""
+_RECOUNT = """
+BEGIN IMMEDIATE;
+DELETE FROM state_counts;
+INSERT INTO state_counts SELECT state, COUNT(*) FROM jobs GROUP BY state;
+COMMIT;
 """
 
 
@@ -46,6 +68,9 @@ class SQLiteQueue(JobQueue):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgserve-sqlite")
         self._db: sqlite3.Connection | None = None
         self._wakeup = asyncio.Event()
+        # Jobs per state as of the last write: this process is the database's
+        # only writer, so reading them needs no trip to the database thread.
+        self._counts = {state.value: 0 for state in State}
 
     def _spool(self, job_id: str) -> Path:
         return self.spool_dir / f"{job_id}.src"
@@ -58,15 +83,26 @@ class SQLiteQueue(JobQueue):
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA busy_timeout=5000")
             db.executescript(_SCHEMA)
+            db.executescript(_RECOUNT)
             self._db = db
+            self._read_counts(db)
         return self._db
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def _read_counts(self, db: sqlite3.Connection) -> None:
+        found = dict(db.execute("SELECT state, n FROM state_counts").fetchall())
+        self._counts = {state.value: int(found.get(state.value, 0)) for state in State}
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], *, writes: bool = True) -> T:
         loop = asyncio.get_running_loop()
 
         def call() -> T:
             try:
-                return fn(self._conn())
+                db = self._conn()
+                try:
+                    return fn(db)
+                finally:
+                    if writes:
+                        self._read_counts(db)
             except sqlite3.Error as exc:
                 raise errors.QueueUnavailable(f"job database: {exc}") from exc
 
@@ -95,7 +131,8 @@ class SQLiteQueue(JobQueue):
             db.execute("BEGIN IMMEDIATE")
             try:
                 (active,) = db.execute(
-                    "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')"
+                    "SELECT COALESCE(SUM(n), 0) FROM state_counts "
+                    "WHERE state IN ('queued', 'running')"
                 ).fetchone()
                 if active >= max_active:
                     raise errors.QueueFull(f"{active} jobs waiting, the limit is {max_active}")
@@ -214,14 +251,12 @@ class SQLiteQueue(JobQueue):
             row = db.execute("SELECT record FROM jobs WHERE id=?", (job_id,)).fetchone()
             return None if row is None else self._load(row)
 
-        return await self._run(op)
+        return await self._run(op, writes=False)
 
     async def counts(self) -> dict[str, int]:
-        def op(db: sqlite3.Connection) -> dict[str, int]:
-            found = dict(db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
-            return {state.value: int(found.get(state.value, 0)) for state in State}
-
-        return await self._run(op)
+        if self._db is None:
+            await self._run(lambda db: None)
+        return dict(self._counts)
 
     async def recover(self) -> int:
         def op(db: sqlite3.Connection) -> int:
@@ -250,7 +285,7 @@ class SQLiteQueue(JobQueue):
             (run_at,) = db.execute("SELECT MIN(run_at) FROM jobs WHERE state='queued'").fetchone()
             return None if run_at is None else max(0.0, run_at - time.time())
 
-        return await self._run(op)
+        return await self._run(op, writes=False)
 
     async def close(self) -> None:
         def op(db: sqlite3.Connection) -> None:
@@ -258,7 +293,7 @@ class SQLiteQueue(JobQueue):
             self._db = None
 
         if self._db is not None:
-            await self._run(op)
+            await self._run(op, writes=False)
         self._executor.shutdown(wait=True)
 
 
