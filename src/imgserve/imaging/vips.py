@@ -235,7 +235,7 @@ def save(
 
 @functools.lru_cache(maxsize=4)
 def _text_mask(text: str) -> pyvips.Image | None:
-    """``text`` rendered once, large; label_canvas shrinks it to each size."""
+    """``text`` rendered once, large; labels are shrunk from it."""
     try:
         return pyvips.Image.text(
             text, width=1200, dpi=300, align="centre", font="sans"
@@ -244,16 +244,35 @@ def _text_mask(text: str) -> pyvips.Image | None:
         return None  # no fonts on this machine: the plain canvas still says "not ready"
 
 
+@functools.lru_cache(maxsize=512)
+def _label(text: str, height: int, failed: bool) -> pyvips.Image | None:
+    """``text`` ``height`` pixels tall, drawn on the canvas colour (kept in memory:
+    label heights repeat across image sizes, and drawing one costs more than the
+    canvas around it)."""
+    mask = _text_mask(text)
+    if mask is None:
+        return None
+    small = mask.resize(height / mask.height)
+    background, colour, interpretation = _label_colours(failed)
+    label = small.ifthenelse(colour, small.new_from_image(background), blend=True)
+    return label.copy(interpretation=interpretation).copy_memory()
+
+
+def _label_colours(failed: bool) -> tuple[list[int], list[int], str]:
+    """Background, text colour and interpretation: grey placeholders are one band."""
+    if failed:
+        return [250, 235, 235], [160, 40, 40], "srgb"
+    return [238], [110], "b-w"
+
+
 def label_canvas(width: int, height: int, text: str, *, failed: bool) -> pyvips.Image:
     """A light canvas with ``text`` centred, for placeholders and failure images."""
-    background = [250, 235, 235] if failed else [238, 238, 238]
-    colour = [160, 40, 40] if failed else [110, 110, 110]
-    canvas = pyvips.Image.black(width, height, bands=3).new_from_image(background)
-    canvas = canvas.copy(interpretation="srgb")
+    background, _colour, interpretation = _label_colours(failed)
+    canvas = pyvips.Image.black(width, height, bands=len(background)).new_from_image(background)
+    canvas = canvas.copy(interpretation=interpretation)
     mask = _text_mask(text)
     scale = 0.0 if mask is None else min(0.8 * width / mask.width, 0.5 * height / mask.height)
-    if mask is None or mask.width * scale < 24 or mask.height * scale < 6:
+    label = None if mask is None else _label(text, int(mask.height * scale), failed)
+    if label is None or label.width < 24 or label.height < 6 or label.width > width:
         return canvas
-    small = mask.resize(scale)
-    placed = small.embed((width - small.width) // 2, (height - small.height) // 2, width, height)
-    return placed.ifthenelse(colour, canvas, blend=True).copy(interpretation="srgb")
+    return canvas.insert(label, (width - label.width) // 2, (height - label.height) // 2)
