@@ -1,7 +1,7 @@
 """The embedded queue: one SQLite file in the state directory.
 
-Every accepted job is committed (WAL, synchronous=FULL) before the API
-replies, with its source spooled (fsync'd) next to the database, so a kill -9
+Every accepted job is committed (WAL, fsync'd: synchronous=FULL) before the
+API replies, with its source spooled (fsync'd) next to the database, so a kill -9
 at any moment loses nothing: on start, ``recover`` puts jobs that were running
 back in the queue. One connection is used from one dedicated thread, which
 serialises access and keeps SQLite off the event loop. The daemon that accepts
@@ -80,7 +80,10 @@ class SQLiteQueue(JobQueue):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
+            # Later state changes need not reach the disk before going on: one
+            # lost to a power cut only re-runs its job. ``put`` syncs (and so
+            # makes every earlier change durable too).
+            db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA busy_timeout=5000")
             db.executescript(_SCHEMA)
             db.executescript(_RECOUNT)
@@ -128,6 +131,13 @@ class SQLiteQueue(JobQueue):
     async def put(self, record: JobRecord, source: bytes, *, max_active: int) -> None:
         def op(db: sqlite3.Connection) -> None:
             _write_durably(self._spool(record.id), source)
+            db.execute("PRAGMA synchronous=FULL")
+            try:
+                insert(db)
+            finally:
+                db.execute("PRAGMA synchronous=NORMAL")
+
+        def insert(db: sqlite3.Connection) -> None:
             db.execute("BEGIN IMMEDIATE")
             try:
                 (active,) = db.execute(
