@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -63,7 +63,7 @@ class Job:
         return formats.extension_of(urlsplit(self.src_url).path)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return dict(vars(self))  # flat values: asdict's deep copy costs more than the job
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Job:

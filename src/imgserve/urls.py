@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+_SCHEME = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*")
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/@\s]*)@")
 
 
@@ -24,4 +25,4 @@ def redact_url(url: str) -> str:
 def scheme_of(url: str) -> str:
     """The lower-case scheme of a URL, or "" when it has none."""
     head, sep, _ = url.partition("://")
-    return head.lower() if sep and re.fullmatch(r"[a-zA-Z][a-zA-Z0-9+.-]*", head) else ""
+    return head.lower() if sep and _SCHEME.fullmatch(head) else ""

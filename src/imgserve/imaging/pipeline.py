@@ -9,7 +9,7 @@ source bytes into the result bytes following that plan. ``placeholder`` and
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from imgserve import errors
@@ -58,7 +58,7 @@ class Plan:
         return formats.CONTENT_TYPES[self.output]
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = dict(vars(self))  # then the non-JSON values, below
         data["source_format"] = self.source_format.value
         data["output"] = self.output.value
         data["source"] = [self.source.width, self.source.height]
