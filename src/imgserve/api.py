@@ -8,6 +8,7 @@ destination. Only this module turns imgserve errors into HTTP replies.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -114,7 +115,8 @@ async def submit(request: web.Request) -> web.Response:
 async def _accept(service: Service, job: Job) -> web.Response:
     data = await service.transports.download(job.src_url)
     plan, image = await asyncio.to_thread(_plan, job, data, service.settings.imaging)
-    target = destination_target(plan.dst_url, job.form_field)
+    # Not forced to disk: after a power cut the stored job runs again and writes the result.
+    target = dataclasses.replace(destination_target(plan.dst_url, job.form_field), durable=False)
     try:
         await service.transports.upload(target, image, plan.content_type)
     except (errors.UploadFailed, errors.UploadRefused) as exc:

@@ -158,3 +158,21 @@ async def test_percent_encoded_names_are_decoded(files: Transports, root: Path) 
     """%20 in a file:// URL is a space in the file name."""
     (root / "a b.bin").write_bytes(b"spaced")
     assert await files.download(f"file://{root}/a%20b.bin") == b"spaced"
+
+
+@pytest.mark.parametrize("durable", [True, False])
+async def test_only_durable_writes_are_forced_to_disk(
+    files: Transports, root: Path, durable: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A result is fsync'd before the upload returns; a placeholder (durable=False) is not."""
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    await files.upload(Target(f"file://{root}/out.png", durable=durable), b"png", "image/png")
+    assert (root / "out.png").read_bytes() == b"png"
+    assert bool(synced) is durable

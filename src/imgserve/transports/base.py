@@ -23,11 +23,14 @@ class Target:
     ``http://host/upload.php:name.png`` syntax) ``form_field`` names the form
     field and ``filename`` the file name sent with it; an http(s) target
     without ``form_field`` is a PUT of the raw bytes to ``url``.
+    ``durable=False`` (placeholders) lets a local write skip forcing the data to
+    disk: a power cut before the job finishes re-runs it anyway.
     """
 
     url: str
     form_field: str | None = None
     filename: str | None = None
+    durable: bool = True
 
 
 class Transport(abc.ABC):

@@ -138,11 +138,11 @@ class FileTransport(Transport):
         path = self._lexical_path(target.url)
         try:
             async with asyncio.timeout(self.settings.upload_timeout_s):
-                await asyncio.to_thread(self._write, path, target.url, data)
+                await asyncio.to_thread(self._write, path, target.url, data, target.durable)
         except TimeoutError as exc:
             raise UploadTimeout(f"{redact_url(target.url)} not written in time") from exc
 
-    def _write(self, path: str, url: str, data: bytes) -> None:
+    def _write(self, path: str, url: str, data: bytes, durable: bool = True) -> None:
         directory, name = os.path.split(path)
         if not name:
             raise URLInvalid(f"file:// target names a directory: {redact_url(url)}")
@@ -174,7 +174,8 @@ class FileTransport(Transport):
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
-                os.fsync(fh.fileno())
+                if durable:
+                    os.fsync(fh.fileno())
             os.chmod(tmp_name, 0o644)
             # A link at the final name is replaced itself, never followed.
             os.replace(tmp_name, final)
