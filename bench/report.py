@@ -77,7 +77,7 @@ def verdicts(results: Results) -> list[Verdict]:
         out.append(
             Verdict(
                 f"{name}: imgserve >= {want:.2f}x limit",
-                stats.fmt_spread(s),
+                stats.fmt_spread(s, 3),  # 0.798 must not read as 0.80
                 None if s is None else s.median >= want,
             )
         )
