@@ -12,8 +12,8 @@ from imgserve.config import ImagingLimits, WorkerSettings
 from imgserve.pool import ImagePool
 
 
-def _probe() -> tuple[int, int]:
-    return os.nice(0), pyvips.concurrency_get()
+def _probe() -> tuple[int, int, int]:
+    return os.nice(0), pyvips.concurrency_get(), os.sched_getscheduler(0)
 
 
 @pytest.fixture
@@ -23,10 +23,13 @@ def pool() -> Iterator[ImagePool]:
     pool.close()
 
 
-def test_workers_run_at_the_configured_nice_and_libvips_threads(pool: ImagePool) -> None:
-    niceness, threads = pool._pool.schedule(_probe).result(timeout=60)
+def test_workers_run_as_batch_work_at_the_configured_nice_and_libvips_threads(
+    pool: ImagePool,
+) -> None:
+    niceness, threads, policy = pool._pool.schedule(_probe).result(timeout=60)
     assert niceness == os.nice(0) + 7
     assert threads == 3
+    assert policy == os.SCHED_BATCH
 
 
 def test_default_is_one_libvips_thread_per_worker() -> None:
