@@ -14,7 +14,7 @@ import pyvips
 
 from imgserve import errors
 from imgserve.config import ImagingLimits
-from imgserve.imaging import geometry, pipeline, vips
+from imgserve.imaging import formats, geometry, pipeline, vips
 from imgserve.imaging.formats import Format
 from imgserve.imaging.geometry import Size
 
@@ -729,3 +729,66 @@ def test_allowlisted_loaders_still_work(photo: pyvips.Image) -> None:
     for suffix in (".jpg", ".png", ".webp", ".gif", ".tif", ".avif"):
         assert decode(photo.write_to_buffer(suffix)).width == photo.width
     assert decode(svg('<rect width="4" height="4"/>')).width == 40
+
+
+# --- SVG size: declared on the root, or measured by librsvg ---------------------------
+
+
+def test_declared_svg_sizes_agree_with_librsvg() -> None:
+    """For every desktop-base SVG that declares its size in pixels, the declared size is
+    what librsvg measures (the fast path in plan changes no result)."""
+    checked = 0
+    for path in sorted(Path("/usr/share/desktop-base").rglob("*.svg")):
+        data = path.read_bytes()
+        if formats.svg_problem(data):
+            continue
+        try:
+            declared = formats.svg_declared_size(data)
+        except formats.SVGMalformed:
+            continue
+        if declared is None:
+            continue
+        measured = vips.svg_size(data)
+        assert declared == pytest.approx(measured, abs=0.002), path
+        checked += 1
+    assert checked >= 20
+
+
+@pytest.mark.parametrize(
+    ("root", "size"),
+    [
+        ('width="800" height="450"', (800.0, 450.0)),
+        ('width="800px" height=" 450.5px "', (800.0, 450.5)),
+        ('width="1e3" height="2.5E2"', (1000.0, 250.0)),
+        ('width="100%" height="450"', None),
+        ('width="10cm" height="5cm"', None),
+        ('width="2em" height="1em"', None),
+        ('viewBox="0 0 80 45"', None),
+        ('width="0" height="450"', None),
+    ],
+)
+def test_svg_declared_size(root: str, size: tuple[float, float] | None) -> None:
+    data = f'<svg xmlns="http://www.w3.org/2000/svg" {root}><rect/></svg>'.encode()
+    assert formats.svg_declared_size(data) == size
+
+
+def test_svg_measured_by_librsvg_when_not_declared(limits: ImagingLimits) -> None:
+    """An SVG sized by its viewBox alone is planned at librsvg's size."""
+    data = b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 80 45"><rect/></svg>'
+    job = job_for("rasterize", "http://h/v.svg", "file:///o.png", scale=1.0)
+    assert pipeline.plan(job, data, limits).result == Size(80, 45)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'<svg xmlns="http://www.w3.org/2000/svg" width="40" height="40"><rect></svg>',
+        b'<svg xmlns="http://www.w3.org/2000/svg" width="40" height="40"><rect/>',
+    ],
+    ids=["mismatched tag", "truncated"],
+)
+def test_malformed_svg_is_204_before_reply(limits: ImagingLimits, data: bytes) -> None:
+    job = job_for("rasterize", "http://h/bad.svg", "file:///o.png", width=40)
+    with pytest.raises(errors.SVGInvalid) as info:
+        pipeline.plan(job, data, limits)
+    assert info.value.code == 204

@@ -8,7 +8,9 @@ one thing cannot be decoded by a loader outside the allowlist.
 from __future__ import annotations
 
 import enum
+import math
 import re
+from xml.parsers import expat
 
 
 class Format(enum.StrEnum):
@@ -142,3 +144,43 @@ def svg_problem(data: bytes) -> str | None:
             shown = data[start:end].strip()[:80].decode("utf-8", "replace")
             return f"SVG references an external resource ({shown})"
     return None
+
+
+_CSS_PIXELS = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(?:px)?\s*")
+
+
+class SVGMalformed(ValueError):
+    """The document is not well-formed XML."""
+
+
+def svg_declared_size(data: bytes) -> tuple[float, float] | None:
+    """The size an SVG declares on its root in CSS pixels (``width="800"``,
+    ``height="450px"``), or None when it does not say so plainly (no
+    attributes, percentages, other units: librsvg must measure it then).
+
+    The whole document is parsed (expat, a fraction of librsvg's cost), so a
+    document that is not well-formed XML raises SVGMalformed. Call
+    ``svg_problem`` first: it refuses entity declarations.
+    """
+    parser = expat.ParserCreate()
+    root: list[dict[str, str]] = []
+
+    def start(name: str, attributes: dict[str, str]) -> None:
+        if name == "svg" or name.endswith(":svg"):
+            root.append(attributes)
+        parser.StartElementHandler = None  # only the root element matters
+
+    parser.StartElementHandler = start
+    try:
+        parser.Parse(data, True)
+    except expat.ExpatError as exc:
+        raise SVGMalformed(f"SVG is not well-formed XML: {exc}") from exc
+    if not root:
+        return None
+    sides = [_CSS_PIXELS.fullmatch(root[0].get(side, "")) for side in ("width", "height")]
+    if sides[0] is None or sides[1] is None:
+        return None
+    width, height = float(sides[0][1]), float(sides[1][1])
+    if not (0 < width < math.inf and 0 < height < math.inf):
+        return None
+    return width, height

@@ -96,8 +96,14 @@ def _check_source(
             raise errors.SVGInvalid(problem)
 
     if fmt is Format.SVG:
-        # The drawing's exact size, from one parse; SVG limits apply to the render.
-        width, height = vips.svg_size(data)
+        # The drawing's exact size: as its root declares it in pixels (checked
+        # well-formed by expat), else measured by librsvg. SVG limits apply to
+        # the render.
+        try:
+            declared = formats.svg_declared_size(data)
+        except formats.SVGMalformed as exc:
+            raise errors.SVGInvalid(str(exc)) from exc
+        width, height = declared or vips.svg_size(data)
         header = vips.Header(max(1, round(width)), max(1, round(height)), 1, 1)
         return fmt, header, (width, height)
     header = vips.read_header(data, fmt)
