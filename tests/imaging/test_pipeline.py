@@ -772,6 +772,26 @@ def test_svg_declared_size(root: str, size: tuple[float, float] | None) -> None:
     assert formats.svg_declared_size(data) == size
 
 
+@pytest.mark.parametrize(
+    ("data", "size"),
+    [
+        (b'<svg width="40" height="30"><rect/></svg>', (40.0, 30.0)),
+        (
+            b'<s:svg xmlns:s="http://www.w3.org/2000/svg" width="40" height="30"><s:rect/></s:svg>',
+            (40.0, 30.0),
+        ),
+        (b'<svg xmlns="http://example.com/x" width="40" height="30"><rect/></svg>', None),
+        (b'<html width="40" height="30"><svg/></html>', None),
+    ],
+    ids=["no namespace", "prefixed", "other namespace", "other root"],
+)
+def test_svg_declared_size_only_for_an_svg_root(
+    data: bytes, size: tuple[float, float] | None
+) -> None:
+    """Only a root librsvg accepts as SVG gives the fast path; others go to librsvg."""
+    assert formats.svg_declared_size(data) == size
+
+
 def test_svg_measured_by_librsvg_when_not_declared(limits: ImagingLimits) -> None:
     """An SVG sized by its viewBox alone is planned at librsvg's size."""
     data = b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 80 45"><rect/></svg>'

@@ -149,6 +149,9 @@ def svg_problem(data: bytes) -> str | None:
 _CSS_PIXELS = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(?:px)?\s*")
 
 
+_SVG_ROOT = "http://www.w3.org/2000/svg svg"  # expat's "namespace name" form
+
+
 class SVGMalformed(ValueError):
     """The document is not well-formed XML."""
 
@@ -162,11 +165,11 @@ def svg_declared_size(data: bytes) -> tuple[float, float] | None:
     document that is not well-formed XML raises SVGMalformed. Call
     ``svg_problem`` first: it refuses entity declarations.
     """
-    parser = expat.ParserCreate()
+    parser = expat.ParserCreate(namespace_separator=" ")
     root: list[dict[str, str]] = []
 
     def start(name: str, attributes: dict[str, str]) -> None:
-        if name == "svg" or name.endswith(":svg"):
+        if name in ("svg", _SVG_ROOT):  # librsvg refuses a root in another namespace
             root.append(attributes)
         parser.StartElementHandler = None  # only the root element matters
 
