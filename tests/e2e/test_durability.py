@@ -173,6 +173,46 @@ def test_worker_node_killed_mid_job(
         survivor.kill()
 
 
+def test_job_that_kills_its_worker_node_every_time_fails_603(
+    cluster: Any, private_redis: RedisServer, http_server: HTTPTestServer
+) -> None:
+    """A job whose node dies on every attempt (kill -9 here, an OOM kill in real life)
+    is given up with 603 after --max-attempts, its failure image in place; the
+    queue goes on with other jobs."""
+    flags = ["--lease", "3", "--max-attempts", "2"]
+    api, nodes = cluster(1, *flags)
+    src = serve(http_server, "r/poison.jpg", jpeg(320, 240, b"IMGSERVE-FAULT-DELAY=60"))
+    dst = api.out_dir / "r" / "poison.jpg"
+    job_id = api.post(resize(src, dst.as_uri(), width=64)).body["jobId"]
+    placeholder = dst.read_bytes()
+    node = nodes[0]
+    spares: list[Node] = []
+    try:
+        for attempt in (1, 2):
+            deadline = time.monotonic() + 30
+            while (api.job(job_id)["state"], api.job(job_id)["attempts"]) != ("running", attempt):
+                assert time.monotonic() < deadline, api.job(job_id)
+                time.sleep(0.05)
+            node.kill()
+            node = Node(
+                private_redis.url,
+                ["--file-root", str(api.out_dir), *flags],
+                nodes[0].log.with_name(f"spare{attempt}.log"),
+            )
+            spares.append(node)
+        final = api.wait(job_id, timeout_s=60)
+        assert final["state"] == "failed", final
+        assert final["error"]["code"] == 603
+        assert dst.read_bytes() != placeholder  # the failure image replaced it
+        ok = serve(http_server, "r/after.jpg", jpeg(320, 240))
+        after = api.post(resize(ok, f"file://{api.out_dir}/r/after.jpg", width=64))
+        assert api.wait(after.body["jobId"])["state"] == "done"
+    finally:
+        for spare in spares:
+            if spare.process.poll() is None:
+                spare.kill()
+
+
 def test_worker_node_sigterm_finishes_its_job(cluster: Any, http_server: HTTPTestServer) -> None:
     """SIGTERM to a worker node lets its running job finish, then it exits 0."""
     api, nodes = cluster(1)
