@@ -381,6 +381,17 @@ class Runner:
             http, self.daemon, self.arrivals, workload, self._names(workload), self._src_url(), tag
         )
 
+    async def _count_daemon_failures(
+        self, http: aiohttp.ClientSession, before: int, into: Phase | client.OpenResult
+    ) -> None:
+        """Add the jobs the daemon failed since it counted ``before`` (its failure
+        images arrive like results, so the client cannot tell them apart)."""
+        assert self.daemon is not None
+        failed = await imgserve_sys.failed_jobs(http, self.daemon) - before
+        if failed:
+            into.failed += failed
+            into.errors.append(f"{failed} jobs failed in the daemon")
+
     def _names(self, workload: Workload) -> list[str]:
         assert self.sources is not None
         return self.sources.files[workload.source_kind]
@@ -421,10 +432,7 @@ class Runner:
         c = self._imgserve_client(http, workload, f"r{rnd}i")
         failed0 = await imgserve_sys.failed_jobs(http, self.daemon)
         phase = await self._closed(rnd, workload, "imgserve", c.job)
-        failed = await imgserve_sys.failed_jobs(http, self.daemon) - failed0
-        if failed:
-            phase.failed += failed
-            phase.errors.append(f"{failed} jobs failed in the daemon")
+        await self._count_daemon_failures(http, failed0, phase)
         if rnd == 0:
             for dst_url, req in c.sample_dst[:1]:
                 self._check_file(workload, req, urlparse(dst_url).path)
@@ -509,10 +517,7 @@ class Runner:
         noise.start()
         r = await client.open_loop(c.submit, c.wait_done, rate, duration)
         foreign = noise.stop()
-        failed = await imgserve_sys.failed_jobs(http, self.daemon) - failed0
-        if failed:
-            r.failed += failed
-            r.errors.append(f"{failed} jobs failed in the daemon")
+        await self._count_daemon_failures(http, failed0, r)
         self._clean_outputs()
         lat = [1000 * x for x in r.latencies_s]
         entry = Latency(

@@ -245,13 +245,12 @@ def _text_mask(text: str) -> pyvips.Image | None:
 
 
 @functools.lru_cache(maxsize=512)
-def _label(text: str, height: int, failed: bool) -> pyvips.Image | None:
+def _label(text: str, height: int, failed: bool) -> pyvips.Image:
     """``text`` ``height`` pixels tall, drawn on the canvas colour (kept in memory:
     label heights repeat across image sizes, and drawing one costs more than the
     canvas around it)."""
     mask = _text_mask(text)
-    if mask is None:
-        return None
+    assert mask is not None  # label_canvas draws no label without fonts
     small = mask.resize(height / mask.height)
     background, colour, interpretation = _label_colours(failed)
     label = small.ifthenelse(colour, small.new_from_image(background), blend=True)
@@ -272,7 +271,7 @@ def label_canvas(width: int, height: int, text: str, *, failed: bool) -> pyvips.
     canvas = canvas.copy(interpretation=interpretation)
     mask = _text_mask(text)
     scale = 0.0 if mask is None else min(0.8 * width / mask.width, 0.5 * height / mask.height)
-    label = None if mask is None else _label(text, int(mask.height * scale), failed)
-    if label is None or label.width < 24 or label.height < 6 or label.width > width:
+    if mask is None or mask.width * scale < 24 or mask.height * scale < 6:
         return canvas
+    label = _label(text, int(mask.height * scale), failed)
     return canvas.insert(label, (width - label.width) // 2, (height - label.height) // 2)
