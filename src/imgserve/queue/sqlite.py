@@ -1,9 +1,9 @@
 """The embedded queue: one SQLite file in the state directory.
 
 Every accepted job is committed (WAL, fsync'd: synchronous=FULL) before the
-API replies, with its source spooled (fsync'd) next to the database, so a kill -9
-at any moment loses nothing: on start, ``recover`` puts jobs that were running
-back in the queue. One connection is used from one dedicated thread, which
+API replies, with its source spooled (fsync'd, queue/spool.py) next to the
+database, so a kill -9 at any moment loses nothing: on start, ``recover`` puts
+jobs that were running back in the queue. One connection is used from one dedicated thread, which
 serialises access and keeps SQLite off the event loop. The daemon that accepts
 the jobs also runs them, so ``put`` wakes ``consume`` directly.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from typing import Any, TypeVar
 
 from imgserve import errors
 from imgserve.queue.base import Handler, JobQueue, JobRecord, State
+from imgserve.queue.spool import Spool
 
 T = TypeVar("T")
 
@@ -64,16 +64,13 @@ COMMIT;
 class SQLiteQueue(JobQueue):
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.spool_dir = path.parent / "spool"
+        self.spool = Spool(path.parent / "spool")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgserve-sqlite")
         self._db: sqlite3.Connection | None = None
         self._wakeup = asyncio.Event()
         # Jobs per state as of the last write: this process is the database's
         # only writer, so reading them needs no trip to the database thread.
         self._counts = {state.value: 0 for state in State}
-
-    def _spool(self, job_id: str) -> Path:
-        return self.spool_dir / f"{job_id}.src"
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
@@ -87,6 +84,8 @@ class SQLiteQueue(JobQueue):
             db.execute("PRAGMA busy_timeout=5000")
             db.executescript(_SCHEMA)
             db.executescript(_RECOUNT)
+            active = db.execute("SELECT id FROM jobs WHERE state IN ('queued', 'running')")
+            self.spool.tidy({job_id for (job_id,) in active})
             self._db = db
             self._read_counts(db)
         return self._db
@@ -130,7 +129,10 @@ class SQLiteQueue(JobQueue):
 
     async def put(self, record: JobRecord, source: bytes, *, max_active: int) -> None:
         def op(db: sqlite3.Connection) -> None:
-            _write_durably(self._spool(record.id), source)
+            try:
+                self.spool.write(record.id, source)
+            except OSError as exc:
+                raise errors.QueueUnavailable(f"source spool: {exc}") from exc
             db.execute("PRAGMA synchronous=FULL")
             try:
                 insert(db)
@@ -159,7 +161,7 @@ class SQLiteQueue(JobQueue):
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
-                self._spool(record.id).unlink(missing_ok=True)
+                self.spool.release(record.id)
                 raise
 
         await self._run(op)
@@ -168,14 +170,14 @@ class SQLiteQueue(JobQueue):
     async def source(self, job_id: str) -> bytes | None:
         def read() -> bytes | None:
             try:
-                return self._spool(job_id).read_bytes()
+                return self.spool.path(job_id).read_bytes()
             except FileNotFoundError:
                 return None
 
         return await asyncio.to_thread(read)
 
     async def source_file(self, job_id: str) -> str | None:
-        path = self._spool(job_id)
+        path = self.spool.path(job_id)
         return str(path) if path.exists() else None  # one stat: not worth a thread hop
 
     async def consume(self, handler: Handler, concurrency: int, stopping: asyncio.Event) -> None:
@@ -242,7 +244,7 @@ class SQLiteQueue(JobQueue):
             change(record)
             self._save(db, record)
             if record.state in (State.DONE, State.FAILED):
-                self._spool(job_id).unlink(missing_ok=True)  # on this thread: no extra hop
+                self.spool.release(job_id)  # on this thread: no extra hop
 
         await self._run(op)
 
@@ -305,14 +307,3 @@ class SQLiteQueue(JobQueue):
         if self._db is not None:
             await self._run(op, writes=False)
         self._executor.shutdown(wait=True)
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    """Write a file so it survives a crash once this returns (temp, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
