@@ -666,6 +666,31 @@ def test_stand_in_images_have_planned_size_and_text(fmt: Format, kind: str) -> N
     assert differs.avg() / 255 > 0.005  # some text was drawn
 
 
+@pytest.mark.parametrize("size", [Size(320, 120), Size(1000, 40), Size(41, 300), Size(8, 8)])
+def test_stand_in_text_stays_inside_a_plain_border(size: Size) -> None:
+    """The canvas is the label extended by copying its border: every edge row and
+    column is the plain canvas colour, so no text is smeared to the edges."""
+    image = decode(pipeline.placeholder(size, Format.PNG))
+    assert (image.width, image.height) == (size.width, size.height)
+    edges = [
+        image.crop(0, 0, size.width, 1),
+        image.crop(0, size.height - 1, size.width, 1),
+        image.crop(0, 0, 1, size.height),
+        image.crop(size.width - 1, 0, 1, size.height),
+    ]
+    for edge in edges:
+        assert edge.min() == edge.max() == 238
+
+
+@pytest.mark.parametrize(
+    ("fit", "height"),
+    [(0.5, 0), (1, 1), (6, 5), (6.73, 6), (7, 6), (8, 8), (9.9, 9), (100, 90), (128, 128)],
+)
+def test_label_heights_come_from_a_fixed_ladder(fit: float, height: int) -> None:
+    """Labels take the tallest ladder step (2^(k/4)) that fits, so sizes repeat."""
+    assert vips.label_height(fit) == height
+
+
 def test_placeholder_and_failure_look_different() -> None:
     """The failure image is distinguishable from the placeholder it replaces."""
     size = Size(320, 120)

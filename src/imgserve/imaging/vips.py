@@ -11,6 +11,7 @@ to it. pyvips errors become imgserve errors here.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -246,14 +247,16 @@ def _text_mask(text: str) -> pyvips.Image | None:
 
 @functools.lru_cache(maxsize=512)
 def _label(text: str, height: int, failed: bool) -> pyvips.Image:
-    """``text`` ``height`` pixels tall, drawn on the canvas colour (kept in memory:
-    label heights repeat across image sizes, and drawing one costs more than the
-    canvas around it)."""
+    """``text`` ``height`` pixels tall on the canvas colour, with a one-pixel border
+    of that colour (kept in memory: label heights repeat across image sizes, and
+    drawing one costs more than the canvas around it)."""
     mask = _text_mask(text)
     assert mask is not None  # label_canvas draws no label without fonts
     small = mask.resize(height / mask.height)
     background, colour, interpretation = _label_colours(failed)
     label = small.ifthenelse(colour, small.new_from_image(background), blend=True)
+    label = label.embed(1, 1, label.width + 2, label.height + 2, extend="background",
+                        background=background)  # fmt: skip
     return label.copy(interpretation=interpretation).copy_memory()
 
 
@@ -264,14 +267,33 @@ def _label_colours(failed: bool) -> tuple[list[int], list[int], str]:
     return [238], [110], "b-w"
 
 
-def label_canvas(width: int, height: int, text: str, *, failed: bool) -> pyvips.Image:
-    """A light canvas with ``text`` centred, for placeholders and failure images."""
+def label_height(fit: float) -> int:
+    """The tallest label height of a fixed ladder (steps of 2^(1/4), ~19%) that is
+    not above ``fit``: labels are then drawn once per step, not once per image size."""
+    return int(2 ** (math.floor(math.log2(fit) * 4) / 4)) if fit >= 1 else 0
+
+
+@functools.lru_cache(maxsize=2)
+def _canvas_pixel(failed: bool) -> pyvips.Image:
+    """One pixel of the canvas colour, for canvases without a label."""
     background, _colour, interpretation = _label_colours(failed)
-    canvas = pyvips.Image.black(width, height, bands=len(background)).new_from_image(background)
-    canvas = canvas.copy(interpretation=interpretation)
+    pixel = pyvips.Image.black(1, 1, bands=len(background)).new_from_image(background)
+    return pixel.copy(interpretation=interpretation).copy_memory()
+
+
+def label_canvas(width: int, height: int, text: str, *, failed: bool) -> pyvips.Image:
+    """A light canvas with ``text`` centred, for placeholders and failure images.
+
+    The canvas is the label (or a pixel) extended by copying its border, which is
+    the canvas colour: one libvips call, where drawing onto a canvas (``insert``,
+    ``embed`` with a background) takes several and costs three times as much.
+    """
     mask = _text_mask(text)
-    scale = 0.0 if mask is None else min(0.8 * width / mask.width, 0.5 * height / mask.height)
-    if mask is None or mask.width * scale < 24 or mask.height * scale < 6:
-        return canvas
-    label = _label(text, int(mask.height * scale), failed)
-    return canvas.insert(label, (width - label.width) // 2, (height - label.height) // 2)
+    if mask is not None:
+        scale = min(0.8 * width / mask.width, 0.5 * height / mask.height)
+        tall = label_height(mask.height * scale)
+        if tall >= 6 and mask.width * tall / mask.height >= 24:
+            label = _label(text, tall, failed)
+            left, top = (width - label.width) // 2, (height - label.height) // 2
+            return label.embed(left, top, width, height, extend="copy")
+    return _canvas_pixel(failed).embed(0, 0, width, height, extend="copy")
