@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 import aiohttp
 import pyvips
 
-from bench import client, images, workloads
+from bench import client, http1, images, workloads
 from bench.procmon import Noise, TreeMonitor
 from bench.systems import imgserve as imgserve_sys
 from bench.systems import limit as limit_sys
@@ -177,6 +177,7 @@ class Runner:
         self.limit: limit_sys.Limit | None = None
         self.daemon: imgserve_sys.Daemon | None = None
         self.arrivals: imgserve_sys.Arrivals | None = None
+        self.imgserve_http: http1.Pool | None = None
         self.thumbor: thumbor_sys.Server | None = None
         self.limit_modes: dict[str, list[str]] = {}
         self.stopping = False
@@ -314,11 +315,17 @@ class Runner:
         async with client.session(keep_alive=True) as keep, client.session(False) as fresh:
             if self.daemon is not None:
                 self.arrivals = imgserve_sys.Arrivals(self.daemon.out_dir)
+                self.imgserve_http = http1.Pool(self.daemon.host, self.daemon.port)
             try:
                 await self._measure(keep, fresh)
             finally:
+                if self.imgserve_http is not None:
+                    self.imgserve_http.close()
                 if self.arrivals is not None:
                     await self.arrivals.close()
+                # Once, after all measurement: deleting files inside a measured
+                # window slows the daemon's next file creations on this disk.
+                self._clean_outputs()
         for name in ("imgserve", "thumbor"):
             if self.results.available.get(name):
                 self.results.peak_rss_mb[name] = self.monitor.peak_rss_bytes(name) / 2**20
@@ -348,14 +355,13 @@ class Runner:
             self._check_stop()
             names = self._names(workload)
             if self.daemon is not None:
-                c = self._imgserve_client(keep, workload, "warm")
+                c = self._imgserve_client(workload, "warm")
                 await client.closed_loop(c.job, self.o.in_flight, 0.0, seconds)
             if self.thumbor is not None:
                 t = thumbor_sys.Client(
                     fresh, self.thumbor, workload, names, self._src_host(), "warm"
                 )
                 await client.closed_loop(t.job, self.o.in_flight, 0.0, seconds)
-        self._clean_outputs()
         log(f"warmed up ({seconds:g} s per workload per server)")
 
     async def _phase(
@@ -373,12 +379,17 @@ class Runner:
         elif system == "thumbor" and self.thumbor is not None:
             await self._thumbor_phase(rnd, workload, fresh)
 
-    def _imgserve_client(
-        self, http: aiohttp.ClientSession, workload: Workload, tag: str
-    ) -> imgserve_sys.Client:
+    def _imgserve_client(self, workload: Workload, tag: str) -> imgserve_sys.Client:
         assert self.daemon is not None and self.arrivals is not None
+        assert self.imgserve_http is not None
         return imgserve_sys.Client(
-            http, self.daemon, self.arrivals, workload, self._names(workload), self._src_url(), tag
+            self.imgserve_http,
+            self.daemon,
+            self.arrivals,
+            workload,
+            self._names(workload),
+            self._src_url(),
+            tag,
         )
 
     async def _count_daemon_failures(
@@ -429,14 +440,13 @@ class Runner:
         self, rnd: int, workload: Workload, http: aiohttp.ClientSession
     ) -> None:
         assert self.daemon is not None
-        c = self._imgserve_client(http, workload, f"r{rnd}i")
+        c = self._imgserve_client(workload, f"r{rnd}i")
         failed0 = await imgserve_sys.failed_jobs(http, self.daemon)
         phase = await self._closed(rnd, workload, "imgserve", c.job)
         await self._count_daemon_failures(http, failed0, phase)
         if rnd == 0:
             for dst_url, req in c.sample_dst[:1]:
                 self._check_file(workload, req, urlparse(dst_url).path)
-        self._clean_outputs()
         self.results.phases.append(phase)
 
     async def _thumbor_phase(
@@ -511,14 +521,13 @@ class Runner:
         capacity.sort()
         rate = load * capacity[len(capacity) // 2]
         duration = self.o.latency_s or min(15.0, max(self.o.seconds, 250 / rate))
-        c = self._imgserve_client(http, workload, f"l{int(load * 100)}")
+        c = self._imgserve_client(workload, f"l{int(load * 100)}")
         failed0 = await imgserve_sys.failed_jobs(http, self.daemon)
         noise = Noise(self.monitor)
         noise.start()
         r = await client.open_loop(c.submit, c.wait_done, rate, duration)
         foreign = noise.stop()
         await self._count_daemon_failures(http, failed0, r)
-        self._clean_outputs()
         lat = [1000 * x for x in r.latencies_s]
         entry = Latency(
             workload=workload.name, load=load, rate_per_s=rate, duration_s=duration,
@@ -544,6 +553,7 @@ class Runner:
         return f"127.0.0.1:{self.src_port}"
 
     def _clean_outputs(self) -> None:
+        """Delete imgserve's results (names are unique per run, so never mid-run)."""
         if self.daemon is None:
             return
         for path in self.daemon.out_dir.iterdir():
