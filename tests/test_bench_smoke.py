@@ -1,5 +1,6 @@
 """The benchmark's smoke mode runs end to end against a real imgserve daemon; the
-imgserve client's own HTTP/1.1 pool and inotify watcher work against loopback."""
+imgserve client's own HTTP/1.1 pool, inotify watcher and source server work
+against loopback."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
-from bench import http1
+from bench import http1, srcserver
 from bench.systems.imgserve import Arrivals
 
 REPO = Path(__file__).resolve().parent.parent
@@ -199,3 +201,41 @@ async def test_arrivals_counts_renames_and_times_out(tmp_path: Path) -> None:
             await arrivals.wait("b.jpg", 1, timeout_s=0.1)
     finally:
         await arrivals.close()
+
+
+@pytest.fixture
+async def source_server(tmp_path: Path) -> AsyncIterator[tuple[int, dict[str, bytes]]]:
+    """The source server on loopback over a JPEG (bigger than one socket write) and an SVG."""
+    data = {"a.jpg": os.urandom(3_000_000), "b.svg": b'<svg xmlns="http://www.w3.org/2000/svg"/>'}
+    for name, body in data.items():
+        (tmp_path / name).write_bytes(body)
+    runner = web.AppRunner(srcserver.make_app(tmp_path))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    assert runner.addresses
+    yield runner.addresses[0][1], data
+    await runner.cleanup()
+
+
+async def test_srcserver_serves_exact_bytes_under_any_tag_and_404s_unknown_names(
+    source_server: tuple[int, dict[str, bytes]],
+) -> None:
+    """Any <anything> segment gets the file's exact bytes and type; an unknown name gets 404."""
+    port, data = source_server
+    base = f"http://127.0.0.1:{port}/src"
+    cases = [
+        ("r0-1", "a.jpg", "image/jpeg"),
+        ("r0-2", "a.jpg", "image/jpeg"),
+        ("warm-7", "b.svg", "image/svg+xml"),
+    ]
+    async with aiohttp.ClientSession() as session:
+        for tag, name, ctype in cases:
+            async with session.get(f"{base}/{tag}/{name}") as resp:
+                assert resp.status == 200 and resp.headers["Content-Type"] == ctype
+                assert resp.content_length == len(data[name])
+                assert await resp.read() == data[name]
+        async with session.get(f"{base}/r0-3/missing.jpg") as resp:
+            assert resp.status == 404
+        async with session.post(f"{base}/r0-4/a.jpg") as resp:
+            assert resp.status == 405
