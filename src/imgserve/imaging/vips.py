@@ -255,8 +255,9 @@ def _label(text: str, height: int, failed: bool) -> pyvips.Image:
     small = mask.resize(height / mask.height)
     background, colour, interpretation = _label_colours(failed)
     label = small.ifthenelse(colour, small.new_from_image(background), blend=True)
-    label = label.embed(1, 1, label.width + 2, label.height + 2, extend="background",
-                        background=background)  # fmt: skip
+    label = label.embed(
+        1, 1, label.width + 2, label.height + 2, extend="background", background=background
+    )
     return label.copy(interpretation=interpretation).copy_memory()
 
 

@@ -3,9 +3,10 @@
 Every accepted job is committed (WAL, fsync'd: synchronous=FULL) before the
 API replies, with its source spooled (fsync'd, queue/spool.py) next to the
 database, so a kill -9 at any moment loses nothing: on start, ``recover`` puts
-jobs that were running back in the queue. One connection is used from one dedicated thread, which
-serialises access and keeps SQLite off the event loop. The daemon that accepts
-the jobs also runs them, so ``put`` wakes ``consume`` directly.
+jobs that were running back in the queue. One connection is used from one
+dedicated thread, which serialises access and keeps SQLite off the event loop.
+The daemon that accepts the jobs also runs them, so ``put`` wakes ``consume``
+directly.
 """
 
 from __future__ import annotations
