@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-_SCHEME = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*")
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/@\s]*)@")
+_SCHEME = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*")  # RFC 3986
+_USERINFO = re.compile(rf"(?P<scheme>{_SCHEME.pattern}://)(?P<userinfo>[^/@\s]*)@")
 
 
 def redact_url(url: str) -> str:
