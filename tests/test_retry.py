@@ -46,3 +46,19 @@ def test_backoff_rejects_negative_bounds() -> None:
     """Negative base or cap is a programming error."""
     with pytest.raises(ValueError):
         backoff_s(1, base_s=-1.0, max_s=1.0)
+
+
+@pytest.mark.parametrize(
+    ("rand", "expected"),
+    [(0.0, 2.0), (0.5, 3.0), (0.999, 3.998)],
+)
+def test_equal_jitter_waits_at_least_its_fraction(rand: float, expected: float) -> None:
+    """With min_fraction=0.5 the delay is in [ceiling/2, ceiling)."""
+    delay = backoff_s(3, base_s=1.0, max_s=10.0, min_fraction=0.5, random=lambda: rand)
+    assert delay == pytest.approx(expected)
+
+
+def test_backoff_rejects_a_fraction_outside_zero_to_one() -> None:
+    """min_fraction is a share of the ceiling."""
+    with pytest.raises(ValueError):
+        backoff_s(1, base_s=1.0, max_s=1.0, min_fraction=1.5)

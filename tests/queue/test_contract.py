@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,15 +29,31 @@ def record(**changes: Any) -> JobRecord:
     return JobRecord(**values)
 
 
+QueueFactory = Callable[..., JobQueue]
+
+
 @pytest.fixture(params=["sqlite", "redis"])
-async def queue(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobQueue]:
-    if request.param == "sqlite":
-        backend = open_queue(None, tmp_path)
-    else:
-        redis_url = request.getfixturevalue("redis_url")
-        backend = open_queue(f"{redis_url}?prefix=test-{uuid.uuid4().hex}", tmp_path)
-    yield backend
-    await backend.close()
+async def make_queue(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[QueueFactory]:
+    """Opens backends of one kind (all on the same store), closed after the test."""
+    url = None
+    if request.param == "redis":
+        url = f"{request.getfixturevalue('redis_url')}?prefix=test-{uuid.uuid4().hex}"
+    opened: list[JobQueue] = []
+
+    def make(**options: Any) -> JobQueue:
+        backend = open_queue(url, tmp_path, **options)
+        opened.append(backend)
+        return backend
+
+    make.url = url  # type: ignore[attr-defined]
+    yield make
+    for backend in opened:
+        await backend.close()
+
+
+@pytest.fixture
+def queue(make_queue: QueueFactory) -> JobQueue:
+    return make_queue()
 
 
 async def wait_state(queue: JobQueue, job_id: str, *states: State) -> JobRecord:
@@ -250,3 +268,131 @@ async def test_sqlite_counts_follow_every_change_and_are_rebuilt_on_open(tmp_pat
         assert await reopened.counts() == expected
     finally:
         await reopened.close()
+
+
+async def test_handler_that_raises_is_delivered_again_after_backoff(queue: JobQueue) -> None:
+    """A handler exception is not the job's end: the job comes back after a backoff
+    as the next attempt, with the exception recorded (601) while it waits."""
+    job = record()
+    await queue.put(job, b"x", max_active=10)
+    calls: list[tuple[int, float]] = []
+
+    async def handler(delivered: JobRecord) -> None:
+        calls.append((delivered.attempts, time.monotonic()))
+        if delivered.attempts == 1:
+            raise RuntimeError("a bug in the handler")
+        await queue.complete(delivered.id)
+
+    stopping, task = await consuming(queue, handler)
+    waiting = await wait_state(queue, job.id, State.QUEUED)
+    deadline = time.monotonic() + 15
+    while waiting.error_code is None and time.monotonic() < deadline:
+        waiting = await wait_state(queue, job.id, State.QUEUED, State.RUNNING, State.DONE)
+    done = await wait_state(queue, job.id, State.DONE)
+    await stop(stopping, task)
+    assert [attempt for attempt, _ in calls] == [1, 2]
+    assert calls[1][1] - calls[0][1] >= 0.45  # redelivery_delay_s(1) is 0.5-1 s
+    assert waiting.error_code == errors.InternalError.code
+    assert "RuntimeError" in (waiting.error_detail or "")
+    assert done.attempts == 2 and done.error_code is None
+
+
+async def test_handler_that_keeps_raising_is_retried_with_growing_backoff(
+    queue: JobQueue,
+) -> None:
+    """Every raising delivery is delivered again (never dropped, never left running),
+    the attempts counting up so the handler's own limit can end the job."""
+    job = record()
+    await queue.put(job, b"x", max_active=10)
+    attempts: list[int] = []
+
+    async def handler(delivered: JobRecord) -> None:
+        attempts.append(delivered.attempts)
+        if delivered.attempts < 3:
+            raise ValueError(f"attempt {delivered.attempts}")
+        await queue.fail(delivered.id, 603, "gave up")
+
+    stopping, task = await consuming(queue, handler)
+    failed = await wait_state(queue, job.id, State.FAILED)
+    await stop(stopping, task)
+    assert attempts == [1, 2, 3]
+    assert (failed.error_code, failed.attempts) == (603, 3)
+
+
+async def test_delivery_past_its_deadline_is_cancelled_and_delivered_again(
+    make_queue: QueueFactory,
+) -> None:
+    """A handler that hangs past the delivery deadline is cancelled and the job
+    delivered again, instead of holding a slot for ever."""
+    queue = make_queue(job_deadline_s=2.0)
+    job = record()
+    await queue.put(job, b"x", max_active=10)
+    cancelled = asyncio.Event()
+
+    async def handler(delivered: JobRecord) -> None:
+        if delivered.attempts == 1:
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                cancelled.set()
+        await queue.complete(delivered.id)
+
+    stopping, task = await consuming(queue, handler)
+    done = await wait_state(queue, job.id, State.DONE)
+    await stop(stopping, task)
+    assert cancelled.is_set()
+    assert done.attempts == 2
+
+
+async def test_late_end_of_a_duplicate_delivery_changes_nothing(queue: JobQueue) -> None:
+    """At-least-once: a second delivery that ends after the first one finished the
+    job cannot reopen it or overwrite how it ended."""
+    job = record()
+    await queue.put(job, b"x", max_active=10)
+
+    async def handler(delivered: JobRecord) -> None:
+        await queue.complete(delivered.id)
+
+    stopping, task = await consuming(queue, handler)
+    await wait_state(queue, job.id, State.DONE)
+    await stop(stopping, task)
+    await queue.retry(job.id, 0.0, 501, "late duplicate")
+    await queue.fail(job.id, 502, "late duplicate")
+    stored = await queue.get(job.id)
+    assert stored is not None
+    assert (stored.state, stored.error_code) == (State.DONE, None)
+    assert (await queue.counts())["done"] == 1
+
+
+async def test_job_whose_runner_died_is_reclaimed_when_its_lease_runs_out(
+    make_queue: QueueFactory, tmp_path: Path
+) -> None:
+    """A consumer process killed with SIGKILL mid-job holds its job only until the
+    lease runs out: a live consumer then runs it, with no restart or recover()."""
+    queue = make_queue(lease_s=1.0, job_deadline_s=2.0)
+    job = record()
+    await queue.put(job, b"x", max_active=10)
+    marker = tmp_path / "claimed"
+    store = make_queue.url or str(tmp_path)  # type: ignore[attr-defined]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.queue.consumer_proc", store, str(marker)],
+        cwd=Path(__file__).parents[2],
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert marker.read_text() == job.id
+    finally:
+        proc.kill()
+        proc.wait()
+    attempts: list[int] = []
+
+    async def finish(delivered: JobRecord) -> None:
+        attempts.append(delivered.attempts)
+        await queue.complete(delivered.id)
+
+    stopping, task = await consuming(queue, finish)
+    await wait_state(queue, job.id, State.DONE)  # within 15 s: lease 1 s / arq's 12 s
+    await stop(stopping, task)
+    assert attempts == [2]

@@ -19,11 +19,15 @@ def open_queue(
     *,
     keep_finished_s: float = 7 * 24 * 3600.0,
     job_deadline_s: float = 600.0,
+    lease_s: float = 30.0,
 ) -> JobQueue:
+    """The backend for ``url``. ``job_deadline_s``: the longest one delivery may
+    run; ``lease_s``: the embedded queue's lease on a running job (renewed while
+    it runs; the Redis lease is arq's, derived from ``job_deadline_s``)."""
     if not url:
         from imgserve.queue.sqlite import SQLiteQueue
 
-        return SQLiteQueue(data_dir / "jobs.db")
+        return SQLiteQueue(data_dir / "jobs.db", lease_s=lease_s, job_deadline_s=job_deadline_s)
     if url.startswith(("redis://", "rediss://", "unix://")):
         from imgserve.queue.arq_redis import RedisQueue
 

@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from imgserve import errors
-from imgserve.queue.base import Handler, JobQueue, JobRecord, State
+from imgserve.queue.base import Handler, JobQueue, JobRecord, State, redelivery_delay_s
 
 try:
     import redis.exceptions
@@ -185,6 +185,8 @@ class RedisQueue(JobQueue):
             if raw is None:
                 raise errors.JobNotFound(job_id)
             record = JobRecord.from_dict(json.loads(raw))
+            if record.finished:
+                return record  # a late duplicate: the first end stands
             change(record)
             finished = record.state in (State.DONE, State.FAILED)
             async with r.pipeline(transaction=True) as pipe:
@@ -225,16 +227,18 @@ class RedisQueue(JobQueue):
             # End before arq's own timeout would drop the job with its status unset.
             async with asyncio.timeout(self.job_deadline_s - 1.0):
                 await handler(record)
-        except TimeoutError:
-            await self.fail(
-                job_id,
-                errors.ProcessingTimeout.code,
-                f"the job took longer than its lease ({self.job_deadline_s:g} s)",
-            )
-            return
-        delay = self._retries.pop(job_id, None)
-        if delay is not None:
-            raise Retry(defer=delay)
+        except Exception as exc:  # the contract: raised or overran -> delivered again
+            if isinstance(exc, TimeoutError):
+                detail = f"delivery ran past its deadline of {self.job_deadline_s - 1.0:g} s"
+            else:
+                detail = f"handler raised {type(exc).__name__}: {exc}"
+            delay = redelivery_delay_s(job_try)
+            log.error("job %s: %s; delivering it again in %.1f s", job_id, detail, delay)
+            await self.retry(job_id, delay, errors.InternalError.code, detail)
+            raise Retry(defer=delay) from exc
+        asked = self._retries.pop(job_id, None)
+        if asked is not None:
+            raise Retry(defer=asked)
 
     async def consume(self, handler: Handler, concurrency: int, stopping: asyncio.Event) -> None:
         async def job(ctx: dict[str, Any], job_id: str) -> None:
@@ -243,10 +247,10 @@ class RedisQueue(JobQueue):
             except Retry:
                 raise
             except Exception as exc:
-                # Only infrastructure failures get here (Runner.run records job errors
-                # itself); a job must never end in arq with its status unset.
-                delay = min(30.0, float(ctx["job_try"]))
-                log.warning("job %s: %s; delivering it again in %.0f s", job_id, exc, delay)
+                # Redis itself failed around the handler; a job must never end in
+                # arq with its status unset.
+                delay = redelivery_delay_s(int(ctx["job_try"]))
+                log.warning("job %s: %s; delivering it again in %.1f s", job_id, exc, delay)
                 raise Retry(defer=delay) from exc
 
         while not stopping.is_set():

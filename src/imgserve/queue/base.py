@@ -4,8 +4,10 @@ A backend stores each accepted job (and a copy of its source) durably before
 ``put`` returns, delivers jobs to a handler with ``consume`` (at-least-once: a
 job whose runner vanished is delivered again), and keeps finished jobs for
 ``GET /jobs/<id>`` until ``prune`` removes them. The handler decides how a job
-ends by calling ``complete``, ``fail`` or ``retry``. tests/queue/test_contract.py
-runs one suite against every backend.
+ends by calling ``complete``, ``fail`` or ``retry``; a handler that raises
+instead is delivered again after a backoff, so no delivered job is left
+without an end. tests/queue/test_contract.py runs one suite against every
+backend.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from imgserve.retry import backoff_s
 
 
 class State(enum.StrEnum):
@@ -52,6 +56,10 @@ class JobRecord:
     error_detail: str | None = None
     node: str | None = None
     """host:pid of the process that ran (or runs) the job."""
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (State.DONE, State.FAILED)
 
     def mark_running(self, attempt: int) -> None:
         self.state = State.RUNNING
@@ -90,6 +98,17 @@ class JobRecord:
 
 Handler = Callable[[JobRecord], Coroutine[Any, Any, None]]
 
+REDELIVERY_BASE_S = 1.0
+REDELIVERY_MAX_S = 60.0
+
+
+def redelivery_delay_s(attempt: int) -> float:
+    """How long a job waits after its handler raised on delivery ``attempt``:
+    1-2 s, doubling to 30-60 s (never at once: the fault may be ours)."""
+    return backoff_s(
+        max(1, attempt), base_s=REDELIVERY_BASE_S, max_s=REDELIVERY_MAX_S, min_fraction=0.5
+    )
+
 
 class JobQueue(abc.ABC):
     """A durable store of jobs with at-least-once delivery to runners."""
@@ -112,20 +131,30 @@ class JobQueue(abc.ABC):
         """Deliver due jobs (state running, attempts + 1) to ``handler``, up to
         ``concurrency`` at once, until ``stopping`` is set and the running ones end.
 
+        The handler ends each job with ``complete``, ``fail`` or ``retry``. If it
+        raises instead (any Exception), or runs past the backend's delivery
+        deadline, the job is delivered again after ``redelivery_delay_s`` with
+        its error recorded (code 601); the handler's attempt limit is what ends
+        a job that keeps failing that way. A failure of the backend itself
+        (a claim that raises) is logged and retried with backoff; ``consume``
+        returns only once ``stopping`` is set.
+
         Cancelling it cancels the running handlers; their jobs are delivered again.
         """
 
     @abc.abstractmethod
     async def complete(self, job_id: str) -> None:
-        """Mark a running job done."""
+        """Mark a running job done. A job that already ended keeps its first end
+        (a duplicate delivery finishing late changes nothing)."""
 
     @abc.abstractmethod
     async def fail(self, job_id: str, code: int, detail: str) -> None:
-        """Mark a job failed for good."""
+        """Mark a job failed for good (no effect on a job that already ended)."""
 
     @abc.abstractmethod
     async def retry(self, job_id: str, delay_s: float, code: int, detail: str) -> None:
-        """Put a running job back, due after ``delay_s``, recording why."""
+        """Put a running job back, due after ``delay_s``, recording why (no
+        effect on a job that already ended)."""
 
     @abc.abstractmethod
     async def get(self, job_id: str) -> JobRecord | None: ...

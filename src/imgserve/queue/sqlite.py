@@ -7,12 +7,19 @@ jobs that were running back in the queue. One connection is used from one
 dedicated thread, which serialises access and keeps SQLite off the event loop.
 The daemon that accepts the jobs also runs them, so ``put`` wakes ``consume``
 directly.
+
+A claimed job carries a lease (``lease_until``) that ``consume`` renews every
+``lease_s / 3`` while its handler runs. A running job whose lease ran out (its
+handler ended without recording an end, or the process that held it died) is
+put back in the queue by the same loop, without waiting for a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
@@ -21,10 +28,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from imgserve import errors
-from imgserve.queue.base import Handler, JobQueue, JobRecord, State
+from imgserve.queue.base import Handler, JobQueue, JobRecord, State, redelivery_delay_s
 from imgserve.queue.spool import Spool
+from imgserve.retry import backoff_s
 
 T = TypeVar("T")
+log = logging.getLogger("imgserve.queue")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -33,7 +42,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     record TEXT NOT NULL,
     run_at REAL NOT NULL,
     created_at REAL NOT NULL,
-    finished_at REAL
+    finished_at REAL,
+    lease_until REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (state, run_at);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at);
@@ -63,8 +73,12 @@ COMMIT;
 
 
 class SQLiteQueue(JobQueue):
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, lease_s: float = 30.0, job_deadline_s: float = 600.0) -> None:
         self.path = path
+        self.lease_s = lease_s
+        """How long a claimed job is held without a renewal before it is queued again."""
+        self.job_deadline_s = job_deadline_s
+        """The longest one delivery may run before it is cancelled and delivered again."""
         self.spool = Spool(path.parent / "spool")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgserve-sqlite")
         self._db: sqlite3.Connection | None = None
@@ -84,6 +98,9 @@ class SQLiteQueue(JobQueue):
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA busy_timeout=5000")
             db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+            if "lease_until" not in columns:  # a database from before leases
+                db.execute("ALTER TABLE jobs ADD COLUMN lease_until REAL")
             db.executescript(_RECOUNT)
             active = db.execute("SELECT id FROM jobs WHERE state IN ('queued', 'running')")
             self.spool.tidy({job_id for (job_id,) in active})
@@ -116,14 +133,15 @@ class SQLiteQueue(JobQueue):
         return JobRecord.from_dict(json.loads(row[0]))
 
     @staticmethod
-    def _save(db: sqlite3.Connection, record: JobRecord) -> None:
+    def _save(db: sqlite3.Connection, record: JobRecord, lease_until: float | None = None) -> None:
         db.execute(
-            "UPDATE jobs SET state=?, record=?, run_at=?, finished_at=? WHERE id=?",
+            "UPDATE jobs SET state=?, record=?, run_at=?, finished_at=?, lease_until=? WHERE id=?",
             (
                 record.state.value,
                 json.dumps(record.to_dict()),
                 record.run_at,
                 record.finished_at,
+                lease_until,
                 record.id,
             ),
         )
@@ -182,26 +200,108 @@ class SQLiteQueue(JobQueue):
         return str(path) if path.exists() else None  # one stat: not worth a thread hop
 
     async def consume(self, handler: Handler, concurrency: int, stopping: asyncio.Event) -> None:
-        running: set[asyncio.Task[None]] = set()
+        running: dict[asyncio.Task[None], str] = {}
+        leases = asyncio.create_task(self._keep_leases(running))
+        claim_failures = 0
         try:
             while not stopping.is_set():
                 if len(running) >= concurrency:
                     await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                     continue
-                record = await self.claim()
+                try:
+                    record = await self.claim()
+                except Exception as exc:  # the database, not a job: wait and try again
+                    claim_failures += 1
+                    delay = backoff_s(claim_failures, base_s=0.1, max_s=5.0, min_fraction=0.5)
+                    log.error("job queue: claim failed (%s); trying again in %.1f s", exc, delay)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stopping.wait(), delay)
+                    continue
+                claim_failures = 0
                 if record is None:
                     await self._idle(stopping)
                     continue
-                task = asyncio.create_task(handler(record))
-                running.add(task)
-                task.add_done_callback(running.discard)
+                task = asyncio.create_task(self._deliver(handler, record))
+                running[task] = record.id
+                task.add_done_callback(lambda done: running.pop(done, None))
             if running:
-                await asyncio.wait(running)
+                await asyncio.wait(list(running))
         finally:
+            leases.cancel()
             for task in running:
                 task.cancel()
             if running:
-                await asyncio.wait(running)
+                await asyncio.wait(list(running))
+            with contextlib.suppress(asyncio.CancelledError):
+                await leases
+
+    async def _deliver(self, handler: Handler, record: JobRecord) -> None:
+        """Run one delivery; a handler that raises or overruns is delivered again."""
+        try:
+            async with asyncio.timeout(self.job_deadline_s):
+                await handler(record)
+        except Exception as exc:  # every way a handler can end is handled
+            if isinstance(exc, TimeoutError):
+                detail = f"delivery ran past its deadline of {self.job_deadline_s:g} s"
+            else:
+                detail = f"handler raised {type(exc).__name__}: {exc}"
+            delay = redelivery_delay_s(record.attempts)
+            log.error("job %s: %s; delivering it again in %.1f s", record.id, detail, delay)
+            try:
+                await self.retry(record.id, delay, errors.InternalError.code, detail)
+            except Exception as again:  # the lease brings the job back
+                log.error("job %s: could not queue it again (%s); its lease will", record.id, again)
+
+    async def _keep_leases(self, running: dict[asyncio.Task[None], str]) -> None:
+        """Renew the leases of the jobs this consumer runs; queue again the running
+        jobs whose lease ran out and that no handler here holds."""
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            held = {job_id for task, job_id in running.items() if not task.done()}
+            try:
+                await self._renew(held)
+                expired = await self._reclaim(held)
+            except Exception as exc:  # the database: next round
+                log.error("job queue: lease renewal failed: %s", exc)
+                continue
+            for job_id in expired:
+                log.warning("job %s: its lease ran out with no runner; queued again", job_id)
+            if expired:
+                self._wakeup.set()
+
+    async def _renew(self, job_ids: set[str]) -> None:
+        if not job_ids:
+            return
+        until = time.time() + self.lease_s
+        marks = ",".join("?" * len(job_ids))
+
+        def op(db: sqlite3.Connection) -> None:
+            db.execute(
+                f"UPDATE jobs SET lease_until=? WHERE state='running' AND id IN ({marks})",  # noqa: S608
+                (until, *job_ids),
+            )
+
+        await self._run(op, writes=False)
+
+    async def _reclaim(self, held: set[str]) -> list[str]:
+        def op(db: sqlite3.Connection) -> list[str]:
+            now = time.time()
+            rows = db.execute(
+                "SELECT record FROM jobs WHERE state='running' AND lease_until<?", (now,)
+            ).fetchall()
+            reclaimed: list[str] = []
+            for row in rows:
+                record = self._load(row)
+                if record.id in held:
+                    continue
+                record.mark_retry(
+                    0.0, errors.InternalError.code, "its runner stopped renewing the lease"
+                )
+                self._save(db, record)
+                reclaimed.append(record.id)
+            return reclaimed
+
+        return await self._run(op)
 
     async def _idle(self, stopping: asyncio.Event) -> None:
         due = await self._next_due_in()
@@ -227,7 +327,7 @@ class SQLiteQueue(JobQueue):
                     return None
                 record = self._load(row)
                 record.mark_running(record.attempts + 1)
-                self._save(db, record)
+                self._save(db, record, lease_until=now + self.lease_s)
                 db.execute("COMMIT")
                 return record
             except BaseException:
@@ -242,6 +342,8 @@ class SQLiteQueue(JobQueue):
             if row is None:
                 raise errors.JobNotFound(job_id)
             record = self._load(row)
+            if record.finished:
+                return  # a late duplicate: the first end stands
             change(record)
             self._save(db, record)
             if record.state in (State.DONE, State.FAILED):
