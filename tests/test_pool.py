@@ -1,13 +1,20 @@
-"""The worker pool's processes are set up as configured (real forkserver workers)."""
+"""The worker pool (real forkserver workers): set-up, and every wait ending."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import os
+import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import pyvips
 
+from imgserve import errors
 from imgserve.config import ImagingLimits, WorkerSettings
 from imgserve.pool import MALLOC_ENV, ImagePool
 
@@ -36,3 +43,80 @@ def test_workers_run_as_batch_work_at_the_configured_nice_and_libvips_threads(
 
 def test_default_is_one_libvips_thread_per_worker() -> None:
     assert WorkerSettings().threads == 1
+
+
+def _plan() -> dict[str, Any]:
+    """A plan for a 40x30 JPEG thumbnail of a 400x300 JPEG source."""
+    return {
+        "operation": "resize",
+        "source_format": "jpeg",
+        "source": [400, 300],
+        "pages": 1,
+        "result": [40, 30],
+        "output": "jpeg",
+        "dst_url": "file:///tmp/x.jpg",
+    }
+
+
+@pytest.fixture
+def fifo(tmp_path: Path) -> str:
+    """A source path whose open() blocks for ever: its worker hangs on it."""
+    path = tmp_path / "never.jpg"
+    os.mkfifo(path)
+    return str(path)
+
+
+def _worker_blocked_on(pool: ImagePool, path: str, timeout_s: float = 30.0) -> int:
+    """The pid of the worker stuck opening ``path`` (waits until one is)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for pid in pool._pool._pool_manager.worker_manager.workers:
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/wchan").read_text() == "wait_for_partner":
+                    return int(pid)
+        time.sleep(0.02)
+    raise AssertionError("no worker ever opened the source")
+
+
+async def test_an_answer_that_never_comes_fails_the_job_retryably() -> None:
+    """If pebble never resolves a task (its answer lost), the wait still ends at the
+    job timeout plus the grace, with a retryable 610 instead of hanging for ever."""
+    pool = ImagePool(WorkerSettings(workers=1, job_timeout_s=0.5), ImagingLimits(),
+                     answer_grace_s=0.5)  # fmt: skip
+    try:
+        never: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+        started = time.monotonic()
+        with pytest.raises(errors.WorkerUnresponsive) as caught:
+            await asyncio.wait_for(pool._answer(never, pool._pool), 30)
+        assert caught.value.retryable
+        assert time.monotonic() - started >= 1.0
+        assert never.cancelled()
+    finally:
+        pool.close(timeout_s=1.0)
+
+
+async def test_renders_waiting_on_a_broken_pool_fail_retryably_and_the_next_runs(
+    fifo: str,
+) -> None:
+    """When the pool stops answering mid-job, every render it holds (running or queued
+    inside pebble) fails at once as a retryable 603; a new pool takes the next job."""
+    pool = ImagePool(WorkerSettings(workers=1, job_timeout_s=60.0), ImagingLimits())
+    try:
+        running = asyncio.create_task(pool.render(fifo, _plan()))
+        queued = asyncio.create_task(pool.render(fifo, _plan()))
+        await asyncio.to_thread(_worker_blocked_on, pool, fifo)
+        broken = pool._pool
+        broken.stop()  # what pebble's own failure looks like from outside: not active
+        for task in (running, queued):
+            with pytest.raises(errors.WorkerCrashed) as caught:
+                await asyncio.wait_for(task, 10)
+            assert caught.value.retryable
+        assert pool._pool is not broken and pool.replacements == 1
+        source = pyvips.Image.black(400, 300, bands=3).jpegsave_buffer()
+        result = await asyncio.wait_for(pool.render(bytes(source), _plan()), 60)
+        assert pyvips.Image.new_from_buffer(result, "").width == 40
+    finally:
+        with contextlib.suppress(OSError):  # let a worker stuck in open() go
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            os.close(fd)
+        pool.close(timeout_s=1.0)

@@ -191,6 +191,15 @@ class PlaceholderUploadFailed(ImgserveError):
     message = "placeholder upload failed"
 
 
+class SourceChanged(ImgserveError):
+    """The source was downloaded again after the reply and is not the image that was
+    planned: rendering it would break the promised result size."""
+
+    code = 207
+    status = 422
+    message = "source changed since the job was accepted"
+
+
 # --- limits (301-309) -----------------------------------------------------------------
 
 
@@ -369,6 +378,30 @@ class DependencyMissing(ImgserveError):
     code = 609
     status = 500
     message = "a package this job needs is not installed"
+
+
+class WorkerUnresponsive(WorkerCrashed):
+    """The worker pool gave no answer within the job deadline plus a grace."""
+
+    code = 610
+    message = "no answer from the worker process within the deadline"
+
+
+class IntakeBusy(ImgserveError):
+    """Every intake slot (a download + check before the reply) is taken, or the
+    sources being checked hold the intake byte budget."""
+
+    code = 611
+    status = 503
+    message = "too many jobs being checked, retry later"
+
+
+class ReplyTimeout(ImgserveError):
+    """Checking the job (download, plan, placeholder upload) ran past the reply deadline."""
+
+    code = 612
+    status = 504
+    message = "the job could not be checked within the reply deadline"
 
 
 def all_errors() -> list[type[ImgserveError]]:

@@ -5,6 +5,12 @@ process started with forkserver (libvips must not be forked after use). pebble
 replaces a worker that dies (segfault, OOM kill, SIGKILL) and kills one that
 runs past the job deadline; both come back here as imgserve errors, so a dead
 worker costs only its own job.
+
+Every wait here has a deadline of its own: pebble's answer is awaited for at
+most the job timeout plus ``ANSWER_GRACE_S`` (WorkerUnresponsive, retryable).
+A pool pebble reports broken (a worker killed while it held the task channel)
+is replaced, and every render still waiting on it fails at once as a
+retryable WorkerCrashed instead of waiting for an answer that cannot come.
 """
 
 from __future__ import annotations
@@ -102,12 +108,27 @@ def _render(
         raise
 
 
+ANSWER_GRACE_S = 5.0
+"""How long past the job timeout a render waits for pebble (kill, replace, report)."""
+_WATCH_S = 1.0
+"""How often a waiting render checks that its pool is still alive."""
+
+
 class ImagePool:
     """N worker processes; ``render`` is safe to await from the event loop."""
 
-    def __init__(self, settings: WorkerSettings, limits: ImagingLimits) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        limits: ImagingLimits,
+        *,
+        answer_grace_s: float = ANSWER_GRACE_S,
+    ) -> None:
         self.settings = settings
         self.limits = limits
+        self.answer_grace_s = answer_grace_s
+        self.replacements = 0
+        """Broken pools replaced since start."""
         # The forkserver (and so every worker) is exec'd with this environment.
         for name, value in MALLOC_ENV.items():
             os.environ.setdefault(name, value)
@@ -131,6 +152,7 @@ class ImagePool:
         if self._pool is broken:
             log.warning("worker pool broken (a worker died while idle); starting a new one")
             self._pool = self._new_pool()
+            self.replacements += 1
             threading.Thread(target=broken.stop, daemon=True).start()
 
     async def render(
@@ -149,7 +171,7 @@ class ImagePool:
             pool = self._pool
             future = pool.schedule(_render, args=args, timeout=self.settings.job_timeout_s)
         try:
-            return await asyncio.wrap_future(future)
+            return await self._answer(future, pool)
         except FutureTimeout as exc:
             raise errors.ProcessingTimeout(
                 f"rendering took longer than {self.settings.job_timeout_s:g} s"
@@ -162,11 +184,38 @@ class ImagePool:
             raise errors.WorkerMemoryExceeded("the worker ran out of memory") from exc
         except errors.ImgserveError:
             raise
-        except RuntimeError as exc:
+        except RuntimeError as exc:  # BrokenProcessPool among them
             self._replace_broken_pool(pool)
             raise errors.WorkerCrashed(f"worker pool failed: {exc}") from exc
         except Exception as exc:
             raise errors.InternalError(f"worker error: {type(exc).__name__}: {exc}") from exc
+
+    async def _answer(self, future: Any, pool: pebble.ProcessPool) -> bytes:
+        """pebble's answer for ``future``, watched: never longer than the job timeout
+        plus the grace, and not at all once its pool is broken or replaced."""
+        loop = asyncio.get_running_loop()
+        answer = asyncio.wrap_future(future)
+        deadline = loop.time() + self.settings.job_timeout_s + self.answer_grace_s
+        while True:
+            left = deadline - loop.time()
+            try:
+                done, _ = await asyncio.wait({answer}, timeout=max(0.0, min(_WATCH_S, left)))
+            except asyncio.CancelledError:
+                answer.cancel()  # and so the pebble task, as a plain await would
+                raise
+            if done:
+                return answer.result()  # type: ignore[no-any-return]
+            if pool is self._pool and not pool.active:
+                self._replace_broken_pool(pool)
+            if pool is not self._pool:
+                future.cancel()
+                raise errors.WorkerCrashed("the worker pool broke and was replaced mid-job")
+            if loop.time() >= deadline:
+                future.cancel()
+                raise errors.WorkerUnresponsive(
+                    f"no answer from the worker pool within {self.settings.job_timeout_s:g} s "
+                    f"+ {self.answer_grace_s:g} s"
+                )
 
     def workers_alive(self) -> int:
         workers = getattr(getattr(self._pool, "_pool_manager", None), "worker_manager", None)
@@ -176,8 +225,10 @@ class ImagePool:
         return self.settings.workers
 
     def close(self, timeout_s: float = 5.0) -> None:
+        """Let running renders finish for up to ``timeout_s``, then stop the workers."""
         self._pool.close()  # type: ignore[no-untyped-call]
-        self._pool.join(timeout=timeout_s)
+        with contextlib.suppress(TimeoutError):
+            self._pool.join(timeout=timeout_s)
         if self._pool.active:
             self._pool.stop()  # type: ignore[no-untyped-call]
             self._pool.join(timeout=timeout_s)

@@ -42,19 +42,31 @@ class Runner:
         await self.queue.consume(self.run, self.concurrency, self.stopping)
 
     async def run(self, record: JobRecord) -> None:
-        """Run one delivered job and record how it ended."""
-        job = Job.from_dict(record.job)
+        """Run one delivered job and record how it ended.
+
+        Every failure of the job itself ends in ``_failed`` (retry or fail). Only a
+        failure to record that end (the queue is down) escapes, and the queue then
+        delivers the job again (JobQueue.consume's contract).
+        """
+        self.running += 1
+        try:
+            await self._run(record)
+        finally:
+            self.running -= 1
+
+    async def _run(self, record: JobRecord) -> None:
         max_attempts = self.settings.worker.max_attempts
         if record.attempts > max_attempts:
             # Delivered again after its runner died on every attempt: a poison job.
             exc = errors.WorkerCrashed(
                 f"the job's worker died on each of {max_attempts} attempts; giving up"
             )
-            await self._failed(record, job, exc)
+            await self._failed(record, exc)
             return
         log.debug("job %s running attempt=%d dst=%s", record.id, record.attempts, record.dst_url)
-        self.running += 1
         try:
+            job = Job.from_dict(record.job)
+            plan = pipeline.Plan.from_dict(record.plan)
             # The queue's copy is the very source the plan checked; a new download is not.
             source: bytes | str | None = await self.queue.source_file(record.id)
             if source is None:
@@ -63,21 +75,18 @@ class Runner:
             if source is None:
                 source = await self.transports.download(job.src_url)
             result = await self.pool.render(source, record.plan, planned=planned)
-            plan = pipeline.Plan.from_dict(record.plan)
             target = destination_target(plan.dst_url, job.form_field)
             await self.transports.upload(target, result, plan.content_type)
         except errors.ImgserveError as exc:
-            await self._failed(record, job, exc)
+            await self._failed(record, exc)
         except Exception as exc:  # a bug: record it, never lose the job silently
             log.exception("job %s: unexpected error", record.id)
-            await self._failed(record, job, errors.InternalError(f"{type(exc).__name__}: {exc}"))
+            await self._failed(record, errors.InternalError(f"{type(exc).__name__}: {exc}"))
         else:
             await self.queue.complete(record.id)
             log.info("job %s done attempt=%d", record.id, record.attempts)
-        finally:
-            self.running -= 1
 
-    async def _failed(self, record: JobRecord, job: Job, exc: errors.ImgserveError) -> None:
+    async def _failed(self, record: JobRecord, exc: errors.ImgserveError) -> None:
         attempts_left = record.attempts < self.settings.worker.max_attempts
         if exc.retryable and attempts_left:
             delay = backoff_s(
@@ -103,14 +112,18 @@ class Runner:
             exc.detail,
         )
         # The failure image goes first: once the job reads "failed", it is in place.
-        await self._upload_failure_image(record, job)
+        await self._upload_failure_image(record)
         await self.queue.fail(record.id, exc.code, exc.detail)
 
-    async def _upload_failure_image(self, record: JobRecord, job: Job) -> None:
-        plan = pipeline.Plan.from_dict(record.plan)
+    async def _upload_failure_image(self, record: JobRecord) -> None:
         try:
+            plan = pipeline.Plan.from_dict(record.plan)
             image = await asyncio.to_thread(pipeline.failure_image, plan.result, plan.output)
-            target = destination_target(plan.dst_url, job.form_field)
+            target = destination_target(plan.dst_url, record.job.get("form_field"))
             await self.transports.upload(target, image, plan.content_type)
         except errors.ImgserveError as exc:
             log.warning("job %s: failure image not uploaded: %s", record.id, exc.detail)
+        except Exception as exc:  # a record we cannot read: the failure still counts
+            log.warning(
+                "job %s: failure image not drawn: %s: %s", record.id, type(exc).__name__, exc
+            )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import stat
@@ -211,6 +212,50 @@ def test_worker_killed_mid_job_is_retried(start_daemon: Any, http_server: HTTPTe
     after = daemon.post(resize(ok, f"file://{daemon.out_dir}/k/ok.jpg", width=30))
     assert daemon.wait(after.body["jobId"])["state"] == "done"
     assert daemon.workers() and not (daemon.workers() & victims)
+
+
+def _sleeping(pids: set[int]) -> set[int]:
+    """The workers asleep in a render (the DELAY fault), not waiting for a task."""
+    found = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/wchan").read_text() == "hrtimer_nanosleep":
+                found.add(pid)
+    return found
+
+
+def test_idle_and_busy_workers_killed_with_jobs_queued_behind_them(
+    start_daemon: Any, http_server: HTTPTestServer
+) -> None:
+    """SIGKILL of an idle worker (which can break pebble's pool), then of a busy one
+    while more jobs wait behind it: every job still ends done, none hangs."""
+    daemon = start_daemon("--workers", "2", "--max-attempts", "3")
+    deadline = time.monotonic() + 30
+    while len(daemon.workers()) < 2:
+        assert time.monotonic() < deadline, "the workers never started"
+        time.sleep(0.05)
+    idle = next(iter(daemon.workers()))
+    os.kill(idle, signal.SIGKILL)
+
+    src = serve(http_server, "kb/slow.jpg", jpeg(400, 300, b"IMGSERVE-FAULT-DELAY=1"))
+    ids = [
+        daemon.post(resize(src, f"file://{daemon.out_dir}/kb/{n}.jpg", width=40)).body["jobId"]
+        for n in range(6)
+    ]
+    busy: set[int] = set()
+    while not busy:
+        assert time.monotonic() < deadline + 30, "no worker ever took a job"
+        busy = _sleeping(daemon.workers())
+        time.sleep(0.02)
+    os.kill(busy.pop(), signal.SIGKILL)
+
+    finished = [daemon.wait(job_id, timeout_s=120) for job_id in ids]
+    assert [job["state"] for job in finished] == ["done"] * 6, finished
+    assert any(job["attempts"] > 1 for job in finished)  # the busy one ran again
+    deadline = time.monotonic() + 30
+    while daemon.request("GET", "/health").body["workersAlive"] != 2:
+        assert time.monotonic() < deadline, daemon.request("GET", "/health").body
+        time.sleep(0.05)
 
 
 def test_segfaulting_job_fails_after_attempts(

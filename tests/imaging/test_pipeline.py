@@ -419,8 +419,34 @@ def test_render_rechecks_a_source_that_changed(run: Run, limits: ImagingLimits) 
     )
     with pytest.raises(errors.SourcePixelsOverLimit):
         pipeline.render(plan, _png_bomb(), limits)
-    with pytest.raises(errors.SourceUnreadable):
+    with pytest.raises(errors.SourceChanged):
         pipeline.render(plan, quadrants(64, 64).jpegsave_buffer(), limits)
+
+
+@pytest.mark.parametrize(
+    ("planned_size", "new_size", "gravity"),
+    [((64, 64), (64, 32), "centre"), ((64, 48), (48, 64), "smart"), ((80, 60), (81, 60), "north")],
+)
+def test_render_refuses_a_source_whose_size_changed_since_planning(
+    limits: ImagingLimits,
+    planned_size: tuple[int, int],
+    new_size: tuple[int, int],
+    gravity: str,
+) -> None:
+    """A source downloaded again with another size is 207, never rendered with the
+    planned cover size and crop window (stale geometry)."""
+    planned = quadrants(*planned_size).pngsave_buffer()
+    job = job_for("resize", "http://h/a.png", "file:///o.png", width=32, height=16,
+                  gravity=gravity)  # fmt: skip
+    plan = pipeline.plan(job, planned, limits)
+    with pytest.raises(errors.SourceChanged) as info:
+        pipeline.render(plan, quadrants(*new_size).pngsave_buffer(), limits)
+    assert info.value.code == 207
+    assert f"{new_size[0]}x{new_size[1]}" in info.value.detail
+    # The same size (other pixels) still renders to the promised result.
+    again = quadrants(*planned_size).invert().pngsave_buffer()
+    out = decode(pipeline.render(plan, again, limits))
+    assert (out.width, out.height) == (plan.result.width, plan.result.height)
 
 
 def test_pixel_limit_counts_all_frames(animated_gif: bytes) -> None:

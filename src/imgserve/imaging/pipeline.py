@@ -187,10 +187,25 @@ def render(plan: Plan, data: bytes, limits: ImagingLimits, *, planned: bool = Fa
     copy); otherwise (downloaded again) every source check runs again first.
     """
     if not planned:
-        fmt, _header, _svg_size = _check_source(plan.operation, data, limits)
+        fmt, header, _svg_size = _check_source(plan.operation, data, limits)
         if fmt is not plan.source_format:
-            raise errors.SourceUnreadable(
+            raise errors.SourceChanged(
                 f"source is now {fmt.value}, not the {plan.source_format.value} that was planned"
+            )
+        # Cover sizes, crop windows and the SVG scale were computed from the planned
+        # source: another size would render with stale geometry.
+        now = (
+            Size(header.width, header.height)
+            if fmt is Format.SVG
+            else geometry.oriented(Size(header.width, header.height), header.orientation)
+        )
+        if now != plan.source or header.pages != plan.pages:
+            raise errors.SourceChanged(
+                f"source is now {now.width}x{now.height}"
+                + (f" x {header.pages} frames" if header.pages > 1 else "")
+                + f", not the {plan.source.width}x{plan.source.height}"
+                + (f" x {plan.pages} frames" if plan.pages > 1 else "")
+                + " that was planned"
             )
     box = plan.result
     if plan.operation == "rasterize":
