@@ -3,6 +3,11 @@
 0.2's two-phase contract: a job is answered only once its source was read,
 its result size computed and a placeholder of that size uploaded to the
 destination. Only this module turns imgserve errors into HTTP replies.
+
+Intake is bounded before any work starts (as imgproxy's workers are): at most
+``intake_max`` jobs are checked at once and at most ``intake_max_bytes`` of
+their sources held, else 503 (611) with Retry-After; all of a job's checking
+shares one deadline, ``reply_timeout_s`` (612).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,9 +49,16 @@ class Service:
     transports: Transports
     runner: Runner | None
     draining: bool = False
+    degraded: str | None = None
+    """Why the daemon can no longer run jobs (it is about to exit), or None."""
     intake: int = 0
+    """Jobs being checked now (downloaded, planned, placeholder uploaded)."""
+    intake_bytes: int = 0
+    """Source bytes those jobs hold."""
     started_at: float = field(default_factory=time.time)
     workers_alive: Callable[[], int] = lambda: 0
+    plan_executor: Executor | None = None
+    """Threads for planning (header reads, placeholders); None: the loop's default."""
 
 
 SERVICE = web.AppKey("service", Service)
@@ -99,29 +112,61 @@ async def submit(request: web.Request) -> web.Response:
     if len(body) > service.settings.server.max_request_bytes:
         raise errors.RequestTooLarge()
     job = validate(parse_body(body))
+    if service.degraded is not None:
+        raise errors.ShuttingDown(service.degraded)
     if service.draining:
         raise errors.ShuttingDown()
-    limit = service.settings.server.queue_max
+    server = service.settings.server
+    if service.intake >= server.intake_max:
+        raise errors.IntakeBusy(f"{service.intake} jobs being checked, the limit is "
+                                f"{server.intake_max}")  # fmt: skip
+    if service.intake_bytes >= server.intake_max_bytes:
+        raise errors.IntakeBusy(
+            f"jobs being checked hold {service.intake_bytes} bytes of sources, the limit is "
+            f"{server.intake_max_bytes}"
+        )
     counts = await service.queue.counts()
-    if counts["queued"] + counts["running"] + service.intake >= limit:
-        raise errors.QueueFull(f"{limit} jobs waiting or being checked")
+    if counts["queued"] + counts["running"] + service.intake >= server.queue_max:
+        raise errors.QueueFull(f"{server.queue_max} jobs waiting or being checked")
     service.intake += 1
+    held = 0
+    deadline = asyncio.timeout(server.reply_timeout_s)
     try:
-        return await _accept(service, job)
+        try:
+            async with deadline:
+                data = await service.transports.download(job.src_url)
+                held = len(data)
+                service.intake_bytes += held
+                plan = await _check(service, job, data)
+        except TimeoutError as exc:
+            if not deadline.expired():
+                raise
+            raise errors.ReplyTimeout(
+                f"not checked within {server.reply_timeout_s:g} s (download, plan, placeholder)"
+            ) from exc
+        # Outside the deadline: once the commit starts, the job is accepted.
+        return await _enqueue(service, job, plan, data)
     finally:
         service.intake -= 1
+        service.intake_bytes -= held
 
 
-async def _accept(service: Service, job: Job) -> web.Response:
-    data = await service.transports.download(job.src_url)
-    plan, image = await asyncio.to_thread(_plan, job, data, service.settings.imaging)
+async def _check(service: Service, job: Job, data: bytes) -> pipeline.Plan:
+    """Plan the job and put its placeholder at the destination."""
+    loop = asyncio.get_running_loop()
+    plan, image = await loop.run_in_executor(
+        service.plan_executor, _plan, job, data, service.settings.imaging
+    )
     # Not forced to disk: after a power cut the stored job runs again and writes the result.
     target = dataclasses.replace(destination_target(plan.dst_url, job.form_field), durable=False)
     try:
         await service.transports.upload(target, image, plan.content_type)
     except (errors.UploadFailed, errors.UploadRefused) as exc:
         raise errors.PlaceholderUploadFailed(exc.detail) from exc
+    return plan
 
+
+async def _enqueue(service: Service, job: Job, plan: pipeline.Plan, data: bytes) -> web.Response:
     job_id = uuid.uuid4().hex
     record = JobRecord(id=job_id, job=job.to_dict(), plan=plan.to_dict(), dst_url=plan.dst_url)
     await service.queue.put(record, data, max_active=service.settings.server.queue_max)
@@ -175,8 +220,9 @@ async def health(request: web.Request) -> web.Response:
     service: Service = request.app[SERVICE]
     counts = await service.queue.counts()
     nodes = await service.queue.nodes()
-    body = {
-        "status": "draining" if service.draining else "ok",
+    status = "degraded" if service.degraded else "draining" if service.draining else "ok"
+    body: dict[str, Any] = {
+        "status": status,
         "version": __version__,
         "queue": counts,
         "queueDepth": counts["queued"],
@@ -187,8 +233,11 @@ async def health(request: web.Request) -> web.Response:
         "workersAlive": service.workers_alive() + sum(n.get("workersAlive", 0) for n in nodes),
         "nodes": nodes,
         "uptimeS": round(time.time() - service.started_at, 1),
+        "intake": {"jobs": service.intake, "bytes": service.intake_bytes},
     }
-    return web.json_response(body, status=200)
+    if service.degraded:
+        body["detail"] = service.degraded
+    return web.json_response(body, status=503 if service.degraded else 200)
 
 
 def make_app(service: Service) -> web.Application:

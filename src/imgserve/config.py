@@ -89,6 +89,12 @@ class ServerSettings:
     max_request_bytes: int = 1 * MiB
     queue_max: int = 256
     """Jobs accepted but not finished; past this, POST / answers 503."""
+    intake_max: int = 64
+    """Jobs being checked at once (download, plan, placeholder); past this, 503 (611)."""
+    intake_max_bytes: int = 512 * MiB
+    """Source bytes held by jobs being checked; once reached, new jobs get 503 (611)."""
+    reply_timeout_s: float = 90.0
+    """One deadline for checking a job before the reply (code 612)."""
     shutdown_timeout_s: float = 30.0
     keep_finished_s: float = 7 * 24 * 3600.0
     queue_url: str | None = None
@@ -121,6 +127,9 @@ _FIELDS: dict[str, tuple[str, str]] = {
     "log_dir": ("server", "log_dir"),
     "max_request_bytes": ("server", "max_request_bytes"),
     "queue_max": ("server", "queue_max"),
+    "intake_max": ("server", "intake_max"),
+    "intake_max_bytes": ("server", "intake_max_bytes"),
+    "reply_timeout_s": ("server", "reply_timeout_s"),
     "shutdown_timeout_s": ("server", "shutdown_timeout_s"),
     "keep_finished_s": ("server", "keep_finished_s"),
     "queue": ("server", "queue_url"),

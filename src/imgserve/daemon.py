@@ -172,7 +172,16 @@ def serve(settings: Settings, *, to_file: bool, force: bool) -> int:
         remove_pid_file(paths)
 
 
-async def _serve(settings: Settings, paths: Paths) -> int:
+DEGRADED_LINGER_S = 5.0
+"""How long a daemon whose job runner died keeps answering /health 503 before it
+exits, so a load balancer or a supervisor's health check sees why."""
+
+
+async def _serve(settings: Settings, paths: Paths, *, linger_s: float = DEGRADED_LINGER_S) -> int:
+    """The daemon's body. Every resource is entered on one exit stack, so every way
+    out (a signal, a start-up error, the job runner dying) closes them all."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from aiohttp import web
 
     from imgserve import api
@@ -183,41 +192,89 @@ async def _serve(settings: Settings, paths: Paths) -> int:
 
     vips.set_threads(1)
     paths.data_dir.mkdir(parents=True, exist_ok=True)
-    queue = _open_queue(settings, paths.data_dir)
-    transports = Transports(settings.transport)
-    # With a Redis queue this node only accepts jobs; `imgserve worker` nodes run them.
-    runner: Runner | None = None
-    pool: ImagePool | None = None
-    if settings.server.queue_url is None:
-        recovered = await queue.recover()
-        if recovered:
-            log.info("recovered %d unfinished jobs from the queue", recovered)
-        pool = ImagePool(settings.worker, settings.imaging)
-        runner = Runner(queue, transports, pool, settings)
-    service = api.Service(
-        settings=settings,
-        queue=queue,
-        transports=transports,
-        runner=runner,
-        workers_alive=pool.workers_alive if pool else (lambda: 0),
-    )
-    app = api.make_app(service)
-    app_runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await app_runner.setup()
-    site = web.TCPSite(
-        app_runner, settings.server.host, settings.server.port, reuse_address=True, backlog=1024
-    )
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        queue = _open_queue(settings, paths.data_dir)
+        stack.push_async_callback(queue.close)
+        transports = Transports(settings.transport)
+        stack.push_async_callback(transports.aclose)
+        plan_executor = ThreadPoolExecutor(
+            max_workers=settings.worker.workers + 1, thread_name_prefix="imgserve-plan"
+        )
+        stack.callback(plan_executor.shutdown, wait=False, cancel_futures=True)
+        # With a Redis queue this node only accepts jobs; `imgserve worker` nodes run them.
+        runner: Runner | None = None
+        pool: ImagePool | None = None
+        if settings.server.queue_url is None:
+            recovered = await queue.recover()
+            if recovered:
+                log.info("recovered %d unfinished jobs from the queue", recovered)
+            pool = ImagePool(settings.worker, settings.imaging)
+            stack.push_async_callback(asyncio.to_thread, pool.close)
+            runner = Runner(queue, transports, pool, settings)
+        service = api.Service(
+            settings=settings,
+            queue=queue,
+            transports=transports,
+            runner=runner,
+            workers_alive=pool.workers_alive if pool else (lambda: 0),
+            plan_executor=plan_executor,
+        )
+        app_runner = web.AppRunner(api.make_app(service), access_log=None, handle_signals=False)
+        await app_runner.setup()
+        stack.push_async_callback(app_runner.cleanup)
+        site = web.TCPSite(
+            app_runner,
+            settings.server.host,
+            settings.server.port,
+            reuse_address=True,
+            backlog=1024,
+        )
         await site.start()
-    except OSError:
-        await app_runner.cleanup()
-        if pool is not None:
-            pool.close()
-        await queue.close()
-        raise
 
-    stop = _drain_on_signals(on_first=lambda: setattr(service, "draining", True))
+        stop = _drain_on_signals(on_first=lambda: setattr(service, "draining", True))
+        _write_runtime_file(paths, settings)
+        log.info(
+            "imgserve listening on %s:%d with %d workers, state in %s",
+            settings.server.host,
+            settings.server.port,
+            settings.worker.workers,
+            paths.data_dir,
+        )
+        pruner = asyncio.create_task(_prune_loop(queue, settings.server.keep_finished_s))
+        stack.push_async_callback(_cancel, pruner)
+        if runner is None:
+            await stop.wait()
+            return EXIT_OK
+        jobs = asyncio.create_task(runner.serve())
+        stopped = asyncio.create_task(stop.wait())
+        stack.push_async_callback(_cancel, stopped)
+        await asyncio.wait({jobs, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if jobs.done() and not stop.is_set():
+            service.degraded = f"the job runner stopped: {_ending(jobs)}"
+            log.critical("%s; no job can run, exiting in %.0f s", service.degraded, linger_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), linger_s)
+            return EXIT_FAIL
+        await drain(runner, jobs, settings.server.shutdown_timeout_s)
+    log.info("imgserve stopped")
+    return EXIT_OK
 
+
+def _ending(task: asyncio.Task[None]) -> str:
+    """How a task that should have run for ever ended, in words."""
+    if task.cancelled():
+        return "cancelled"
+    exc = task.exception()
+    return "returned" if exc is None else f"{type(exc).__name__}: {exc}"
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def _write_runtime_file(paths: Paths, settings: Settings) -> None:
     paths.runtime_file.write_text(
         json.dumps(
             {
@@ -228,29 +285,6 @@ async def _serve(settings: Settings, paths: Paths) -> int:
             }
         )
     )
-    log.info(
-        "imgserve listening on %s:%d with %d workers, state in %s",
-        settings.server.host,
-        settings.server.port,
-        settings.worker.workers,
-        paths.data_dir,
-    )
-    jobs = asyncio.create_task(runner.serve()) if runner else None
-    pruner = asyncio.create_task(_prune_loop(queue, settings.server.keep_finished_s))
-    await stop.wait()
-
-    if runner is not None and jobs is not None:
-        await drain(runner, jobs, settings.server.shutdown_timeout_s)
-    pruner.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await pruner
-    await app_runner.cleanup()
-    await transports.aclose()
-    if pool is not None:
-        await asyncio.to_thread(pool.close)
-    await queue.close()
-    log.info("imgserve stopped")
-    return EXIT_OK
 
 
 def _open_queue(settings: Settings, data_dir: Path) -> Any:
@@ -269,6 +303,7 @@ def _open_queue(settings: Settings, data_dir: Path) -> Any:
         data_dir,
         keep_finished_s=settings.server.keep_finished_s,
         job_deadline_s=deadline,
+        lease_s=settings.worker.lease_s or 30.0,
     )
 
 
@@ -315,42 +350,47 @@ async def _worker(settings: Settings) -> int:
     from imgserve.transports import Transports
     from imgserve.worker import Runner
 
-    queue = _open_queue(settings, Path("."))
-    pool = ImagePool(settings.worker, settings.imaging)
-    runner = Runner(queue, Transports(settings.transport), pool, settings)
-    stop = _drain_on_signals()
     name = f"{socket.gethostname()}:{os.getpid()}"
+    async with contextlib.AsyncExitStack() as stack:
+        queue = _open_queue(settings, Path("."))
+        stack.push_async_callback(queue.close)
+        pool = ImagePool(settings.worker, settings.imaging)
+        stack.push_async_callback(asyncio.to_thread, pool.close)
+        transports = Transports(settings.transport)
+        stack.push_async_callback(transports.aclose)
+        runner = Runner(queue, transports, pool, settings)
+        stop = _drain_on_signals()
 
-    async def announce() -> None:
-        while True:
-            node = {
-                "name": name,
-                "pid": os.getpid(),
-                "workers": settings.worker.workers,
-                "workersAlive": pool.workers_alive(),
-                "running": runner.running,
-                "at": time.time(),
-            }
-            with contextlib.suppress(Exception):
-                await queue.announce(node)
-            await asyncio.sleep(5.0)
+        async def announce() -> None:
+            while True:
+                node = {
+                    "name": name,
+                    "pid": os.getpid(),
+                    "workers": settings.worker.workers,
+                    "workersAlive": pool.workers_alive(),
+                    "running": runner.running,
+                    "at": time.time(),
+                }
+                with contextlib.suppress(Exception):
+                    await queue.announce(node)
+                await asyncio.sleep(5.0)
 
-    log.info(
-        "imgserve worker %s: %d workers on %s",
-        name,
-        settings.worker.workers,
-        redact_url(settings.server.queue_url or ""),
-    )
-    jobs = asyncio.create_task(runner.serve())
-    announcer = asyncio.create_task(announce())
-    await asyncio.wait(
-        {jobs, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED
-    )
-    await drain(runner, jobs, settings.server.shutdown_timeout_s)
-    announcer.cancel()
-    await runner.transports.aclose()
-    await asyncio.to_thread(pool.close)
-    await queue.close()
+        log.info(
+            "imgserve worker %s: %d workers on %s",
+            name,
+            settings.worker.workers,
+            redact_url(settings.server.queue_url or ""),
+        )
+        announcer = asyncio.create_task(announce())
+        stack.push_async_callback(_cancel, announcer)
+        jobs = asyncio.create_task(runner.serve())
+        stopped = asyncio.create_task(stop.wait())
+        stack.push_async_callback(_cancel, stopped)
+        await asyncio.wait({jobs, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if jobs.done() and not stop.is_set():
+            log.critical("imgserve worker %s: the job runner stopped: %s", name, _ending(jobs))
+            return EXIT_FAIL
+        await drain(runner, jobs, settings.server.shutdown_timeout_s)
     log.info("imgserve worker %s stopped", name)
     return EXIT_OK
 

@@ -396,3 +396,34 @@ async def test_job_whose_runner_died_is_reclaimed_when_its_lease_runs_out(
     await wait_state(queue, job.id, State.DONE)  # within 15 s: lease 1 s / arq's 12 s
     await stop(stopping, task)
     assert attempts == [2]
+
+
+async def test_sqlite_consumer_outlives_a_failing_database(tmp_path: Path) -> None:
+    """Claims that raise (the database locked, the disk gone) are logged and retried
+    with backoff; consume keeps running and delivers the job once claims work again."""
+    from imgserve.queue.sqlite import SQLiteQueue
+
+    class Failing(SQLiteQueue):
+        failures = 3
+
+        async def claim(self) -> JobRecord | None:
+            if self.failures > 0:
+                self.failures -= 1
+                raise errors.QueueUnavailable("job database: disk I/O error")
+            return await super().claim()
+
+    queue = Failing(tmp_path / "jobs.db")
+    job = record()
+    await queue.put(job, b"x", max_active=10)
+
+    async def handler(delivered: JobRecord) -> None:
+        await queue.complete(delivered.id)
+
+    stopping, task = await consuming(queue, handler)
+    try:
+        await wait_state(queue, job.id, State.DONE)
+        assert not task.done()
+        assert queue.failures == 0
+    finally:
+        await stop(stopping, task)
+        await queue.close()

@@ -210,6 +210,9 @@ class SQLiteQueue(JobQueue):
                     continue
                 try:
                     record = await self.claim()
+                    if record is None:
+                        await self._idle(stopping)
+                        continue
                 except Exception as exc:  # the database, not a job: wait and try again
                     claim_failures += 1
                     delay = backoff_s(claim_failures, base_s=0.1, max_s=5.0, min_fraction=0.5)
@@ -218,9 +221,6 @@ class SQLiteQueue(JobQueue):
                         await asyncio.wait_for(stopping.wait(), delay)
                     continue
                 claim_failures = 0
-                if record is None:
-                    await self._idle(stopping)
-                    continue
                 task = asyncio.create_task(self._deliver(handler, record))
                 running[task] = record.id
                 task.add_done_callback(lambda done: running.pop(done, None))
