@@ -98,7 +98,7 @@ def test_cli_version_and_status_not_running(
     [
         ("ftp://user:pw@example.com/x", "ftp://user:***@example.com/x"),
         ("s3://AKIA:secret@bucket/key", "s3://AKIA:***@bucket/key"),
-        ("http://token@example.com/", "http://token@example.com/"),
+        ("http://token@example.com/", "http://***@example.com/"),
         ("http://example.com/a:b@c", "http://example.com/a:b@c"),
         ("job x ftp://u:p@h/1 and https://a:b@h/2", "job x ftp://u:***@h/1 and https://a:***@h/2"),
     ],

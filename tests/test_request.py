@@ -106,6 +106,11 @@ INVALID: list[tuple[str, dict[str, Any], int]] = [
         _req(dstURL="http://h/upload.php:a.png", args={"width": 10, "field_file": ["f"]}),
         112,
     ),
+    (
+        "field_name with a line break",
+        _req(dstURL="http://h/upload.php:a.png", args={"width": 10, "field_name": "f\r\nX: 1"}),
+        126,
+    ),
     ("destination .bmp", _req(dstURL="file:///out/a.bmp"), 113),
     ("destination .svg", _req(dstURL="file:///out/a.svg"), 113),
     ("destination without extension", _req(dstURL="file:///out/a"), 113),

@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -207,9 +208,15 @@ def job_view(record: JobRecord) -> dict[str, Any]:
     return view
 
 
+_JOB_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex, as _accept makes them
+
+
 async def get_job(request: web.Request) -> web.Response:
     service: Service = request.app[SERVICE]
     job_id = request.match_info["job_id"]
+    if not _JOB_ID.fullmatch(job_id):
+        # Cannot be a job: answered without a trip to the queue (or echoing a long id).
+        raise errors.JobNotFound("not a job id: imgserve's are 32 lower-case hex digits")
     record = await service.queue.get(job_id)
     if record is None:
         raise errors.JobNotFound(f"no job {job_id!r} (unknown, or pruned after it finished)")

@@ -149,6 +149,40 @@ class RequestTooLarge(RequestInvalid):
     message = "request body over the size limit"
 
 
+# --- hostile input (126-129) ----------------------------------------------------------
+
+
+class FormFieldInvalid(RequestInvalid):
+    code = 126
+    message = "upload form field name holds a control character"
+
+
+class HTTPProtocolError(ImgserveError):
+    """The HTTP message itself is broken, so no request reached the handlers.
+
+    Found by aiohttp's parser (see protocol.py); not a JSON contract failure.
+    """
+
+    status = 400
+
+
+class HTTPRequestMalformed(HTTPProtocolError):
+    code = 127
+    message = "HTTP request malformed"
+
+
+class HTTPHeadersTooLarge(HTTPProtocolError):
+    code = 128
+    status = 431
+    message = "request header too large"
+
+
+class HTTPURLTooLong(HTTPProtocolError):
+    code = 129
+    status = 414
+    message = "request URL too long"
+
+
 # --- 0.2's source and destination codes ----------------------------------------------
 
 

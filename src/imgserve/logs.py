@@ -1,8 +1,14 @@
-"""Logging set-up: one line per job state change, credentials never shown.
+"""Logging set-up: one line per record, credentials never shown.
 
-Every record passes through :class:`RedactFilter`, which replaces URL
-passwords with ``***`` after formatting, so no call site can leak one. The
-log file rotates by size and is created with mode 0640.
+Every record is written by :class:`SafeFormatter`, which works on the whole
+formatted text (message, traceback, stack) so no call site can get around it:
+
+- credentials are replaced by ``***`` (:func:`imgserve.urls.redact_url`);
+- control characters are escaped (``\\n``, ``\\x00``, ``\\u2028``, ...), so
+  a URL or an error detail with a line break cannot forge a log line, and a
+  traceback is written as one line with its line breaks as ``\\n``.
+
+The log file rotates by size and is created with mode 0640.
 """
 
 from __future__ import annotations
@@ -17,16 +23,34 @@ from imgserve.urls import redact_url
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
-class RedactFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        redacted = redact_url(message)
-        if redacted != message:
-            record.msg, record.args = redacted, None
-        if record.exc_info and record.exc_info[1] is not None:
-            record.exc_text = redact_url(logging.Formatter().formatException(record.exc_info))
-        return True
+
+def _escape_table() -> dict[int, str]:
+    # C0, DEL and C1, the Unicode line and paragraph separators (which
+    # str.splitlines and some viewers treat as line breaks), and lone
+    # surrogates (which cannot be encoded, so the record would be lost).
+    codes = [*range(0x20), 0x7F, *range(0x80, 0xA0), 0x2028, 0x2029, *range(0xD800, 0xE000)]
+    table: dict[int, str] = {}
+    for code in codes:
+        char = chr(code)
+        table[code] = _NAMED.get(char) or (f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}")
+    return table
+
+
+_ESCAPES = _escape_table()
+
+
+def escape_control(text: str) -> str:
+    """``text`` on one line: every control character written as an escape."""
+    return text.translate(_ESCAPES)
+
+
+class SafeFormatter(logging.Formatter):
+    """Formats a record as one line with its credentials redacted."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return escape_control(redact_url(super().format(record)))
 
 
 class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
@@ -48,8 +72,7 @@ def configure(
     else:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handler = PrivateRotatingFileHandler(log_file, maxBytes=max_bytes, backupCount=backups)
-    handler.setFormatter(logging.Formatter(FORMAT))
-    handler.addFilter(RedactFilter())
+    handler.setFormatter(SafeFormatter(FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -8,6 +8,7 @@ is checked later by imaging/.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,19 @@ _ARGS = {
 }
 _TAG = re.compile(r"\{\$([A-Za-z]+)\}")
 TAGS = frozenset({"width", "height", "basename", "extension", "ext"})
+
+MAX_JSON_DEPTH = 20
+"""Deepest nesting a body may have; 0.2's contract needs 2 (the body, then args)."""
+MAX_SIDE_PX = 10_000_000
+"""libvips' largest image side (VIPS_MAX_COORD): no result can be wider or taller."""
+MAX_SCALE = float(MAX_SIDE_PX)
+"""A larger scale puts every drawing of a pixel or more past MAX_SIDE_PX."""
+
+# C0 controls and DEL: a URL, file name or form field holding one is never
+# what the user meant, and a CR or LF in it could split a header or a log line.
+# Lone surrogates cannot be encoded, so no transport could send them either.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+_SHOWN_CHARS = 80
 
 
 @dataclass(frozen=True)
@@ -70,15 +84,57 @@ class Job:
         return cls(**data)
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _depth_over(obj: Any, limit: int) -> bool:
+    """Whether ``obj`` nests lists/objects more than ``limit`` deep (no recursion)."""
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children = list(value.values())
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
 def parse_body(body: bytes) -> dict[str, Any]:
-    """Decode the request body; anything but a JSON object is a parse error (100)."""
+    """Decode the request body; anything but a JSON object is a parse error (100).
+
+    Strict JSON: ``NaN``/``Infinity`` are refused, and so is nesting deeper
+    than MAX_JSON_DEPTH (the decoder's own limit is the interpreter's stack).
+    """
     try:
-        obj = json.loads(body)
+        obj = json.loads(body, parse_constant=_refuse_constant)
+    except RecursionError as exc:
+        raise errors.RequestParseError(f"body nests deeper than {MAX_JSON_DEPTH} levels") from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise errors.RequestParseError(f"body is not JSON: {exc}") from exc
     if not isinstance(obj, dict):
         raise errors.RequestParseError("body is not a JSON object")
+    if _depth_over(obj, MAX_JSON_DEPTH):
+        raise errors.RequestParseError(f"body nests deeper than {MAX_JSON_DEPTH} levels")
     return obj
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` cut to a length fit for an error detail."""
+    text = repr(value) if not isinstance(value, int) or value.bit_length() < 256 else "(a huge int)"
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
+
+
+def _check_text(name: str, value: str, error: type[errors.RequestInvalid]) -> None:
+    """Refuse a control character or lone surrogate in a URL or name (before any I/O)."""
+    m = _CONTROL.search(value)
+    if m:
+        raise error(f"{name} holds the control character U+{ord(m[0]):04X} at offset {m.start()}")
 
 
 def _positive_int(value: Any) -> bool:
@@ -106,9 +162,9 @@ def validate(obj: dict[str, Any]) -> Job:
         )
         raise errors.KeysInvalid(detail)
     operation = obj["operationType"]
-    if operation not in OPERATIONS:
+    if not isinstance(operation, str) or operation not in OPERATIONS:
         raise errors.UnknownOperation(
-            f"operationType {operation!r} is not one of {', '.join(sorted(OPERATIONS))}"
+            f"operationType {_shown(operation)} is not one of {', '.join(sorted(OPERATIONS))}"
         )
     args = obj["args"]
     if not isinstance(args, dict):
@@ -118,6 +174,8 @@ def validate(obj: dict[str, Any]) -> Job:
         raise errors.EmptySrcURL("srcURL must be a non-empty string")
     if not isinstance(dst, str) or not dst.strip():
         raise errors.EmptyDstURL("dstURL must be a non-empty string")
+    _check_text("srcURL", src, errors.URLInvalid)
+    _check_text("dstURL", dst, errors.URLInvalid)
 
     unknown_args = sorted(set(args) - _ARGS[operation])
     if unknown_args:
@@ -125,14 +183,24 @@ def validate(obj: dict[str, Any]) -> Job:
     width, height = args.get("width"), args.get("height")
     scale = args.get("scale")
     if width is not None and not _positive_int(width):
-        raise errors.WidthInvalid(f"width {width!r} is not a positive integer")
+        raise errors.WidthInvalid(f"width {_shown(width)} is not a positive integer")
     if height is not None and not _positive_int(height):
-        raise errors.HeightInvalid(f"height {height!r} is not a positive integer")
+        raise errors.HeightInvalid(f"height {_shown(height)} is not a positive integer")
+    over_limit = errors.SVGRenderOverLimit if operation == "rasterize" else errors.ResultOverLimit
+    for side, value in (("width", width), ("height", height)):
+        if value is not None and value > MAX_SIDE_PX:
+            raise over_limit(f"{side} {_shown(value)} is over the largest side, {MAX_SIDE_PX} px")
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0:
-            raise errors.ScaleInvalid(f"scale {scale!r} is not a positive number")
+            raise errors.ScaleInvalid(f"scale {_shown(scale)} is not a positive number")
+        if not math.isfinite(scale):
+            raise errors.ScaleInvalid(f"scale {_shown(scale)} is not a finite number")
         if width is not None or height is not None:
             raise errors.ScaleInvalid("give scale or width/height, not both")
+        if scale > MAX_SCALE:
+            raise errors.SVGRenderOverLimit(
+                f"scale {_shown(scale)} is over {MAX_SCALE:g}: no result side can be that large"
+            )
     if width is None and height is None and scale is None:
         raise errors.WidthInvalid(
             "width or height is required" + (" (or scale)" if operation == "rasterize" else "")
@@ -144,7 +212,7 @@ def validate(obj: dict[str, Any]) -> Job:
             f"srcURL scheme {src_scheme or '(none)'!r} is not one of "
             f"{', '.join(sorted(SOURCE_SCHEMES))}"
         )
-    src_ext = formats.extension_of(urlsplit(src).path)
+    src_ext = formats.extension_of(_url_path("srcURL", src))
     if operation == "rasterize" and src_ext and src_ext != "svg":
         raise errors.SourceTypeNotAllowed(f"rasterize takes an SVG source, not .{src_ext}")
     if operation == "resize" and src_ext == "svg":
@@ -184,11 +252,11 @@ def validate(obj: dict[str, Any]) -> Job:
     gravity = args.get("gravity", "centre")
     if not isinstance(gravity, str) or gravity.lower() not in geometry.GRAVITIES:
         raise errors.GravityInvalid(
-            f"gravity {gravity!r} is not one of {', '.join(sorted(geometry.GRAVITIES))}"
+            f"gravity {_shown(gravity)} is not one of {', '.join(sorted(geometry.GRAVITIES))}"
         )
     quality = args.get("quality")
     if quality is not None and not (_positive_int(quality) and quality <= 100):
-        raise errors.QualityInvalid(f"quality {quality!r} is not an integer from 1 to 100")
+        raise errors.QualityInvalid(f"quality {_shown(quality)} is not an integer from 1 to 100")
     for flag in ("enlarge", "keep_metadata"):
         if flag in args and not isinstance(args[flag], bool):
             raise errors.ArgInvalid(f"args.{flag} must be true or false")
@@ -217,7 +285,16 @@ def _form_field(args: dict[str, Any]) -> str | None:
         raise errors.FormFieldNotString(f"args.{key} is {type(value).__name__}, not a string")
     if not value:
         raise errors.FormFieldMissing(f"args.{key} is empty")
+    _check_text(f"args.{key}", value, errors.FormFieldInvalid)
     return value
+
+
+def _url_path(name: str, url: str) -> str:
+    """The path of ``url``; URLInvalid where urlsplit refuses it (a broken IPv6 host)."""
+    try:
+        return urlsplit(url).path
+    except ValueError as exc:
+        raise errors.URLInvalid(f"{name} is malformed: {exc}") from exc
 
 
 def split_form_destination(dst: str) -> tuple[str, str | None]:

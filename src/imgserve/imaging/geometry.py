@@ -137,9 +137,13 @@ def rasterize_result(
     else:
         assert height is not None
         factor = height / src_height
-    out = Size(
-        max(1, round_half_up(src_width * factor)), max(1, round_half_up(src_height * factor))
-    )
+    sides = (src_width * factor, src_height * factor)
+    # A drawing may declare any finite size (1e-300 px, 1e300 px): the ratio can overflow.
+    if not all(math.isfinite(side) for side in (factor, *sides)):
+        raise errors.SVGRenderOverLimit(
+            f"a {src_width:g}x{src_height:g} px drawing scaled by {factor:g} has no finite size"
+        )
+    out = Size(max(1, round_half_up(sides[0])), max(1, round_half_up(sides[1])))
     # The requested side is exact even where floating point drifts.
     if width is not None and (height is None or out.width > width):
         out = Size(width, out.height) if abs(out.width - width) <= 1 else out
