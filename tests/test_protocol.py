@@ -168,3 +168,19 @@ MAPPING: list[tuple[str, int, BaseException | None, int]] = [
 def test_error_for(status: int, exc: BaseException | None, code: int) -> None:
     """Each protocol-level failure maps to one imgserve code."""
     assert protocol.error_for(status, exc, url_max_bytes=8192).code == code
+
+
+@pytest.mark.parametrize("encoding", [b"gzip", b"deflate"])
+async def test_a_body_that_does_not_match_its_encoding_is_127(
+    server: Server, encoding: bytes
+) -> None:
+    """A POST body that claims gzip/deflate but is not is a malformed request (127),
+    not an internal error."""
+    body = b'{"operationType": "resize"}'
+    raw = (
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Encoding: " + encoding
+        + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
+        + body
+    )  # fmt: skip
+    status, _, reply = await server.send(raw)
+    assert (status, reply["code"]) == (400, 127)

@@ -96,6 +96,8 @@ async def errors_middleware(
         return error_reply(exc)
     except web.HTTPRequestEntityTooLarge:
         return error_reply(errors.RequestTooLarge())
+    except web.RequestPayloadError as exc:  # a body that does not match its encoding
+        return error_reply(errors.HTTPRequestMalformed(f"request body: {exc}"[:200]))
     except web.HTTPMethodNotAllowed as exc:
         return error_reply(errors.MethodNotAllowed(f"{request.method} not allowed on {exc.method}"))
     except web.HTTPNotFound:

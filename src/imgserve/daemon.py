@@ -184,7 +184,7 @@ async def _serve(settings: Settings, paths: Paths, *, linger_s: float = DEGRADED
 
     from aiohttp import web
 
-    from imgserve import api
+    from imgserve import api, protocol
     from imgserve.imaging import vips
     from imgserve.pool import ImagePool
     from imgserve.transports import Transports
@@ -219,7 +219,9 @@ async def _serve(settings: Settings, paths: Paths, *, linger_s: float = DEGRADED
             workers_alive=pool.workers_alive if pool else (lambda: 0),
             plan_executor=plan_executor,
         )
-        app_runner = web.AppRunner(api.make_app(service), access_log=None, handle_signals=False)
+        app_runner = protocol.make_runner(
+            api.make_app(service), access_log=None, handle_signals=False
+        )
         await app_runner.setup()
         stack.push_async_callback(app_runner.cleanup)
         site = web.TCPSite(
