@@ -191,6 +191,14 @@ class PlaceholderUploadFailed(ImgserveError):
     message = "placeholder upload failed"
 
 
+class LoaderCrashed(ImgserveError):
+    """The process reading the source header died (segfault, abort, OOM or other kill)."""
+
+    code = 206
+    status = 422
+    message = "the image loader crashed while reading the source header"
+
+
 # --- limits (301-309) -----------------------------------------------------------------
 
 
