@@ -225,6 +225,14 @@ class PlaceholderUploadFailed(ImgserveError):
     message = "placeholder upload failed"
 
 
+class LoaderCrashed(ImgserveError):
+    """The process reading the source header died (segfault, abort, OOM or other kill)."""
+
+    code = 206
+    status = 422
+    message = "the image loader crashed while reading the source header"
+
+
 class SourceChanged(ImgserveError):
     """The source was downloaded again after the reply and is not the image that was
     planned: rendering it would break the promised result size."""

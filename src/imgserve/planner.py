@@ -1,0 +1,203 @@
+"""Planning out of the API process: a small supervised pool of planner processes.
+
+``pipeline.plan`` hands untrusted bytes to C loaders (libvips' header read,
+librsvg, expat). Run in the API process, one loader crash would kill the API
+and the embedded job runner with it. Here planning and the placeholder drawing
+run in one or two pebble processes started by the forkserver (libvips is never
+forked after use): a planner that dies (segfault, abort, OOM or other kill)
+fails only the request it was planning (code 206) and pebble starts another; a
+planner that spins past the deadline is killed (code 306). imgserve errors
+raised in a planner (202, 204, 30x, ...) reach the caller unchanged.
+
+Planners run at normal priority: the reply waits on them. The source bytes go
+to the planner pickled over pebble's pipe; bench/plan_cost.py measured that
+against shared memory and a tmpfs file (see bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import multiprocessing
+import os
+import resource
+import signal
+import threading
+import time
+from concurrent.futures import CancelledError
+from pathlib import Path
+
+import pebble
+
+from imgserve import errors
+from imgserve.config import ImagingLimits
+from imgserve.imaging import pipeline
+from imgserve.imaging.formats import Format
+from imgserve.imaging.geometry import Size
+from imgserve.pool import FAULT_ENV, MALLOC_ENV
+from imgserve.request import Job
+
+log = logging.getLogger("imgserve.planner")
+
+# What ps, top and the tests see as a planner's name (/proc/<pid>/comm, 15 bytes at most).
+PROCESS_NAME = "imgserve-plan"
+# The outer wait gets this much past pebble's own deadline: pebble's manager
+# thread kills an overdue planner within a tick, but a wedged pool must not
+# hang the reply.
+GRACE_S = 2.0
+
+# Fault injection for the test suite only: with IMGSERVE_FAULT_INJECTION set when
+# the Planner is made, a source whose last 64 bytes hold one of these markers
+# makes its planner misbehave. Apart from pool.py's markers, which act while
+# rendering, so a test picks the stage that misbehaves:
+# PLAN-SEGV: segfault; PLAN-KILL: SIGKILL (as the OOM killer does);
+# PLAN-DELAY[=s]: sleep (2 s), then plan; PLAN-SLEEP: hang; PLAN-HOG: allocate 64 GiB.
+_FAULT = b"IMGSERVE-FAULT-PLAN-"
+_faults_enabled = False  # set in each planner by _init_planner
+
+
+def _fault(data: bytes) -> None:
+    tail = data[-64:]
+    if not _faults_enabled or _FAULT not in tail:
+        return
+    if _FAULT + b"SEGV" in tail:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    elif _FAULT + b"KILL" in tail:
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif _FAULT + b"DELAY" in tail:
+        _, _, seconds = tail.partition(_FAULT + b"DELAY=")
+        time.sleep(float(seconds.decode()) if seconds else 2.0)
+    elif _FAULT + b"SLEEP" in tail:
+        time.sleep(3600.0)
+    elif _FAULT + b"HOG" in tail:
+        bytearray(64 * 1024**3)
+
+
+def _init_planner(memory_limit_mb: int, faults: bool) -> None:
+    """Runs once in each new planner: default signals, memory cap, name, libvips."""
+    global _faults_enabled
+    _faults_enabled = faults
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if memory_limit_mb > 0:
+        limit = memory_limit_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    with contextlib.suppress(OSError):  # only a name: ps and the tests tell planners apart
+        Path("/proc/self/comm").write_text(PROCESS_NAME)
+    from imgserve.imaging import vips  # hardens libvips before any source
+
+    vips.set_threads(1)  # header reads and placeholders are small
+
+
+@functools.lru_cache(maxsize=128)
+def _placeholder(width: int, height: int, output: Format) -> bytes:
+    return pipeline.placeholder(Size(width, height), output)
+
+
+def _plan(job: Job, data: bytes, limits: ImagingLimits) -> tuple[pipeline.Plan, bytes]:
+    """Planner-side entry point: check the source and size the result, then draw
+    its placeholder. Only imgserve errors leave: anything else may not unpickle in
+    the parent, and pebble treats an unpicklable reply as a broken pool."""
+    try:
+        _fault(data)
+        plan = pipeline.plan(job, data, limits)
+        return plan, _placeholder(plan.result.width, plan.result.height, plan.output)
+    except errors.ImgserveError:
+        raise
+    except MemoryError as exc:
+        raise errors.WorkerMemoryExceeded(
+            "the planner ran out of memory reading the source header"
+        ) from exc
+    except Exception as exc:
+        raise errors.InternalError(f"planning failed: {type(exc).__name__}: {exc}") from exc
+
+
+class Planner:
+    """``processes`` planner processes; ``plan`` is safe to await from the event loop."""
+
+    def __init__(self, *, processes: int, timeout_s: float, memory_limit_mb: int) -> None:
+        self.processes = processes
+        self.timeout_s = timeout_s
+        self.memory_limit_mb = memory_limit_mb
+        # The forkserver (and so every planner) is exec'd with this environment.
+        for name, value in MALLOC_ENV.items():
+            os.environ.setdefault(name, value)
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> pebble.ProcessPool:
+        pool = pebble.ProcessPool(
+            max_workers=self.processes,
+            initializer=_init_planner,
+            # Read here, not in the planner: the shared forkserver keeps the
+            # environment of whichever pool started it first.
+            initargs=(self.memory_limit_mb, bool(os.environ.get(FAULT_ENV))),
+            context=multiprocessing.get_context("forkserver"),
+        )
+        pool.schedule(os.getpid)  # start the planners now, not on the first request
+        return pool
+
+    def _replace_broken_pool(self, broken: pebble.ProcessPool) -> None:
+        """pebble cannot recover when a planner dies while no task is known to run
+        (idle, or before its task was acknowledged): start a fresh pool, stop the old."""
+        if self._pool is broken:
+            log.warning("planner pool broken (a planner died outside a task); starting a new one")
+            self._pool = self._new_pool()
+            threading.Thread(target=broken.stop, daemon=True).start()
+
+    async def plan(
+        self, job: Job, data: bytes, limits: ImagingLimits
+    ) -> tuple[pipeline.Plan, bytes]:
+        """Check ``data`` against ``job`` and ``limits`` in a planner process; return
+        the plan and the placeholder's bytes.
+
+        A broken pool is replaced and the request tried once more on the fresh one
+        (a pool breaks when any planner dies at the wrong moment, this request's or
+        not); a planner that dies running this request fails only this request.
+        """
+        for attempt in (1, 2):
+            pool = self._pool
+            try:
+                future = pool.schedule(_plan, args=(job, data, limits), timeout=self.timeout_s)
+                return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s + GRACE_S)
+            except TimeoutError as exc:  # pebble's deadline, or the outer one
+                raise errors.ProcessingTimeout(
+                    f"reading the source header took longer than {self.timeout_s:g} s"
+                ) from exc
+            except pebble.ProcessExpired as exc:
+                raise errors.LoaderCrashed(
+                    f"the planner process died reading the source (exit code {exc.exitcode})"
+                ) from exc
+            except CancelledError as exc:  # close() while the request waited
+                raise errors.ShuttingDown("planner pool stopped before planning") from exc
+            except errors.ImgserveError:
+                raise
+            except RuntimeError as exc:  # BrokenProcessPool, or scheduling on a broken pool
+                self._replace_broken_pool(pool)
+                if attempt == 2:
+                    raise errors.LoaderCrashed(
+                        f"the planner pool broke twice reading the source: {exc}"
+                    ) from exc
+            except Exception as exc:
+                raise errors.InternalError(f"planner error: {type(exc).__name__}: {exc}") from exc
+        raise AssertionError("unreachable: the second attempt returns or raises")
+
+    def pids(self) -> set[int]:
+        """The planner processes alive now."""
+        workers = getattr(getattr(self._pool, "_pool_manager", None), "worker_manager", None)
+        processes = getattr(workers, "workers", None)
+        if not isinstance(processes, dict):
+            return set()
+        return {p.pid for p in list(processes.values()) if p.is_alive()}
+
+    def alive(self) -> int:
+        """How many planner processes are alive now (for /health)."""
+        return len(self.pids())
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        self._pool.close()  # type: ignore[no-untyped-call]
+        self._pool.join(timeout=timeout_s)
+        if self._pool.active:
+            self._pool.stop()  # type: ignore[no-untyped-call]
+            self._pool.join(timeout=timeout_s)
