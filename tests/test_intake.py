@@ -22,6 +22,7 @@ from aiohttp import web
 
 from imgserve import api
 from imgserve.config import NetPolicy, ServerSettings, Settings, TransportSettings
+from imgserve.planner import Planner
 from imgserve.queue.sqlite import SQLiteQueue
 from imgserve.transports import Transports
 
@@ -85,7 +86,7 @@ Start = Any
 
 
 @pytest.fixture
-async def imgserve_api(tmp_path: Path) -> AsyncIterator[Start]:
+async def imgserve_api(tmp_path: Path, shared_planner: Planner) -> AsyncIterator[Start]:
     """Start the API in-process with server settings; yields (base URL, Service)."""
     started: list[tuple[web.AppRunner, SQLiteQueue, Transports]] = []
     out = tmp_path / "out"
@@ -99,7 +100,13 @@ async def imgserve_api(tmp_path: Path) -> AsyncIterator[Start]:
         settings = Settings(server=ServerSettings(**server), transport=transport)
         queue = SQLiteQueue(tmp_path / f"q{len(started)}" / "jobs.db")
         transports = Transports(transport)
-        service = api.Service(settings=settings, queue=queue, transports=transports, runner=None)
+        service = api.Service(
+            settings=settings,
+            queue=queue,
+            transports=transports,
+            runner=None,
+            planner=shared_planner,
+        )
         runner = web.AppRunner(api.make_app(service))
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)

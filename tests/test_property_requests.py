@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from imgserve import api, errors, protocol
 from imgserve.config import Settings, TransportSettings
 from imgserve.imaging import geometry
+from imgserve.planner import Planner
 from imgserve.queue.sqlite import SQLiteQueue
 from imgserve.request import parse_body, validate
 from imgserve.transports import Transports
@@ -183,10 +184,14 @@ def test_parse_and_validate_never_crash(raw: bytes, src: tuple[int, int]) -> Non
         _check_refusal(exc)
 
 
-async def _start(tmp_path: Path) -> tuple[web.AppRunner, api.Service, str]:
+async def _start(tmp_path: Path, planner: Planner) -> tuple[web.AppRunner, api.Service, str]:
     queue = SQLiteQueue(tmp_path / "state" / "queue.db")
     service = api.Service(
-        settings=Settings(), queue=queue, transports=Transports(TransportSettings()), runner=None
+        settings=Settings(),
+        queue=queue,
+        transports=Transports(TransportSettings()),
+        runner=None,
+        planner=planner,
     )
     runner = protocol.make_runner(api.make_app(service), access_log=None, handle_signals=False)
     await runner.setup()
@@ -195,10 +200,10 @@ async def _start(tmp_path: Path) -> tuple[web.AppRunner, api.Service, str]:
     return runner, service, f"http://127.0.0.1:{runner.addresses[0][1]}/"
 
 
-def test_http_app_never_answers_5xx(tmp_path: Path) -> None:
+def test_http_app_never_answers_5xx(tmp_path: Path, shared_planner: Planner) -> None:
     """Through the real app and protocol, every reply is JSON, documented and under 500."""
     loop = asyncio.new_event_loop()
-    runner, service, url = loop.run_until_complete(_start(tmp_path))
+    runner, service, url = loop.run_until_complete(_start(tmp_path, shared_planner))
     session = loop.run_until_complete(_session())
     http_bodies = st.one_of(requests(offline=True).map(_encode), raw_bodies)
 

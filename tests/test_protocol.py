@@ -15,6 +15,7 @@ from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, LineTooLong
 
 from imgserve import api, errors, protocol
 from imgserve.config import Settings, TransportSettings
+from imgserve.planner import Planner
 from imgserve.queue.sqlite import SQLiteQueue
 from imgserve.transports import Transports
 
@@ -40,10 +41,14 @@ class Server:
 
 
 @pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[Server]:
+async def server(tmp_path: Path, shared_planner: Planner) -> AsyncIterator[Server]:
     queue = SQLiteQueue(tmp_path / "state" / "queue.db")
     service = api.Service(
-        settings=Settings(), queue=queue, transports=Transports(TransportSettings()), runner=None
+        settings=Settings(),
+        queue=queue,
+        transports=Transports(TransportSettings()),
+        runner=None,
+        planner=shared_planner,
     )
     runner = protocol.make_runner(api.make_app(service), access_log=None, handle_signals=False)
     await runner.setup()

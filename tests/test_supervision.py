@@ -31,6 +31,7 @@ async def test_runner_that_dies_degrades_health_stops_intake_and_exits_1(
         raise RuntimeError("claim loop bug")
 
     monkeypatch.setattr(Runner, "serve", broken_serve)
+    before = _forked()  # other tests' planners may live on in this process
     port = free_port()
     settings = config.load(
         {"host": "127.0.0.1", "port": port, "workers": 1, "state_dir": str(tmp_path)},
@@ -51,7 +52,7 @@ async def test_runner_that_dies_degrades_health_stops_intake_and_exits_1(
         async with session.post(base + "/", data=body) as resp:
             reply = await resp.json()
             assert (resp.status, reply["code"]) == (503, 604)
-    workers = _pool_workers()
+    workers = _forked() - before  # this daemon's image workers and planners
     assert workers
     assert await asyncio.wait_for(serving, 30) == daemon.EXIT_FAIL
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
@@ -74,8 +75,8 @@ def _live(pids: set[int]) -> set[int]:
     return alive
 
 
-def _pool_workers() -> set[int]:
-    """This process's image workers: the children of its forkserver."""
+def _forked() -> set[int]:
+    """Children of this process's forkserver (image workers, planners)."""
     tree = descendants(os.getpid())
     servers = {p for p in tree if b"forkserver" in _cmdline(p)}
     return {p for p in tree if _parent(p) in servers}

@@ -14,23 +14,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from imgserve import __version__, errors
-from imgserve.config import ImagingLimits, Settings
+from imgserve.config import Settings
 from imgserve.imaging import pipeline
-from imgserve.imaging.formats import Format
-from imgserve.imaging.geometry import Size
+from imgserve.planner import Planner
 from imgserve.queue.base import JobQueue, JobRecord
 from imgserve.request import Job, destination_target, parse_body, validate
 from imgserve.transports import Transports
@@ -49,6 +46,8 @@ class Service:
     queue: JobQueue
     transports: Transports
     runner: Runner | None
+    planner: Planner
+    """Reads the untrusted source headers and draws placeholders, out of this process."""
     draining: bool = False
     degraded: str | None = None
     """Why the daemon can no longer run jobs (it is about to exit), or None."""
@@ -58,22 +57,9 @@ class Service:
     """Source bytes those jobs hold."""
     started_at: float = field(default_factory=time.time)
     workers_alive: Callable[[], int] = lambda: 0
-    plan_executor: Executor | None = None
-    """Threads for planning (header reads, placeholders); None: the loop's default."""
 
 
 SERVICE = web.AppKey("service", Service)
-
-
-@functools.lru_cache(maxsize=128)
-def _placeholder(width: int, height: int, output: Format) -> bytes:
-    return pipeline.placeholder(Size(width, height), output)
-
-
-def _plan(job: Job, data: bytes, limits: ImagingLimits) -> tuple[pipeline.Plan, bytes]:
-    """Check the source and size the result, then draw its placeholder (one thread hop)."""
-    plan = pipeline.plan(job, data, limits)
-    return plan, _placeholder(plan.result.width, plan.result.height, plan.output)
 
 
 def error_reply(exc: errors.ImgserveError) -> web.Response:
@@ -156,10 +142,7 @@ async def submit(request: web.Request) -> web.Response:
 
 async def _check(service: Service, job: Job, data: bytes) -> pipeline.Plan:
     """Plan the job and put its placeholder at the destination."""
-    loop = asyncio.get_running_loop()
-    plan, image = await loop.run_in_executor(
-        service.plan_executor, _plan, job, data, service.settings.imaging
-    )
+    plan, image = await service.planner.plan(job, data, service.settings.imaging)
     # Not forced to disk: after a power cut the stored job runs again and writes the result.
     target = dataclasses.replace(destination_target(plan.dst_url, job.form_field), durable=False)
     try:

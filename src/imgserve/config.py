@@ -101,6 +101,12 @@ class ServerSettings:
     """None: the embedded SQLite queue; redis://host:port/db: distributed mode."""
     log_max_bytes: int = 10 * MiB
     log_backups: int = 5
+    planners: int = 2
+    """Planner processes: they read each source's header for the reply (untrusted
+    bytes parsed outside the API process). Two, so one hostile file that spins
+    until ``plan_timeout_s`` does not hold up every other request."""
+    plan_timeout_s: float = 10.0
+    """Deadline for reading one source's header and drawing its placeholder."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +140,8 @@ _FIELDS: dict[str, tuple[str, str]] = {
     "keep_finished_s": ("server", "keep_finished_s"),
     "queue": ("server", "queue_url"),
     "log_max_bytes": ("server", "log_max_bytes"),
+    "planners": ("server", "planners"),
+    "plan_timeout_s": ("server", "plan_timeout_s"),
     "workers": ("worker", "workers"),
     "job_timeout_s": ("worker", "job_timeout_s"),
     "memory_limit_mb": ("worker", "memory_limit_mb"),

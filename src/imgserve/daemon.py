@@ -180,12 +180,11 @@ exits, so a load balancer or a supervisor's health check sees why."""
 async def _serve(settings: Settings, paths: Paths, *, linger_s: float = DEGRADED_LINGER_S) -> int:
     """The daemon's body. Every resource is entered on one exit stack, so every way
     out (a signal, a start-up error, the job runner dying) closes them all."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from aiohttp import web
 
     from imgserve import api, protocol
     from imgserve.imaging import vips
+    from imgserve.planner import Planner
     from imgserve.pool import ImagePool
     from imgserve.transports import Transports
     from imgserve.worker import Runner
@@ -197,10 +196,12 @@ async def _serve(settings: Settings, paths: Paths, *, linger_s: float = DEGRADED
         stack.push_async_callback(queue.close)
         transports = Transports(settings.transport)
         stack.push_async_callback(transports.aclose)
-        plan_executor = ThreadPoolExecutor(
-            max_workers=settings.worker.workers + 1, thread_name_prefix="imgserve-plan"
+        planner = Planner(
+            processes=settings.server.planners,
+            timeout_s=settings.server.plan_timeout_s,
+            memory_limit_mb=settings.worker.memory_limit_mb,
         )
-        stack.callback(plan_executor.shutdown, wait=False, cancel_futures=True)
+        stack.push_async_callback(asyncio.to_thread, planner.close)
         # With a Redis queue this node only accepts jobs; `imgserve worker` nodes run them.
         runner: Runner | None = None
         pool: ImagePool | None = None
@@ -217,7 +218,7 @@ async def _serve(settings: Settings, paths: Paths, *, linger_s: float = DEGRADED
             transports=transports,
             runner=runner,
             workers_alive=pool.workers_alive if pool else (lambda: 0),
-            plan_executor=plan_executor,
+            planner=planner,
         )
         app_runner = protocol.make_runner(
             api.make_app(service), access_log=None, handle_signals=False
@@ -461,7 +462,7 @@ def start(
             file=sys.stderr,
         )
         return EXIT_FAIL
-    from imgserve.pool import MALLOC_ENV  # the API process decodes headers too
+    from imgserve.pool import MALLOC_ENV  # for the forkserver: workers and planners
 
     paths.data_dir.mkdir(parents=True, exist_ok=True)
     with open(paths.startup_log, "wb") as err:

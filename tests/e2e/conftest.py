@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import pyvips
 
+from imgserve.planner import PROCESS_NAME as PLANNER_NAME
+
 IMGSERVE = [sys.executable, "-m", "imgserve"]
 
 
@@ -124,11 +126,19 @@ class Daemon:
             assert time.monotonic() < deadline, f"job {job_id} never ran: {self.job(job_id)}"
             time.sleep(0.02)
 
-    def workers(self) -> set[int]:
-        """Image worker processes: the children of the daemon's forkserver."""
+    def forked(self) -> set[int]:
+        """Every child of the daemon's forkserver: image workers and planners."""
         tree = descendants(self.pid)
         servers = {p for p in tree if b"forkserver" in _cmdline(p) and _ppid(p) == self.pid}
         return {p for p in tree if _ppid(p) in servers}
+
+    def workers(self) -> set[int]:
+        """Image worker processes."""
+        return {p for p in self.forked() if _comm(p) != PLANNER_NAME}
+
+    def planners(self) -> set[int]:
+        """Planner processes (imgserve.planner names them)."""
+        return {p for p in self.forked() if _comm(p) == PLANNER_NAME}
 
 
 def _cmdline(pid: int) -> bytes:
@@ -136,6 +146,13 @@ def _cmdline(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _ppid(pid: int) -> int:
