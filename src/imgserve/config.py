@@ -54,6 +54,13 @@ class TransportSettings:
     upload_attempts: int = 4
     retry_base_s: float = 0.5
     retry_max_s: float = 30.0
+    ftp_threads: int = 16
+    """Threads of the ftp/ftps transport's own pool: FTP transfers in flight at once
+    (more wait for a thread; their deadline starts when they get one)."""
+    s3_threads: int = 16
+    """Threads (and pooled connections) of the s3 transport's own pool."""
+    file_threads: int = 8
+    """Threads of the file transport's own pool (reads, writes, fsync)."""
 
 
 @dataclass(frozen=True)

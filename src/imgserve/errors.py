@@ -201,6 +201,12 @@ class SourceNotFound(SourceUnreachable):
     retryable = False
 
 
+class SourceRefused(SourceUnreachable):
+    """The source server refused for good (credentials refused, permission, bad request)."""
+
+    retryable = False
+
+
 class SourceUnreadable(ImgserveError):
     code = 202
     status = 422

@@ -8,7 +8,13 @@ import os
 import pytest
 
 from imgserve.config import TransportSettings
-from imgserve.errors import ImgserveError, SourceUnreachable, TLSVerifyFailed, URLInvalid
+from imgserve.errors import (
+    ImgserveError,
+    SourceRefused,
+    SourceUnreachable,
+    TLSVerifyFailed,
+    URLInvalid,
+)
 from imgserve.transports import Target, Transports
 from tests.servers import FTP_PASSWORD, FTPTestServer
 from tests.transports.conftest import unique
@@ -89,11 +95,14 @@ async def test_ftps_requires_tls_on_a_plain_server(
 async def test_wrong_password_error_has_no_password(
     ftp_server: FTPTestServer, transports: Transports
 ) -> None:
-    """A refused login is reported without the password."""
+    """A refused login (530) is a permanent refusal, reported without the password."""
     url = ftp_server.url("x.bin").replace("pa%3Ass%40word", "wrong-Secret-77")
     assert "wrong-Secret-77" in url
     with pytest.raises(ImgserveError) as info:
         await transports.download(url)
+    # The same password will be refused again: not retried (it was, before).
+    assert isinstance(info.value, SourceRefused) and not info.value.retryable
+    assert "530" in info.value.detail
     assert "wrong-Secret-77" not in str(info.value)
     assert "wrong-Secret-77" not in repr(info.value.to_dict())
     assert FTP_PASSWORD not in str(info.value)

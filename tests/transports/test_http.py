@@ -13,6 +13,7 @@ from imgserve.config import TransportSettings
 from imgserve.errors import (
     DstSchemeUnsupported,
     ImgserveError,
+    SourceRefused,
     SourceTooLarge,
     SourceUnreachable,
     SrcSchemeUnsupported,
@@ -20,7 +21,7 @@ from imgserve.errors import (
     UploadRefused,
     URLInvalid,
 )
-from imgserve.transports import SCHEMES, Target, Transports
+from imgserve.transports import SCHEMES, Target, Transports, outcomes
 from imgserve.transports.http import _Body
 from tests.servers import BASIC_PASSWORD, BASIC_USER, HTTPTestServer
 from tests.transports.conftest import unique
@@ -64,14 +65,14 @@ def test_body_decoder_bounds_output(encoding: str) -> None:
         data, header = comp.compress(raw) + comp.flush(), "deflate"
     assert _Body(header, 2_000_000).feed(data) is None
     body = _Body(header, 1000)
-    with pytest.raises(SourceTooLarge):
+    with pytest.raises(outcomes.TooLarge):
         body.feed(data)
     assert sum(len(p) for p in body._parts) <= 1000
 
 
 def test_unknown_content_encoding_is_refused() -> None:
-    """An encoding we cannot bound (br, compress) is SourceUnreachable, not passed raw."""
-    with pytest.raises(SourceUnreachable):
+    """An encoding we cannot bound (br, compress) is a permanent refusal, not passed raw."""
+    with pytest.raises(outcomes.Refused):
         _Body("br", 100)
 
 
@@ -102,8 +103,10 @@ async def test_basic_auth_from_url(http_server: HTTPTestServer, transports: Tran
     http_server.state.files[name] = b"private"
     url = http_server.url(f"/auth/{name}").replace("://", f"://{BASIC_USER}:{BASIC_PASSWORD}@")
     assert await transports.download(url) == b"private"
-    with pytest.raises(SourceUnreachable):
+    with pytest.raises(SourceUnreachable) as info:
         await transports.download(http_server.url(f"/auth/{name}"))
+    # The same (missing) credentials will be refused again: not retried.
+    assert isinstance(info.value, SourceRefused) and not info.value.retryable
 
 
 async def test_https_without_the_ca_is_tls_verify_failed(

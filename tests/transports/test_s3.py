@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from imgserve.config import TransportSettings
-from imgserve.errors import SourceUnreachable, UploadRefused, URLInvalid
+from imgserve.errors import SourceRefused, UploadRefused, URLInvalid
 from imgserve.transports import Target, Transports
 from tests.servers import S3TestServer
 from tests.transports.conftest import unique
@@ -40,7 +40,7 @@ async def test_wrong_credentials_are_refused_not_retried(
     s3_settings: TransportSettings,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Without credentials an upload is UploadRefused and a download SourceUnreachable."""
+    """Without credentials both an upload and a download are refused for good (not retried)."""
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(var)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
@@ -48,8 +48,10 @@ async def test_wrong_credentials_are_refused_not_retried(
     try:
         with pytest.raises(UploadRefused):
             await registry.upload(Target(f"s3://{s3_server.bucket}/x.png"), b"x", "image/png")
-        with pytest.raises(SourceUnreachable):
+        with pytest.raises(SourceRefused) as info:
             await registry.download(f"s3://{s3_server.bucket}/x.png")
+        # Was retryable on download only; the same missing credentials fail again.
+        assert not info.value.retryable and info.value.code == 201
     finally:
         await registry.aclose()
 

@@ -2,8 +2,11 @@
 
 One implementation per scheme family (http.py, ftp.py, file.py, s3.py), each
 constructed with the shared :class:`~imgserve.config.TransportSettings`.
-Implementations raise only imgserve errors (errors.py): third-party exceptions
-are translated where they enter, with ``raise ... from exc``.
+Implementations raise only imgserve errors (errors.py): they run their I/O
+inside ``outcomes.translated(direction, url)``, which turns third-party
+exceptions and the outcomes they raise themselves into imgserve errors by one
+table (outcomes.py), with ``raise ... from exc``. Blocking libraries run on the
+transport's own thread pool (threads.py), released by ``aclose()``.
 """
 
 from __future__ import annotations

@@ -13,11 +13,13 @@ fstat on the open descriptor, so a FIFO cannot hang a worker.
 Uploads write a temporary file in the target's directory and rename it over
 the target (``os.replace``), so readers see the old or the new file, never a
 partial one. Missing directories below the root are created.
+
+Blocking file work runs on the transport's own thread pool (threads.py,
+``file_threads`` threads); OSErrors become outcomes by errno (outcomes.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import os
@@ -27,20 +29,10 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from imgserve.config import TransportSettings
-from imgserve.errors import (
-    DownloadTimeout,
-    FileSchemeDisabled,
-    NotARegularFile,
-    PathOutsideRoots,
-    SourceNotFound,
-    SourceTooLarge,
-    SourceUnreachable,
-    UploadFailed,
-    UploadRefused,
-    UploadTimeout,
-    URLInvalid,
-)
+from imgserve.errors import FileSchemeDisabled, NotARegularFile, PathOutsideRoots, URLInvalid
+from imgserve.transports import outcomes
 from imgserve.transports.base import Target, Transport
+from imgserve.transports.threads import BlockingExecutor
 from imgserve.urls import redact_url
 
 _PSEUDO_FS = ("/proc", "/sys", "/dev")
@@ -59,6 +51,10 @@ class FileTransport(Transport):
     def __init__(self, settings: TransportSettings) -> None:
         super().__init__(settings)
         self._roots = tuple(os.path.realpath(root) for root in settings.file_roots)
+        self._threads = BlockingExecutor("file", settings.file_threads)
+
+    async def aclose(self) -> None:
+        self._threads.close()
 
     # --- paths --------------------------------------------------------------------
 
@@ -93,11 +89,12 @@ class FileTransport(Transport):
 
     async def download(self, url: str) -> bytes:
         path = self._lexical_path(url)
-        try:
-            async with asyncio.timeout(self.settings.download_timeout_s):
-                return await asyncio.to_thread(self._read, path, url)
-        except TimeoutError as exc:
-            raise DownloadTimeout(f"{redact_url(url)} not read in time") from exc
+        timeout_s = self.settings.download_timeout_s
+        with outcomes.translated(outcomes.DOWNLOAD, url):
+            try:
+                return await self._threads.run(timeout_s, lambda _deadline: self._read(path, url))
+            except TimeoutError as exc:
+                raise outcomes.Timeout(f"not read within {timeout_s}s") from exc
 
     def _read(self, path: str, url: str) -> bytes:
         real = os.path.realpath(path)
@@ -107,28 +104,24 @@ class FileTransport(Transport):
             # O_NOFOLLOW: realpath removed every link, so a link here means the
             # path was swapped after the check.
             fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError as exc:
-            raise SourceNotFound(f"{redact_url(url)} does not exist") from exc
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENXIO):
                 raise NotARegularFile(f"{redact_url(url)} is not a regular file") from exc
-            raise SourceUnreachable(f"{redact_url(url)}: {exc.strerror}") from exc
+            raise  # translated by errno (outcomes.py)
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 raise NotARegularFile(f"{redact_url(url)} is not a regular file")
             if info.st_size > limit:
-                raise SourceTooLarge(f"{info.st_size} bytes > {limit}")
+                raise outcomes.TooLarge(f"{info.st_size} bytes > {limit}")
             parts: list[bytes] = []
             size = 0
             while chunk := os.read(fd, _CHUNK_BYTES):
                 size += len(chunk)
                 if size > limit:  # the file grew while we read it
-                    raise SourceTooLarge(f"more than {limit} bytes")
+                    raise outcomes.TooLarge(f"more than {limit} bytes")
                 parts.append(chunk)
             return b"".join(parts)
-        except OSError as exc:
-            raise SourceUnreachable(f"{redact_url(url)}: {exc.strerror}") from exc
         finally:
             os.close(fd)
 
@@ -136,11 +129,15 @@ class FileTransport(Transport):
 
     async def upload_once(self, target: Target, data: bytes, content_type: str) -> None:
         path = self._lexical_path(target.url)
-        try:
-            async with asyncio.timeout(self.settings.upload_timeout_s):
-                await asyncio.to_thread(self._write, path, target.url, data, target.durable)
-        except TimeoutError as exc:
-            raise UploadTimeout(f"{redact_url(target.url)} not written in time") from exc
+        timeout_s = self.settings.upload_timeout_s
+        with outcomes.translated(outcomes.UPLOAD, target.url):
+            try:
+                await self._threads.run(
+                    timeout_s,
+                    lambda _deadline: self._write(path, target.url, data, target.durable),
+                )
+            except TimeoutError as exc:
+                raise outcomes.Timeout(f"not written within {timeout_s}s") from exc
 
     def _write(self, path: str, url: str, data: bytes, durable: bool = True) -> None:
         directory, name = os.path.split(path)
@@ -152,10 +149,7 @@ class FileTransport(Transport):
         while not os.path.lexists(existing):
             existing = os.path.dirname(existing)
         self._check_inside(os.path.realpath(existing), url)
-        try:
-            os.makedirs(directory, exist_ok=True)
-        except OSError as exc:
-            raise self._upload_error(exc, url) from exc
+        os.makedirs(directory, exist_ok=True)
         real_dir = os.path.realpath(directory)
         self._check_inside(real_dir, url)
         final = os.path.join(real_dir, name)
@@ -163,8 +157,6 @@ class FileTransport(Transport):
             info = os.lstat(final)
         except FileNotFoundError:
             pass
-        except OSError as exc:
-            raise self._upload_error(exc, url) from exc
         else:
             if not (stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode)):
                 raise NotARegularFile(f"{redact_url(url)} exists and is not a regular file")
@@ -180,16 +172,7 @@ class FileTransport(Transport):
             # A link at the final name is replaced itself, never followed.
             os.replace(tmp_name, final)
             tmp_name = ""
-        except OSError as exc:
-            raise self._upload_error(exc, url) from exc
         finally:
             if tmp_name:
                 with contextlib.suppress(OSError):
                     Path(tmp_name).unlink()
-
-    @staticmethod
-    def _upload_error(exc: OSError, url: str) -> UploadFailed | UploadRefused:
-        permanent = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR)
-        if exc.errno in permanent:
-            return UploadRefused(f"{redact_url(url)}: {exc.strerror}")
-        return UploadFailed(f"{redact_url(url)}: {exc.strerror}")

@@ -1,7 +1,7 @@
 """ftp:// and ftps://: RETR downloads, STOR-to-temp-then-rename uploads.
 
-Runs the standard library's ftplib in a thread (``asyncio.to_thread``), one
-connection per operation.
+Runs the standard library's ftplib on the transport's own thread pool
+(threads.py, ``ftp_threads`` threads), one connection per operation.
 
 * ``ftps://`` is explicit FTPS: connect to port 21 (default), ``AUTH TLS``,
   then ``PBSZ 0`` / ``PROT P`` so the data channel is encrypted too. The
@@ -18,17 +18,19 @@ connection per operation.
   to the first allowed address. Data connections are always passive and go to
   the control connection's peer address, whatever address the server's PASV
   reply announces; that peer is checked against the policy again.
-* Deadlines: every socket operation gets the time left until the total
-  deadline as its timeout, and reads/writes check the clock between chunks,
-  so a server trickling one byte at a time still hits the deadline.
-* Upload errors: 4xx replies and connection failures are UploadFailed
-  (retryable), 5xx replies (550 permission denied, 530 login refused) are
-  UploadRefused.
+* Deadlines: the deadline starts when a pool thread picks the operation up;
+  every socket operation gets the time left until it as its timeout, and
+  reads/writes check the clock between chunks, so a server trickling one byte
+  at a time still hits the deadline. A thread still blocked past the deadline
+  (or whose caller was cancelled) has its sockets shut down.
+* Errors: replies and exceptions become outcomes (outcomes.py): 4xx replies
+  and connection failures are transient, 530 is refused credentials, 550 not
+  found (or not permitted), other 5xx replies permanent refusals; the same in
+  both directions.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ftplib
 import ipaddress
@@ -42,21 +44,10 @@ from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from imgserve.config import NetPolicy, TransportSettings
-from imgserve.errors import (
-    AddressRefused,
-    DownloadTimeout,
-    ImgserveError,
-    SourceNotFound,
-    SourceTooLarge,
-    SourceUnreachable,
-    TLSVerifyFailed,
-    UploadFailed,
-    UploadRefused,
-    UploadTimeout,
-    URLInvalid,
-)
-from imgserve.transports import policy
+from imgserve.errors import AddressRefused, URLInvalid
+from imgserve.transports import outcomes, policy
 from imgserve.transports.base import Target, Transport
+from imgserve.transports.threads import BlockingExecutor
 from imgserve.urls import redact_url
 
 _CHUNK_BYTES = 64 * 1024
@@ -66,10 +57,6 @@ _GRACE_S = 2.0
 _ANONYMOUS_PASSWORD = "anonymous@"  # noqa: S105 - the customary anonymous login
 
 T = TypeVar("T")
-
-
-class _Deadline(Exception):
-    """The total deadline passed (raised inside the worker thread)."""
 
 
 @dataclass(frozen=True)
@@ -196,7 +183,7 @@ def _sock(client: ftplib.FTP) -> socket.socket:
 def _left(deadline: float) -> float:
     left = deadline - time.monotonic()
     if left <= 0:
-        raise _Deadline
+        raise outcomes.Timeout("deadline passed")
     return left
 
 
@@ -205,7 +192,7 @@ def _tick(sock: socket.socket, deadline: float) -> None:
 
 
 class FTPTransport(Transport):
-    """FTP and explicit FTPS via ftplib in a worker thread."""
+    """FTP and explicit FTPS via ftplib on the transport's own threads."""
 
     schemes = ("ftp", "ftps")
 
@@ -214,6 +201,10 @@ class FTPTransport(Transport):
         self._tls = ssl.create_default_context()
         if settings.ca_file is not None:
             self._tls.load_verify_locations(cafile=str(settings.ca_file))
+        self._threads = BlockingExecutor("ftp", settings.ftp_threads)
+
+    async def aclose(self) -> None:
+        self._threads.close()
 
     def _connect(self, url: _FTPURL, deadline: float, sockets: list[socket.socket]) -> ftplib.FTP:
         address = _resolve(url.host, url.port, self.settings.policy)
@@ -240,18 +231,25 @@ class FTPTransport(Transport):
         return client
 
     async def _run(self, timeout_s: float, func: Callable[..., T], *args: Any) -> T:
-        """Run ``func(*args, deadline, sockets)`` in a thread within ``timeout_s``."""
+        """Run ``func(*args, deadline, sockets)`` on a pool thread within ``timeout_s``.
+
+        The deadline starts when the thread does; the thread stops by itself
+        at the deadline, and if it is still blocked ``_GRACE_S`` later (or the
+        caller gives up) its sockets are shut down to unblock it.
+        """
         sockets: list[socket.socket] = []
-        deadline = time.monotonic() + timeout_s
-        try:
-            async with asyncio.timeout(timeout_s + _GRACE_S):
-                return await asyncio.to_thread(func, *args, deadline, sockets)
-        except TimeoutError:
-            # The thread is stuck past its own deadline: unblock it.
+
+        def shut_down() -> None:
             for sock in sockets:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-            raise
+
+        return await self._threads.run(
+            timeout_s,
+            lambda deadline: func(*args, deadline, sockets),
+            grace_s=_GRACE_S,
+            abandon=shut_down,
+        )
 
     @staticmethod
     def _close(client: ftplib.FTP | None, polite: bool) -> None:
@@ -266,70 +264,63 @@ class FTPTransport(Transport):
 
     async def download(self, url: str) -> bytes:
         parsed = _parse(url)
-        try:
-            return await self._run(self.settings.download_timeout_s, self._download, parsed, url)
-        except TimeoutError as exc:
-            raise DownloadTimeout(f"{redact_url(url)} not downloaded in time") from exc
+        with outcomes.translated(outcomes.DOWNLOAD, url):
+            try:
+                return await self._run(
+                    self.settings.download_timeout_s, self._download, parsed, url
+                )
+            except TimeoutError as exc:
+                raise outcomes.Timeout("not downloaded in time") from exc
 
     def _download(
         self, url: _FTPURL, raw_url: str, deadline: float, sockets: list[socket.socket]
     ) -> bytes:
-        shown = redact_url(raw_url)
         client = None
         done = False
-        try:
-            client = self._connect(url, deadline, sockets)
-            limit = self.settings.max_download_bytes
-            with contextlib.suppress(ftplib.error_perm, ftplib.error_temp, ftplib.error_reply):
-                size = client.size(url.path)
-                if size is not None and size > limit:
-                    raise SourceTooLarge(f"{shown} is {size} bytes > {limit}")
-            _tick(_sock(client), deadline)
-            conn = client.transfercmd("RETR " + url.path)
-            sockets.append(conn)
-            parts: list[bytes] = []
-            total = 0
-            with conn:
-                while True:
-                    _tick(conn, deadline)
-                    chunk = conn.recv(_CHUNK_BYTES)
-                    if not chunk:
-                        break
-                    total += len(chunk)
-                    if total > limit:
-                        raise SourceTooLarge(f"{shown} is more than {limit} bytes")
-                    parts.append(chunk)
-                if isinstance(conn, ssl.SSLSocket):
-                    conn.unwrap()
-            _tick(_sock(client), deadline)
-            client.voidresp()
-            done = True
-            return b"".join(parts)
-        except ImgserveError:
-            raise
-        except (_Deadline, TimeoutError) as exc:
-            raise DownloadTimeout(f"{shown} not downloaded in time") from exc
-        except ssl.SSLCertVerificationError as exc:
-            raise TLSVerifyFailed(f"{shown}: {exc.verify_message}") from exc
-        except ftplib.error_perm as exc:
-            reply = _scrub(str(exc), url)
-            if reply.startswith("550"):
-                raise SourceNotFound(f"{shown}: {reply}") from exc
-            raise SourceUnreachable(f"{shown}: {reply}") from exc
-        except (*ftplib.all_errors,) as exc:
-            detail = _scrub(f"{type(exc).__name__}: {exc}", url)
-            raise SourceUnreachable(f"{shown}: {detail}") from exc
-        finally:
-            self._close(client, polite=done)
+        with outcomes.translated(outcomes.DOWNLOAD, raw_url, lambda text: _scrub(text, url)):
+            try:
+                client = self._connect(url, deadline, sockets)
+                limit = self.settings.max_download_bytes
+                # SIZE is optional in FTP: without an answer the byte count decides.
+                with contextlib.suppress(ftplib.error_perm, ftplib.error_temp, ftplib.error_reply):
+                    size = client.size(url.path)
+                    if size is not None and size > limit:
+                        raise outcomes.TooLarge(f"{size} bytes > {limit}")
+                _tick(_sock(client), deadline)
+                conn = client.transfercmd("RETR " + url.path)
+                sockets.append(conn)
+                parts: list[bytes] = []
+                total = 0
+                with conn:
+                    while True:
+                        _tick(conn, deadline)
+                        chunk = conn.recv(_CHUNK_BYTES)
+                        if not chunk:
+                            break
+                        total += len(chunk)
+                        if total > limit:
+                            raise outcomes.TooLarge(f"more than {limit} bytes")
+                        parts.append(chunk)
+                    if isinstance(conn, ssl.SSLSocket):
+                        conn.unwrap()
+                _tick(_sock(client), deadline)
+                client.voidresp()
+                done = True
+                return b"".join(parts)
+            finally:
+                self._close(client, polite=done)
 
     # --- upload -------------------------------------------------------------------
 
     async def upload_once(self, target: Target, data: bytes, content_type: str) -> None:
         parsed = _parse(target.url)
-        try:
-            await self._run(self.settings.upload_timeout_s, self._upload, parsed, target.url, data)
-        except TimeoutError as exc:
-            raise UploadTimeout(f"{redact_url(target.url)} not uploaded in time") from exc
+        with outcomes.translated(outcomes.UPLOAD, target.url):
+            try:
+                await self._run(
+                    self.settings.upload_timeout_s, self._upload, parsed, target.url, data
+                )
+            except TimeoutError as exc:
+                raise outcomes.Timeout("not uploaded in time") from exc
 
     def _upload(
         self,
@@ -339,53 +330,42 @@ class FTPTransport(Transport):
         deadline: float,
         sockets: list[socket.socket],
     ) -> None:
-        shown = redact_url(raw_url)
         client = None
         temp: str | None = None
         done = False
-        try:
-            client = self._connect(url, deadline, sockets)
-            self._enter_dirs(client, url, deadline)
-            # A dot-name in the same directory: readers never see a partial
-            # file under the final name, and the rename stays on one file system.
-            temp = f".{url.name}.{uuid.uuid4().hex[:12]}.part"
-            _tick(_sock(client), deadline)
-            conn = client.transfercmd("STOR " + temp)
-            sockets.append(conn)
-            with conn:
-                view = memoryview(data)
-                for offset in range(0, len(view), _CHUNK_BYTES):
-                    _tick(conn, deadline)
-                    conn.sendall(view[offset : offset + _CHUNK_BYTES])
-                if isinstance(conn, ssl.SSLSocket):
-                    conn.unwrap()
-            _tick(_sock(client), deadline)
-            client.voidresp()
+        with outcomes.translated(outcomes.UPLOAD, raw_url, lambda text: _scrub(text, url)):
             try:
-                client.rename(temp, url.name)
-            except ftplib.error_perm:
-                # Some servers refuse to rename onto an existing file.
-                with contextlib.suppress(ftplib.error_perm):
-                    client.delete(url.name)
-                client.rename(temp, url.name)
-            temp = None
-            done = True
-        except ImgserveError:
-            raise
-        except (_Deadline, TimeoutError) as exc:
-            raise UploadTimeout(f"{shown} not uploaded in time") from exc
-        except ssl.SSLCertVerificationError as exc:
-            raise TLSVerifyFailed(f"{shown}: {exc.verify_message}") from exc
-        except ftplib.error_perm as exc:
-            raise UploadRefused(f"{shown}: {_scrub(str(exc), url)}") from exc
-        except (*ftplib.all_errors,) as exc:
-            detail = _scrub(f"{type(exc).__name__}: {exc}", url)
-            raise UploadFailed(f"{shown}: {detail}") from exc
-        finally:
-            if temp is not None and client is not None and time.monotonic() < deadline:
-                with contextlib.suppress(*ftplib.all_errors):
-                    client.delete(temp)
-            self._close(client, polite=done)
+                client = self._connect(url, deadline, sockets)
+                self._enter_dirs(client, url, deadline)
+                # A dot-name in the same directory: readers never see a partial
+                # file under the final name, and the rename stays on one file system.
+                temp = f".{url.name}.{uuid.uuid4().hex[:12]}.part"
+                _tick(_sock(client), deadline)
+                conn = client.transfercmd("STOR " + temp)
+                sockets.append(conn)
+                with conn:
+                    view = memoryview(data)
+                    for offset in range(0, len(view), _CHUNK_BYTES):
+                        _tick(conn, deadline)
+                        conn.sendall(view[offset : offset + _CHUNK_BYTES])
+                    if isinstance(conn, ssl.SSLSocket):
+                        conn.unwrap()
+                _tick(_sock(client), deadline)
+                client.voidresp()
+                try:
+                    client.rename(temp, url.name)
+                except ftplib.error_perm:
+                    # Some servers refuse to rename onto an existing file.
+                    with contextlib.suppress(ftplib.error_perm):
+                        client.delete(url.name)
+                    client.rename(temp, url.name)
+                temp = None
+                done = True
+            finally:
+                if temp is not None and client is not None and time.monotonic() < deadline:
+                    with contextlib.suppress(*ftplib.all_errors):
+                        client.delete(temp)
+                self._close(client, polite=done)
 
     @staticmethod
     def _enter_dirs(client: ftplib.FTP, url: _FTPURL, deadline: float) -> None:

@@ -7,6 +7,10 @@ never passes to the resolver) are checked here before each request.
 Redirects are followed by hand so each hop is re-checked. Responses are
 decompressed here, not by aiohttp, so the size limit applies to decoded bytes
 and a gzip bomb stops as soon as it passes the limit.
+
+Statuses and aiohttp's exceptions become outcomes (outcomes.py): 401/403 are
+refused credentials, 404/410 not found, 408/429/5xx transient, any other final
+status >= 300 a permanent refusal, the same for downloads and uploads.
 """
 
 from __future__ import annotations
@@ -24,22 +28,8 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
 from imgserve.config import NetPolicy, TransportSettings
-from imgserve.errors import (
-    AddressRefused,
-    DownloadTimeout,
-    ImgserveError,
-    RedirectSchemeRefused,
-    SourceNotFound,
-    SourceTooLarge,
-    SourceUnreachable,
-    TLSVerifyFailed,
-    TooManyRedirects,
-    UploadFailed,
-    UploadRefused,
-    UploadTimeout,
-    URLInvalid,
-)
-from imgserve.transports import policy
+from imgserve.errors import AddressRefused, RedirectSchemeRefused, TooManyRedirects, URLInvalid
+from imgserve.transports import outcomes, policy
 from imgserve.transports.base import Target, Transport
 from imgserve.urls import redact_url
 
@@ -103,12 +93,12 @@ class _Body:
             self._decoder = zlib.decompressobj(zlib.MAX_WBITS)
             self._raw_deflate_fallback = True
         elif encoding not in ("", "identity"):
-            raise SourceUnreachable(f"unsupported Content-Encoding {encoding!r}")
+            raise outcomes.Refused(f"unsupported Content-Encoding {encoding!r}")
 
     def _add(self, data: bytes) -> None:
         self._size += len(data)
         if self._size > self._max_bytes:
-            raise SourceTooLarge(f"more than {self._max_bytes} bytes (decoded)")
+            raise outcomes.TooLarge(f"more than {self._max_bytes} bytes (decoded)")
         self._parts.append(data)
 
     def feed(self, chunk: bytes) -> None:
@@ -128,7 +118,7 @@ class _Body:
                     self._raw_deflate_fallback = False
                     self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
                     continue
-                raise SourceUnreachable(f"corrupt compressed body: {exc}") from exc
+                raise outcomes.Transient(f"corrupt compressed body: {exc}") from exc
             self._raw_deflate_fallback = False
             self._add(out)
             pending = self._decoder.unconsumed_tail
@@ -138,7 +128,7 @@ class _Body:
             try:
                 self._add(self._decoder.flush())
             except zlib.error as exc:
-                raise SourceUnreachable(f"corrupt compressed body: {exc}") from exc
+                raise outcomes.Transient(f"corrupt compressed body: {exc}") from exc
         return b"".join(self._parts)
 
 
@@ -212,19 +202,19 @@ class HTTPTransport(Transport):
     # --- download -----------------------------------------------------------------
 
     async def download(self, url: str) -> bytes:
-        try:
-            async with asyncio.timeout(self.settings.download_timeout_s):
-                return await self._download(url)
-        except TimeoutError as exc:
-            raise DownloadTimeout(
-                f"{redact_url(url)} not downloaded within {self.settings.download_timeout_s}s"
-            ) from exc
+        timeout_s = self.settings.download_timeout_s
+        with outcomes.translated(outcomes.DOWNLOAD, url):
+            try:
+                async with asyncio.timeout(timeout_s):
+                    return await self._download(url)
+            except TimeoutError as exc:
+                raise outcomes.Timeout(f"not downloaded within {timeout_s}s") from exc
 
     async def _download(self, url: str) -> bytes:
         current, auth = _parse(url)
         for _hop in range(self.settings.max_redirects + 1):
             self._check_literal(current)
-            try:
+            with outcomes.translated(outcomes.DOWNLOAD, str(current)):
                 async with self._client().get(
                     current,
                     allow_redirects=False,
@@ -233,19 +223,9 @@ class HTTPTransport(Transport):
                     if resp.status in _REDIRECTS:
                         current, auth = self._next_hop(current, auth, resp)
                         continue
-                    if resp.status in (404, 410):
-                        raise SourceNotFound(f"HTTP {resp.status} from {current}")
                     if resp.status >= 400:
-                        raise SourceUnreachable(f"HTTP {resp.status} from {current}")
+                        raise outcomes.http_status(resp.status)(f"HTTP {resp.status}")
                     return await self._read(resp)
-            except ImgserveError:
-                raise
-            except aiohttp.ClientConnectorCertificateError as exc:
-                raise TLSVerifyFailed(f"{current}: {exc.certificate_error}") from exc
-            except aiohttp.InvalidURL as exc:
-                raise URLInvalid(f"malformed URL {current}") from exc
-            except (aiohttp.ClientError, OSError) as exc:
-                raise SourceUnreachable(f"{current}: {type(exc).__name__}: {exc}") from exc
         raise TooManyRedirects(
             f"more than {self.settings.max_redirects} redirects from {redact_url(url)}"
         )
@@ -255,7 +235,7 @@ class HTTPTransport(Transport):
     ) -> tuple[URL, str | None]:
         location = resp.headers.get("Location")
         if not location:
-            raise SourceUnreachable(f"HTTP {resp.status} without Location from {current}")
+            raise outcomes.Refused(f"HTTP {resp.status} without Location")
         try:
             target = current.join(URL(location))
         except (ValueError, TypeError) as exc:
@@ -274,7 +254,7 @@ class HTTPTransport(Transport):
         limit = self.settings.max_download_bytes
         encoding = resp.headers.get("Content-Encoding", "").strip().lower()
         if encoding in ("", "identity") and (resp.content_length or 0) > limit:
-            raise SourceTooLarge(f"Content-Length {resp.content_length} > {limit} bytes")
+            raise outcomes.TooLarge(f"Content-Length {resp.content_length} > {limit} bytes")
         body = _Body(encoding, limit)
         async for chunk in resp.content.iter_chunked(_CHUNK_BYTES):
             body.feed(chunk)
@@ -283,49 +263,37 @@ class HTTPTransport(Transport):
     # --- upload -------------------------------------------------------------------
 
     async def upload_once(self, target: Target, data: bytes, content_type: str) -> None:
-        try:
-            async with asyncio.timeout(self.settings.upload_timeout_s):
-                await self._upload(target, data, content_type)
-        except TimeoutError as exc:
-            raise UploadTimeout(
-                f"{redact_url(target.url)} not uploaded within {self.settings.upload_timeout_s}s"
-            ) from exc
+        timeout_s = self.settings.upload_timeout_s
+        with outcomes.translated(outcomes.UPLOAD, target.url):
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._upload(target, data, content_type)
+            except TimeoutError as exc:
+                raise outcomes.Timeout(f"not uploaded within {timeout_s}s") from exc
 
     async def _upload(self, target: Target, data: bytes, content_type: str) -> None:
         url, auth = _parse(target.url)
         self._check_literal(url)
-        try:
-            if target.form_field:
-                form = aiohttp.FormData()
-                form.add_field(
-                    target.form_field,
-                    data,
-                    filename=target.filename or "upload",
-                    content_type=content_type,
-                )
-                request = self._client().post(
-                    url, data=form, headers=_headers(auth), allow_redirects=False
-                )
-            else:
-                request = self._client().put(
-                    url,
-                    data=data,
-                    allow_redirects=False,
-                    headers=_headers(auth, **{"Content-Type": content_type}),
-                )
-            async with request as resp:
-                status = resp.status
-                await resp.read()
-        except ImgserveError:
-            raise
-        except aiohttp.ClientConnectorCertificateError as exc:
-            raise TLSVerifyFailed(f"{url}: {exc.certificate_error}") from exc
-        except aiohttp.InvalidURL as exc:
-            raise URLInvalid(f"malformed URL {url}") from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UploadFailed(f"{url}: {type(exc).__name__}: {exc}") from exc
-        if status < 300:
-            return
-        if status in (408, 429) or status >= 500:
-            raise UploadFailed(f"HTTP {status} from {url}")
-        raise UploadRefused(f"HTTP {status} from {url}")
+        if target.form_field:
+            form = aiohttp.FormData()
+            form.add_field(
+                target.form_field,
+                data,
+                filename=target.filename or "upload",
+                content_type=content_type,
+            )
+            request = self._client().post(
+                url, data=form, headers=_headers(auth), allow_redirects=False
+            )
+        else:
+            request = self._client().put(
+                url,
+                data=data,
+                allow_redirects=False,
+                headers=_headers(auth, **{"Content-Type": content_type}),
+            )
+        async with request as resp:
+            status = resp.status
+            await resp.read()
+        if status >= 300:  # redirects are not followed for uploads: a refusal
+            raise outcomes.http_status(status)(f"HTTP {status}")

@@ -1,4 +1,4 @@
-"""s3://bucket/key: GetObject downloads, PutObject uploads (boto3 in a thread).
+"""s3://bucket/key: GetObject downloads, PutObject uploads (boto3 on its own threads).
 
 The key is everything after ``bucket/``, taken literally (no percent-decoding),
 as the AWS CLI does. Credentials and region come from boto3's standard chain
@@ -11,58 +11,33 @@ subject to the outbound address policy (buckets and keys cannot change the
 host connected to when an endpoint is set).
 
 botocore's own retries are off: the registry's retry loop is the only one.
+boto3 runs on the transport's own thread pool (threads.py, ``s3_threads``
+threads, as many pooled connections); its errors become outcomes (outcomes.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import tempfile
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import boto3
-import botocore.exceptions as boto_errors
 from botocore.config import Config
 
 from imgserve.config import TransportSettings
-from imgserve.errors import (
-    DownloadTimeout,
-    ImgserveError,
-    SourceNotFound,
-    SourceTooLarge,
-    SourceUnreachable,
-    TLSVerifyFailed,
-    UploadFailed,
-    UploadRefused,
-    UploadTimeout,
-    URLInvalid,
-)
+from imgserve.errors import URLInvalid
+from imgserve.transports import outcomes
 from imgserve.transports.base import Target, Transport
+from imgserve.transports.threads import BlockingExecutor
 from imgserve.urls import redact_url
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 _CHUNK_BYTES = 256 * 1024
-_NOT_FOUND = frozenset({"NoSuchKey", "NoSuchBucket", "404", "NotFound"})
-_TRANSIENT = frozenset(
-    {
-        "SlowDown",
-        "ServiceUnavailable",
-        "InternalError",
-        "RequestTimeout",
-        "Throttling",
-        "ThrottlingException",
-        "RequestTimeTooSkewed",
-    }
-)
-
-
-class _Deadline(Exception):
-    """The total download deadline passed (inside the worker thread)."""
 
 
 def _parse(url: str) -> tuple[str, str]:
@@ -77,12 +52,6 @@ def _parse(url: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _error_code(exc: boto_errors.ClientError) -> tuple[str, int]:
-    error: Any = exc.response.get("Error", {})
-    meta: Any = exc.response.get("ResponseMetadata", {})
-    return str(error.get("Code", "")), int(meta.get("HTTPStatusCode", 0) or 0)
-
-
 class S3Transport(Transport):
     """S3 and S3-compatible stores via boto3."""
 
@@ -93,6 +62,7 @@ class S3Transport(Transport):
         self._client: S3Client | None = None
         self._lock = threading.Lock()
         self._bundle: str | None = None
+        self._threads = BlockingExecutor("s3", settings.s3_threads)
 
     def _ca_bundle(self) -> str | bool:
         """botocore's ``verify``: default CAs, plus settings.ca_file when set."""
@@ -122,6 +92,8 @@ class S3Transport(Transport):
                         self.settings.download_timeout_s, self.settings.upload_timeout_s
                     ),
                     retries={"total_max_attempts": 1, "mode": "standard"},
+                    # One connection per pool thread, so no thread waits on urllib3.
+                    max_pool_connections=self._threads.threads,
                     s3={"addressing_style": "path"} if self.settings.s3_endpoint else {},
                 )
                 # A fresh session reads the AWS_* environment now, not at import.
@@ -136,6 +108,7 @@ class S3Transport(Transport):
             return self._client
 
     async def aclose(self) -> None:
+        self._threads.close()
         with self._lock:
             client, self._client = self._client, None
         if client is not None:
@@ -150,75 +123,43 @@ class S3Transport(Transport):
     async def download(self, url: str) -> bytes:
         bucket, key = _parse(url)
         timeout_s = self.settings.download_timeout_s
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await asyncio.to_thread(
-                    self._download, bucket, key, url, time.monotonic() + timeout_s
+        with outcomes.translated(outcomes.DOWNLOAD, url):
+            try:
+                return await self._threads.run(
+                    timeout_s, lambda deadline: self._download(bucket, key, deadline)
                 )
-        except TimeoutError as exc:
-            raise DownloadTimeout(f"{redact_url(url)} not downloaded in time") from exc
+            except TimeoutError as exc:
+                raise outcomes.Timeout(f"not downloaded within {timeout_s}s") from exc
 
-    def _download(self, bucket: str, key: str, url: str, deadline: float) -> bytes:
-        shown = redact_url(url)
+    def _download(self, bucket: str, key: str, deadline: float) -> bytes:
         limit = self.settings.max_download_bytes
-        try:
-            reply = self._s3().get_object(Bucket=bucket, Key=key)
-            body = reply["Body"]
-            with contextlib.closing(body):
-                if reply.get("ContentLength", 0) > limit:
-                    raise SourceTooLarge(f"{shown} is {reply['ContentLength']} bytes > {limit}")
-                parts: list[bytes] = []
-                total = 0
-                while chunk := body.read(_CHUNK_BYTES):
-                    if time.monotonic() > deadline:
-                        raise _Deadline
-                    total += len(chunk)
-                    if total > limit:
-                        raise SourceTooLarge(f"{shown} is more than {limit} bytes")
-                    parts.append(chunk)
-            return b"".join(parts)
-        except ImgserveError:
-            raise
-        except _Deadline as exc:
-            raise DownloadTimeout(f"{shown} not downloaded in time") from exc
-        except boto_errors.ClientError as exc:
-            code, status = _error_code(exc)
-            if code in _NOT_FOUND or status == 404:
-                raise SourceNotFound(f"{shown}: {code or status}") from exc
-            raise SourceUnreachable(f"{shown}: {code or status}") from exc
-        except (boto_errors.ConnectTimeoutError, boto_errors.ReadTimeoutError) as exc:
-            raise DownloadTimeout(f"{shown}: {exc}") from exc
-        except boto_errors.SSLError as exc:
-            raise TLSVerifyFailed(f"{shown}: {exc}") from exc
-        except boto_errors.NoCredentialsError as exc:
-            raise SourceUnreachable(f"{shown}: no AWS credentials (AWS_ACCESS_KEY_ID...)") from exc
-        except (boto_errors.BotoCoreError, OSError) as exc:
-            raise SourceUnreachable(f"{shown}: {type(exc).__name__}: {exc}") from exc
+        reply = self._s3().get_object(Bucket=bucket, Key=key)
+        body = reply["Body"]
+        with contextlib.closing(body):
+            if reply.get("ContentLength", 0) > limit:
+                raise outcomes.TooLarge(f"{reply['ContentLength']} bytes > {limit}")
+            parts: list[bytes] = []
+            total = 0
+            while chunk := body.read(_CHUNK_BYTES):
+                if time.monotonic() > deadline:
+                    raise outcomes.Timeout("deadline passed")
+                total += len(chunk)
+                if total > limit:
+                    raise outcomes.TooLarge(f"more than {limit} bytes")
+                parts.append(chunk)
+        return b"".join(parts)
 
     # --- upload -------------------------------------------------------------------
 
     async def upload_once(self, target: Target, data: bytes, content_type: str) -> None:
         bucket, key = _parse(target.url)
-        try:
-            async with asyncio.timeout(self.settings.upload_timeout_s):
-                await asyncio.to_thread(self._upload, bucket, key, target.url, data, content_type)
-        except TimeoutError as exc:
-            raise UploadTimeout(f"{redact_url(target.url)} not uploaded in time") from exc
+        timeout_s = self.settings.upload_timeout_s
 
-    def _upload(self, bucket: str, key: str, url: str, data: bytes, content_type: str) -> None:
-        shown = redact_url(url)
-        try:
+        def put(_deadline: float) -> None:
             self._s3().put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
-        except boto_errors.ClientError as exc:
-            code, status = _error_code(exc)
-            if code in _TRANSIENT or status >= 500 or status in (408, 429):
-                raise UploadFailed(f"{shown}: {code or status}") from exc
-            raise UploadRefused(f"{shown}: {code or status}") from exc
-        except (boto_errors.ConnectTimeoutError, boto_errors.ReadTimeoutError) as exc:
-            raise UploadTimeout(f"{shown}: {exc}") from exc
-        except boto_errors.SSLError as exc:
-            raise TLSVerifyFailed(f"{shown}: {exc}") from exc
-        except boto_errors.NoCredentialsError as exc:
-            raise UploadRefused(f"{shown}: no AWS credentials (AWS_ACCESS_KEY_ID...)") from exc
-        except (boto_errors.BotoCoreError, OSError) as exc:
-            raise UploadFailed(f"{shown}: {type(exc).__name__}: {exc}") from exc
+
+        with outcomes.translated(outcomes.UPLOAD, target.url):
+            try:
+                await self._threads.run(timeout_s, put)
+            except TimeoutError as exc:
+                raise outcomes.Timeout(f"not uploaded within {timeout_s}s") from exc
