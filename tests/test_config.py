@@ -7,6 +7,7 @@ import dataclasses
 import ipaddress
 import typing
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -241,3 +242,28 @@ def test_names_are_unique_and_derived_from_fields() -> None:
     names = [n for o in config.OPTIONS.values() for n in o.names]
     assert len(names) == len(set(names))
     assert {"home", "pid", "logdir", "queue", "allow_net", "worker_nice"} <= set(names)
+
+
+@dataclass(frozen=True)
+class _A:
+    timeout_s: float = 1.0
+    only_a: int = 1
+
+
+@dataclass(frozen=True)
+class _B:
+    timeout_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class _Root:
+    a: _A = field(default_factory=_A)
+    b: _B = field(default_factory=_B)
+
+
+def test_field_name_shared_by_two_sections_gets_section_prefixed_flat_names() -> None:
+    """A field name two sections share is flat-named section_field, so neither shadows the other."""
+    options = config._build_options(_Root, {})
+    assert options["a.timeout_s"].names == ("a_timeout_s",)
+    assert options["b.timeout_s"].names == ("b_timeout_s",)
+    assert options["a.only_a"].env_vars == ("IMGSERVE_ONLY_A",)

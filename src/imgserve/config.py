@@ -193,8 +193,8 @@ def _walk(cls: type, prefix: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...],
             yield (*prefix, f.name), hint
 
 
-def _build_options() -> dict[str, Option]:
-    leaves = list(_walk(Settings, ()))
+def _build_options(root: type, aliases: Mapping[str, tuple[str, ...]]) -> dict[str, Option]:
+    leaves = list(_walk(root, ()))
     counts: dict[str, int] = {}
     for path, _ in leaves:
         counts[path[-1]] = counts.get(path[-1], 0) + 1
@@ -202,9 +202,9 @@ def _build_options() -> dict[str, Option]:
     for path, hint in leaves:
         key = ".".join(path)
         flat = path[-1] if counts[path[-1]] == 1 else f"{path[0]}_{path[-1]}"
-        options[key] = Option(path, hint, (flat, *_ALIASES.get(key, ())))
+        options[key] = Option(path, hint, (flat, *aliases.get(key, ())))
         _describe(hint)  # a field of a type this module cannot convert fails at import
-    unknown_aliases = set(_ALIASES) - set(options)
+    unknown_aliases = set(aliases) - set(options)
     if unknown_aliases:
         raise TypeError(f"aliases for fields that do not exist: {sorted(unknown_aliases)}")
     return options
@@ -334,7 +334,7 @@ _NORMALISE: dict[str, Any] = {
     "transport.file_roots": lambda roots: tuple(r.resolve() for r in roots),
 }
 
-OPTIONS: dict[str, Option] = _build_options()
+OPTIONS: dict[str, Option] = _build_options(Settings, _ALIASES)
 """Every settable field by dotted key ("server.port")."""
 _BY_NAME: dict[str, Option] = {}
 for _option in OPTIONS.values():
