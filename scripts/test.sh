@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: installs what the tests need, then
-# runs lint (ruff), types (mypy) and pytest. CI runs exactly this (.ci/run).
+# runs lint (ruff) and types (mypy) once and pytest on every supported Python.
+# CI runs exactly this (.ci/run). Arguments go to pytest.
+#
+# Interpreters: PYTHONS="3.11 3.13" by default, each entry a version (looked up
+# as pythonX.Y on PATH, then in pyenv's versions directory) or a command or path
+# (PYTHONS="/usr/bin/python3.12"). Each gets its own venv, .venv-X.Y, except
+# that the first uses .venv when that is free or made with the same version.
+# A required interpreter that cannot be found fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,7 +15,7 @@ cd "$(dirname "$0")/.."
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 [ -d /usr/share/desktop-base ] || need+=(desktop-base)
-[ -d /usr/share/wallpapers/Next ] || need+=(plasma-workspace-wallpapers)
+[ -d /usr/share/wallpapers/Autumn ] || need+=(plasma-workspace-wallpapers)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
         echo "installing Debian packages: ${need[*]}"
@@ -21,11 +28,62 @@ if [ ${#need[@]} -gt 0 ]; then
     fi
 fi
 
-PYTHON=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# "X.Y" of an interpreter, or nothing if it does not run (a pyenv shim for a
+# version that is not active exits 127).
+version_of() {
+    "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true
+}
 
-.venv/bin/ruff check src tests bench
-.venv/bin/ruff format --check src tests bench
-.venv/bin/mypy
-.venv/bin/python -m pytest -q "$@"
+# The real executable for an entry of PYTHONS; exits the script if there is none.
+find_python() {
+    local want=$1 candidate
+    if [[ ! $want =~ ^[0-9]+\.[0-9]+$ ]]; then
+        if [ -n "$(version_of "$want")" ]; then
+            "$want" -c 'import sys; print(sys.executable)'
+            return
+        fi
+        echo "scripts/test.sh: PYTHONS names '$want', which does not run" >&2
+        exit 1
+    fi
+    for candidate in "python$want" "${PYENV_ROOT:-$HOME/.pyenv}/versions/$want".*/bin/python; do
+        if [ "$(version_of "$candidate")" = "$want" ]; then
+            "$candidate" -c 'import sys; print(sys.executable)'
+            return
+        fi
+    done
+    echo "scripts/test.sh: Python $want not found (no working python$want on PATH, nothing" \
+        "in ${PYENV_ROOT:-$HOME/.pyenv}/versions/$want.*); install it or set PYTHONS" >&2
+    exit 1
+}
+
+read -r -a wanted <<<"${PYTHONS:-3.11 3.13}"
+venvs=()
+for entry in "${wanted[@]}"; do
+    python=$(find_python "$entry")
+    version=$(version_of "$python")
+    # The first interpreter shares .venv with the README's install command,
+    # unless that .venv was made with another Python.
+    venv=.venv-$version
+    if [ ${#venvs[@]} -eq 0 ] && { [ ! -x .venv/bin/python ] ||
+        [ "$(version_of .venv/bin/python)" = "$version" ]; }; then
+        venv=.venv
+    fi
+    [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+    echo "Python $version ($python): installing into $venv"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'
+    venvs+=("$venv")
+done
+
+"${venvs[0]}/bin/ruff" check src tests bench
+"${venvs[0]}/bin/ruff" format --check src tests bench
+"${venvs[0]}/bin/mypy"
+
+failed=()
+for venv in "${venvs[@]}"; do
+    echo "pytest on $("$venv/bin/python" --version) ($venv)"
+    "$venv/bin/python" -m pytest -q "$@" || failed+=("$("$venv/bin/python" --version)")
+done
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "scripts/test.sh: tests failed on ${failed[*]}" >&2
+    exit 1
+fi

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from imgserve import __version__, config, daemon
+from imgserve import __version__, config, daemon, urls
 
 COMMANDS = ("start", "stop", "restart", "status", "version", "serve", "worker")
 
@@ -51,6 +51,20 @@ def _common(parser: argparse.ArgumentParser) -> None:
     add("--lease", dest="lease_s", type=float, help="Redis mode: seconds a node holds a job")
     add("--shutdown-timeout", dest="shutdown_timeout_s", type=float, help="drain deadline")
     add("--keep-finished", dest="keep_finished_s", type=float, help="seconds to keep job status")
+    add("--max-request-bytes", dest="max_request_bytes", type=int, help="largest POST body")
+    add("--max-result-pixels", dest="max_result_pixels", type=int, help="largest result")
+    add("--max-result-bytes", dest="max_result_bytes", type=int, help="largest encoded result")
+    add("--log-max-bytes", dest="log_max_bytes", type=int, help="rotate the log at this size")
+    add("--log-backups", dest="log_backups", type=int, help="rotated logs kept (5)")
+    add("--redact-param", dest="redact_param", action="append", help="query parameter to hide")
+    add(
+        "--set",
+        dest="assignments",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="any setting by name, e.g. --set worker.lease_s=30 (repeatable)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,19 +87,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SETTING_FLAGS = (
-    "host", "port", "state_dir", "pid", "logdir", "workers", "queue", "queue_max", "allow_net",
-    "allow_host", "file_root", "ca_file", "s3_endpoint", "s3_region", "job_timeout_s",
-    "memory_limit_mb", "max_attempts", "worker_nice", "worker_threads", "max_pixels",
-    "download_timeout_s", "max_download_bytes", "upload_timeout_s", "upload_attempts",
-    "retry_base_s", "retry_max_s", "max_redirects", "lease_s",
-    "shutdown_timeout_s", "keep_finished_s",
-)  # fmt: skip
+# Parsed values that are not settings; every other dest names a setting.
+_NOT_SETTINGS = frozenset({"command", "config", "force", "daemonized", "assignments"})
+
+
+def _setting_dests() -> tuple[str, ...]:
+    probe = argparse.ArgumentParser(add_help=False)
+    _common(probe)
+    return tuple(a.dest for a in probe._actions if a.dest not in _NOT_SETTINGS)
+
+
+_SETTING_FLAGS = _setting_dests()
 
 
 def settings_from(args: argparse.Namespace) -> config.Settings:
+    """Settings from the flags, ``--set`` items, ``--config`` and the environment."""
     overrides: dict[str, Any] = {name: getattr(args, name, None) for name in _SETTING_FLAGS}
-    return config.load(overrides, config_file=args.config)
+    return config.load(overrides, config_file=args.config, assignments=args.assignments)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,9 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         return daemon.EXIT_OK
     try:
         settings = settings_from(args)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError) as exc:  # SettingsError is a ValueError
         print(f"imgserve: bad settings: {exc}", file=sys.stderr)
         return 2
+    urls.configure_redaction(settings.server.redact_params)  # before anything is logged
     passthrough = [a for a in argv[1:] if a not in ("-FORCE", "--force")]
     if args.command == "worker":
         return daemon.run_worker(settings)

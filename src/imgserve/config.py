@@ -1,17 +1,29 @@
-"""Typed, frozen settings, one dataclass per subsystem.
+"""Typed, frozen settings, one dataclass per subsystem, and the layers that set them.
 
 Precedence, highest first: command-line flags, ``IMGSERVE_*`` environment
 variables, the TOML file given with ``--config``, then the defaults below.
 Each subsystem receives only its own settings object in its constructor;
 nothing reaches for a global.
+
+The dataclasses are the one source of truth: every field is an option, named
+by its field name (plus the 0.2 / short aliases in ``_ALIASES``), settable as a
+flat TOML key or under its own section (``[server]``, ``[worker]``,
+``[transport]``, ``[transport.policy]``, ``[imaging]``), as
+``IMGSERVE_<NAME>`` and with ``--set NAME=VALUE``. Its type annotation says how
+a value is checked and converted, so a field added later needs no more code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
+import math
 import os
 import tomllib
+import types
+import typing
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +126,9 @@ class ServerSettings:
     until ``plan_timeout_s`` does not hold up every other request."""
     plan_timeout_s: float = 10.0
     """Deadline for reading one source's header and drawing its placeholder."""
+    redact_params: tuple[str, ...] = ()
+    """Query-parameter names redacted from URLs in logs and replies, beside the
+    built-in ones (signatures, tokens)."""
 
 
 @dataclass(frozen=True)
@@ -126,151 +141,368 @@ class Settings:
     imaging: ImagingLimits = field(default_factory=ImagingLimits)
 
 
-# Flat option name -> (section, field). The same names are used in the TOML
-# file (flat or under [server]/[worker]/...), as IMGSERVE_<NAME> variables and
-# as --<name-with-dashes> flags.
-_FIELDS: dict[str, tuple[str, str]] = {
-    "host": ("server", "host"),
-    "port": ("server", "port"),
-    "state_dir": ("server", "state_dir"),
-    "home": ("server", "state_dir"),
-    "pid": ("server", "pid_file"),
-    "pid_file": ("server", "pid_file"),
-    "logdir": ("server", "log_dir"),
-    "log_dir": ("server", "log_dir"),
-    "max_request_bytes": ("server", "max_request_bytes"),
-    "queue_max": ("server", "queue_max"),
-    "intake_max": ("server", "intake_max"),
-    "intake_max_bytes": ("server", "intake_max_bytes"),
-    "reply_timeout_s": ("server", "reply_timeout_s"),
-    "shutdown_timeout_s": ("server", "shutdown_timeout_s"),
-    "keep_finished_s": ("server", "keep_finished_s"),
-    "queue": ("server", "queue_url"),
-    "log_max_bytes": ("server", "log_max_bytes"),
-    "planners": ("server", "planners"),
-    "plan_timeout_s": ("server", "plan_timeout_s"),
-    "workers": ("worker", "workers"),
-    "job_timeout_s": ("worker", "job_timeout_s"),
-    "memory_limit_mb": ("worker", "memory_limit_mb"),
-    "max_attempts": ("worker", "max_attempts"),
-    "lease_s": ("worker", "lease_s"),
-    "worker_nice": ("worker", "nice"),
-    "worker_threads": ("worker", "threads"),
-    "allow_net": ("transport", "policy.allow_nets"),
-    "allow_host": ("transport", "policy.allow_hosts"),
-    "file_root": ("transport", "file_roots"),
-    "ca_file": ("transport", "ca_file"),
-    "s3_endpoint": ("transport", "s3_endpoint"),
-    "s3_region": ("transport", "s3_region"),
-    "download_timeout_s": ("transport", "download_timeout_s"),
-    "max_download_bytes": ("transport", "max_download_bytes"),
-    "max_redirects": ("transport", "max_redirects"),
-    "upload_timeout_s": ("transport", "upload_timeout_s"),
-    "upload_attempts": ("transport", "upload_attempts"),
-    "retry_base_s": ("transport", "retry_base_s"),
-    "retry_max_s": ("transport", "retry_max_s"),
-    "max_pixels": ("imaging", "max_pixels"),
-    "max_result_pixels": ("imaging", "max_result_pixels"),
-    "max_result_bytes": ("imaging", "max_result_bytes"),
+class SettingsError(ValueError):
+    """A setting that is unknown, of the wrong type or out of range; names the key."""
+
+
+# Extra names for a field: 0.2's option names and the singular forms the
+# repeatable flags use. The field name itself is always accepted too.
+_ALIASES: dict[str, tuple[str, ...]] = {
+    "server.state_dir": ("home",),
+    "server.pid_file": ("pid",),
+    "server.log_dir": ("logdir",),
+    "server.queue_url": ("queue",),
+    "server.redact_params": ("redact_param",),
+    "worker.nice": ("worker_nice",),
+    "worker.threads": ("worker_threads",),
+    "transport.policy.allow_nets": ("allow_net",),
+    "transport.policy.allow_hosts": ("allow_host",),
+    "transport.file_roots": ("file_root",),
 }
 
-# List-valued options and the separator used for them in environment variables.
-_LIST_SEP = {"allow_net": ",", "allow_host": ",", "file_root": ":"}
+# Inclusive bounds where the type alone lets nonsense through. Besides these,
+# a field whose name carries a unit (_s, _bytes, _pixels, _mb) cannot be negative.
+_BOUNDS: dict[str, tuple[float | None, float | None]] = {
+    "server.port": (1, 65535),
+    "server.queue_max": (1, None),
+    "server.intake_max": (1, None),
+    "server.planners": (1, None),
+    "transport.ftp_threads": (1, None),
+    "transport.s3_threads": (1, None),
+    "transport.file_threads": (1, None),
+    "server.log_backups": (0, None),
+    "worker.workers": (1, None),
+    "worker.threads": (1, None),
+    "worker.max_attempts": (1, None),
+    "worker.nice": (-20, 19),
+    "transport.upload_attempts": (1, None),
+    "transport.max_redirects": (0, None),
+}
+_UNIT_SUFFIXES = ("_s", "_bytes", "_pixels", "_mb")
+
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Option:
+    """One settable field: where it lives in Settings and the names it answers to."""
+
+    path: tuple[str, ...]
+    """("transport", "policy", "allow_nets"): sections, then the field."""
+    type: Any
+    names: tuple[str, ...]
+    """Flat names, the first one canonical: field name (or section_field when two
+    sections share a field name), then aliases."""
+
+    @property
+    def key(self) -> str:
+        return ".".join(self.path)
+
+    @property
+    def section(self) -> str:
+        return ".".join(self.path[:-1])
+
+    @property
+    def env_vars(self) -> tuple[str, ...]:
+        return tuple("IMGSERVE_" + name.upper() for name in self.names)
+
+
+def _walk(cls: type, prefix: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], Any]]:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            yield from _walk(hint, (*prefix, f.name))
+        else:
+            yield (*prefix, f.name), hint
+
+
+def _build_options(root: type, aliases: Mapping[str, tuple[str, ...]]) -> dict[str, Option]:
+    leaves = list(_walk(root, ()))
+    counts: dict[str, int] = {}
+    for path, _ in leaves:
+        counts[path[-1]] = counts.get(path[-1], 0) + 1
+    options: dict[str, Option] = {}
+    for path, hint in leaves:
+        key = ".".join(path)
+        flat = path[-1] if counts[path[-1]] == 1 else f"{path[0]}_{path[-1]}"
+        options[key] = Option(path, hint, (flat, *aliases.get(key, ())))
+        _describe(hint)  # a field of a type this module cannot convert fails at import
+    unknown_aliases = set(aliases) - set(options)
+    if unknown_aliases:
+        raise TypeError(f"aliases for fields that do not exist: {sorted(unknown_aliases)}")
+    return options
+
+
+def _describe(hint: Any) -> str:
+    """What a value of this type looks like, for error messages."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return f"a list, each {_describe(args[0])}"
+    if origin in (typing.Union, types.UnionType):
+        members = [a for a in args if a is not type(None)]
+        if all(m in (ipaddress.IPv4Network, ipaddress.IPv6Network) for m in members):
+            return "a network (CIDR)"
+        if len(members) == 1:
+            return _describe(members[0])
+    names = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a finite number",
+        str: "a string",
+        Path: "a path",
+        ipaddress.IPv4Network: "a network (CIDR)",
+        ipaddress.IPv6Network: "a network (CIDR)",
+    }
+    if hint in names:
+        return names[hint]
+    raise TypeError(f"config cannot convert settings of type {hint!r}")
+
+
+def _list_separator(hint: Any) -> str:
+    """Environment lists: ':' between paths (like PATH), ',' between anything else."""
+    return ":" if typing.get_args(hint)[0] is Path else ","
+
+
+def _to_bool(value: Any, text: bool) -> bool | None:
+    words = {"1": True, "true": True, "yes": True, "on": True}
+    words |= {"0": False, "false": False, "no": False, "off": False}
+    if isinstance(value, bool):
+        return value
+    return words.get(value.strip().lower()) if text and isinstance(value, str) else None
+
+
+def _to_int(value: Any, text: bool) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if text and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return int(value.strip().replace("_", ""))
+    return None
+
+
+def _to_float(value: Any, text: bool) -> float | None:
+    number: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    elif text and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            number = float(value)
+    return number if number is not None and math.isfinite(number) else None
+
+
+def _to_str(value: Any, text: bool) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _to_path(value: Any, text: bool) -> Path | None:
+    return Path(value).expanduser() if isinstance(value, str | Path) and str(value) else None
+
+
+def _to_network(value: Any, text: bool) -> _Network | None:
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return ipaddress.ip_network(value.strip(), strict=False)
+    return None
+
+
+# Each returns None when the value does not fit; ``text`` says whether strings
+# may stand for numbers and booleans (environment, flags). TOML values are
+# typed already, so there a string where a number belongs is an error.
+_SCALARS: dict[Any, Any] = {
+    bool: _to_bool,
+    int: _to_int,
+    float: _to_float,
+    str: _to_str,
+    Path: _to_path,
+    ipaddress.IPv4Network: _to_network,
+    ipaddress.IPv6Network: _to_network,
+}
+
+
+def _coerce(hint: Any, value: Any, *, text: bool) -> Any:
+    """``value`` as ``hint``; raises ValueError saying what was expected."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = value.split(_list_separator(hint))
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"expected {_describe(hint)}, got {value!r}")
+        items = [i.strip() if isinstance(i, str) else i for i in value]
+        return tuple(_coerce(args[0], i, text=text) for i in items if i != "")
+    scalar = hint
+    if origin in (typing.Union, types.UnionType):  # X | None, or the network union
+        scalar = next(a for a in args if a is not type(None))
+    converted = _SCALARS[scalar](value, text)
+    if converted is None:
+        raise ValueError(f"expected {_describe(hint)}, got {value!r}")
+    return converted
+
+
+def _check_bounds(option: Option, value: Any) -> None:
+    low, high = _BOUNDS.get(option.key, (None, None))
+    if low is None and option.path[-1].endswith(_UNIT_SUFFIXES):
+        low = 0
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return
+    if low is not None and value < low:
+        raise ValueError(f"must be at least {low:g}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"must be at most {high:g}, got {value!r}")
+
+
+# Normalisations beyond the type: host names compare case-insensitively without
+# the root dot; file roots are compared against resolved paths.
+_NORMALISE: dict[str, Any] = {
+    "transport.policy.allow_hosts": lambda hosts: tuple(h.lower().rstrip(".") for h in hosts),
+    "transport.file_roots": lambda roots: tuple(r.resolve() for r in roots),
+}
+
+OPTIONS: dict[str, Option] = _build_options(Settings, _ALIASES)
+"""Every settable field by dotted key ("server.port")."""
+_BY_NAME: dict[str, Option] = {}
+for _option in OPTIONS.values():
+    for _name in (*_option.names, _option.key):
+        if _name in _BY_NAME:
+            raise TypeError(f"setting name {_name!r} is used twice")
+        _BY_NAME[_name] = _option
+_SECTIONS: set[str] = {
+    ".".join(o.path[:i]) for o in OPTIONS.values() for i in range(1, len(o.path))
+}
 
 
 def option_names() -> list[str]:
-    return sorted(_FIELDS)
+    """Every flat name (field names and aliases) a layer accepts."""
+    return sorted(name for o in OPTIONS.values() for name in o.names)
 
 
-def _convert(name: str, value: Any) -> Any:
-    section, dotted = _FIELDS[name]
-    attr = dotted.split(".")[-1]
-    if name in _LIST_SEP:
-        items = value.split(_LIST_SEP[name]) if isinstance(value, str) else list(value)
-        items = [str(i).strip() for i in items if str(i).strip()]
-        if name == "allow_net":
-            return tuple(ipaddress.ip_network(i, strict=False) for i in items)
-        if name == "allow_host":
-            return tuple(i.lower().rstrip(".") for i in items)
-        return tuple(Path(i).resolve() for i in items)
-    cls = {
-        "server": ServerSettings,
-        "worker": WorkerSettings,
-        "transport": TransportSettings,
-        "imaging": ImagingLimits,
-    }[section]
-    ftype = {f.name: f.type for f in dataclasses.fields(cls)}[attr]
-    if value is None:
-        return None
-    if "Path" in str(ftype):
-        return Path(value).expanduser()
-    if "int" in str(ftype) and "float" not in str(ftype):
-        return int(value)
-    if "float" in str(ftype):
-        return float(value)
-    return str(value)
+def lookup(name: str) -> Option:
+    """The option for a flat name ("port", "pid") or a dotted key ("server.port")."""
+    option = _BY_NAME.get(name.replace("-", "_"))
+    if option is None:
+        raise SettingsError(f"unknown setting {name!r}")
+    return option
 
 
-def _flatten_toml(data: dict[str, Any]) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten_toml(value))
-        else:
-            flat[key.replace("-", "_")] = value
-    return flat
+class _Layer:
+    """One layer's values by option, refusing the same field set twice under two names."""
+
+    def __init__(self, where: str, *, text: bool) -> None:
+        self.where = where
+        self.text = text
+        self.values: dict[str, tuple[Any, str]] = {}
+
+    def set(self, option: Option, value: Any, spelled: str) -> None:
+        label = f"{spelled} in {self.where}" if self.where else spelled
+        if option.key in self.values:
+            first = self.values[option.key][1]
+            raise SettingsError(f"{option.key} is set twice: as {first} and as {label}")
+        try:
+            converted = _coerce(option.type, value, text=self.text)
+            if isinstance(converted, tuple):
+                for item in converted:
+                    _check_bounds(option, item)
+            else:
+                _check_bounds(option, converted)
+        except ValueError as exc:
+            raise SettingsError(f"{option.key}: {exc} ({label})") from None
+        normalise = _NORMALISE.get(option.key)
+        self.values[option.key] = (normalise(converted) if normalise else converted, label)
+
+
+def _from_toml(data: Mapping[str, Any], path: Path) -> _Layer:
+    layer = _Layer(str(path), text=False)
+
+    def visit(table: Mapping[str, Any], section: str) -> None:
+        for raw_key, value in table.items():
+            key = raw_key.replace("-", "_")
+            sub = f"{section}.{key}" if section else key
+            if isinstance(value, dict):
+                if sub not in _SECTIONS:
+                    raise SettingsError(f"unknown section [{sub}] in {path}")
+                visit(value, sub)
+                continue
+            spelled = f"[{section}] {key}" if section else key
+            option = _BY_NAME.get(key) if "." not in key else None
+            if option is None:
+                where = f"[{section}]" if section else "the top level"
+                raise SettingsError(f"unknown setting {key!r} in {where} of {path}")
+            if section and not (option.key + ".").startswith(section + "."):
+                raise SettingsError(
+                    f"{key!r} is not a [{section}] setting in {path}: it belongs in "
+                    f"[{option.section}]"
+                )
+            layer.set(option, value, spelled)
+
+    visit(data, "")
+    return layer
+
+
+def _from_env(env: Mapping[str, str]) -> _Layer:
+    layer = _Layer("the environment", text=True)
+    for option in OPTIONS.values():
+        for var in option.env_vars:
+            if env.get(var, "") != "":
+                layer.set(option, env[var], var)
+    return layer
+
+
+def _from_flags(overrides: Mapping[str, Any], assignments: Sequence[str]) -> _Layer:
+    layer = _Layer("", text=True)
+    for name, value in overrides.items():
+        if value is None or value == [] or value == ():
+            continue
+        layer.set(lookup(name), value, "--" + name.replace("_", "-"))
+    for item in assignments:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise SettingsError(f"--set wants NAME=VALUE, got {item!r}")
+        layer.set(lookup(name.strip()), value, f"--set {name.strip()}")
+    return layer
+
+
+def _build(cls: type, prefix: tuple[str, ...], values: Mapping[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        path = (*prefix, f.name)
+        hint = hints[f.name]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _build(hint, path, values)
+        elif ".".join(path) in values:
+            kwargs[f.name] = values[".".join(path)]
+    return cls(**kwargs)
 
 
 def load(
-    overrides: dict[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
     *,
     config_file: Path | None = None,
-    environ: dict[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    assignments: Sequence[str] = (),
 ) -> Settings:
     """Build Settings from defaults, a TOML file, the environment and overrides.
 
-    ``overrides`` holds flag values by option name (see ``option_names()``);
-    ``None`` values are ignored so unset flags do not mask lower layers.
+    ``overrides`` holds flag values by flat name or dotted key (see
+    ``option_names()``); ``None`` values are ignored so unset flags do not mask
+    lower layers. ``assignments`` are ``--set NAME=VALUE`` items, in the same
+    layer as the flags. Raises SettingsError (a ValueError) naming the offending
+    key, OSError when the file cannot be read.
     """
     env = os.environ if environ is None else environ
-    raw: dict[str, Any] = {}
+    layers: list[_Layer] = []
     path = config_file or (Path(env["IMGSERVE_CONFIG"]) if env.get("IMGSERVE_CONFIG") else None)
     if path is not None:
         with open(path, "rb") as fh:
-            file_values = _flatten_toml(tomllib.load(fh))
-        unknown = set(file_values) - set(_FIELDS)
-        if unknown:
-            raise ValueError(f"unknown settings in {path}: {', '.join(sorted(unknown))}")
-        raw.update(file_values)
-    for name in _FIELDS:
-        var = "IMGSERVE_" + name.upper()
-        if var in env and env[var] != "":
-            raw[name] = env[var]
-    for name, value in (overrides or {}).items():
-        if value is None or value == [] or value == ():
-            continue
-        if name not in _FIELDS:
-            raise ValueError(f"unknown setting {name!r}")
-        raw[name] = value
-
-    sections: dict[str, dict[str, Any]] = {
-        "server": {},
-        "worker": {},
-        "transport": {},
-        "imaging": {},
-        "policy": {},
-    }
-    for name, value in raw.items():
-        section, dotted = _FIELDS[name]
-        converted = _convert(name, value)
-        if dotted.startswith("policy."):
-            sections["policy"][dotted.split(".", 1)[1]] = converted
-        else:
-            sections[section][dotted] = converted
-    transport = TransportSettings(policy=NetPolicy(**sections["policy"]), **sections["transport"])
-    return Settings(
-        server=ServerSettings(**sections["server"]),
-        worker=WorkerSettings(**sections["worker"]),
-        transport=transport,
-        imaging=ImagingLimits(**sections["imaging"]),
-    )
+            try:
+                data = tomllib.load(fh)
+            except tomllib.TOMLDecodeError as exc:
+                raise SettingsError(f"{path} is not valid TOML: {exc}") from None
+        layers.append(_from_toml(data, path))
+    layers.append(_from_env(env))
+    layers.append(_from_flags(overrides or {}, assignments))
+    values: dict[str, Any] = {}
+    for layer in layers:
+        values.update({key: value for key, (value, _) in layer.values.items()})
+    result: Settings = _build(Settings, (), values)
+    return result

@@ -22,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -145,28 +146,36 @@ def remove_pid_file(paths: Paths) -> None:
 
 
 def serve(settings: Settings, *, to_file: bool, force: bool) -> int:
-    """Run the daemon in this process until a signal drains it."""
+    """Run the daemon in this process until a signal drains it.
+
+    Whatever stops it before it is up is printed as one line on stderr (which
+    ``start`` reads back from the startup log); tracebacks go to the log only.
+    """
     paths = paths_for(settings)
-    logs.configure(
-        paths.log_file if to_file else None,
-        max_bytes=settings.server.log_max_bytes,
-        backups=settings.server.log_backups,
-    )
     try:
+        preflight(settings, paths)
+        logs.configure(
+            paths.log_file if to_file else None,
+            max_bytes=settings.server.log_max_bytes,
+            backups=settings.server.log_backups,
+        )
         write_pid_file(paths, force=force)
-    except RuntimeError as exc:
+    except (StartupError, RuntimeError, OSError) as exc:
         print(f"imgserve: {exc}", file=sys.stderr)
         return EXIT_FAIL
     try:
         return asyncio.run(_serve(settings, paths))
-    except OSError as exc:
-        message = (
-            f"cannot listen on {settings.server.host}:{settings.server.port}: address in use"
-            if exc.errno == errno.EADDRINUSE
-            else f"cannot start: {exc}"
-        )
-        log.error("%s", message)
-        print(f"imgserve: {message}", file=sys.stderr)
+    except Exception as exc:
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+            host, port = settings.server.host, settings.server.port
+            message = f"cannot listen on {host}:{port}: address in use"
+            log.error("%s", message)
+        else:
+            up = _runtime_pid(paths) == os.getpid()
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            message = f"{'stopped' if up else 'cannot start'}: {type(exc).__name__}: {first_line}"
+            log.exception("%s", message)
+        print(f"imgserve: {redact_url(message)}", file=sys.stderr)
         return EXIT_FAIL
     finally:
         remove_pid_file(paths)
@@ -343,6 +352,11 @@ def run_worker(settings: Settings) -> int:
     if not settings.server.queue_url:
         print("imgserve worker: --queue redis://host:port/db is required", file=sys.stderr)
         return EXIT_FAIL
+    try:
+        _check_queue(settings.server.queue_url, Path("."))
+    except StartupError as exc:
+        print(f"imgserve worker: {exc}", file=sys.stderr)
+        return EXIT_FAIL
     return asyncio.run(_worker(settings))
 
 
@@ -447,10 +461,50 @@ def _runtime_pid(paths: Paths) -> int | None:
         return None
 
 
+class StartupError(Exception):
+    """Why the daemon cannot come up, in one line for the terminal."""
+
+
+def preflight(settings: Settings, paths: Paths) -> None:
+    """What can be checked before detaching: the directories the daemon writes
+    can be created and written, and the queue backend imports and accepts its URL.
+
+    Raises StartupError with the reason.
+    """
+    for directory in sorted({paths.data_dir, paths.log_file.parent, paths.pid_file.parent}):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=directory):
+                pass
+        except OSError as exc:
+            raise StartupError(f"cannot write to {directory}: {exc.strerror or exc}") from exc
+    _check_queue(settings.server.queue_url, paths.data_dir)
+
+
+def _check_queue(url: str | None, data_dir: Path) -> None:
+    """The queue backend for ``url`` imports and accepts it (nothing connects)."""
+    if url:
+        from imgserve import errors
+        from imgserve.queue import open_queue
+
+        try:
+            open_queue(url, data_dir)  # builds the client only
+        except (ImportError, errors.ImgserveError) as exc:
+            raise StartupError(redact_url(str(exc))) from exc
+        except ValueError as exc:  # the Redis client's URL parser
+            raise StartupError(redact_url(f"bad queue URL {url}: {exc}")) from exc
+
+
 def start(
     settings: Settings, serve_argv: list[str], *, force: bool, timeout_s: float = 60.0
 ) -> int:
+    """Run ``imgserve serve`` detached; 0 once its port answers, else print why and 1."""
     paths = paths_for(settings)
+    try:
+        preflight(settings, paths)
+    except StartupError as exc:
+        print(f"imgserve: {exc}", file=sys.stderr)
+        return EXIT_FAIL
     pid, alive = running_pid(paths)
     if alive:
         print(f"imgserve: already running with pid {pid} ({paths.pid_file})", file=sys.stderr)
@@ -464,7 +518,6 @@ def start(
         return EXIT_FAIL
     from imgserve.pool import MALLOC_ENV  # for the forkserver: workers and planners
 
-    paths.data_dir.mkdir(parents=True, exist_ok=True)
     with open(paths.startup_log, "wb") as err:
         child = subprocess.Popen(
             [sys.executable, "-m", "imgserve", "serve", "--daemonized", *serve_argv],

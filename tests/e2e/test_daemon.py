@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import stat
@@ -397,3 +398,18 @@ def test_second_signal_stops_at_once_and_the_job_runs_later(
     assert not [p for p in tree if alive(p)], "workers left behind"
     assert daemon.cli("start", "-FORCE").returncode == 0
     assert daemon.wait(reply.body["jobId"])["state"] == "done"
+
+
+def test_configured_secret_query_parameters_are_redacted(
+    start_daemon: Any, http_server: HTTPTestServer
+) -> None:
+    """--redact-param adds names to the built-in secret parameters: their values
+    appear neither in the reply nor in the log."""
+    daemon = start_daemon("--redact-param", "session_id")
+    missing = str(http_server.url("/files/red/missing.jpg?session_id=s3cr3tvalue&w=1"))
+    reply = daemon.post(resize(missing, f"file://{daemon.out_dir}/red/x.jpg", width=10))
+    assert (reply.status, reply.body["code"]) == (422, 201)
+    assert "s3cr3tvalue" not in json.dumps(reply.body)
+    assert "session_id=***" in reply.body["detail"]
+    log_text = (daemon.state_dir / "imgserve.log").read_text()
+    assert "s3cr3tvalue" not in log_text
