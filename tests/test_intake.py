@@ -151,7 +151,7 @@ async def test_full_intake_answers_503_with_retry_after_before_downloading(
     for task in first:
         status, body, _ = await task
         assert status == 200, body
-    assert (service.intake, service.intake_bytes) == (0, 0)
+    assert (service.intake.jobs, service.intake.bytes) == (0, 0)
 
 
 async def test_sources_over_the_byte_budget_answer_503(
@@ -163,7 +163,7 @@ async def test_sources_over_the_byte_budget_answer_503(
     base, service = await imgserve_api(intake_max_bytes=budget)
     held = asyncio.create_task(post(base, job(f"{holding.url}/now/1", f"{holding.url}/dst/1.jpg")))
     await holding.until(1)  # downloaded, now uploading its placeholder
-    assert service.intake_bytes == budget
+    assert service.intake.bytes == budget
     status, body, _ = await post(base, job(f"{holding.url}/now/2", f"{holding.url}/dst/2.jpg"))
     assert (status, body["code"]) == (503, 611)
     assert str(budget) in body["detail"]
@@ -172,7 +172,7 @@ async def test_sources_over_the_byte_budget_answer_503(
     assert status == 200, body
     status, body, _ = await post(base, job(f"{holding.url}/now/3", f"{holding.url}/dst/3.jpg"))
     assert status == 200, body
-    assert service.intake_bytes == 0
+    assert service.intake.bytes == 0
 
 
 async def test_checking_a_job_has_one_deadline(
@@ -186,5 +186,35 @@ async def test_checking_a_job_has_one_deadline(
     status, body, _ = await post(base, job(f"{holding.url}/src/1", f"file://{tmp_path}/out/1.jpg"))
     assert (status, body["code"]) == (504, 612)
     assert loop.time() - started < 10  # the download timeout is 30 s
-    assert service.intake == 0
+    assert service.intake.jobs == 0
     assert (await service.queue.counts())["queued"] == 0
+
+
+async def test_a_download_that_would_pass_the_budget_stops_mid_way(
+    imgserve_api: Start, holding: Holding
+) -> None:
+    """The budget is charged as chunks arrive: while one job holds a source, a second
+    whose bytes would take the total past the budget is stopped with 611 during its
+    download, not after it has been read whole."""
+    holding.source = _jpeg(1600, 1200) + bytes(2_000_000)  # big, and several chunks long
+    budget = len(holding.source) * 3 // 2
+    base, service = await imgserve_api(intake_max_bytes=budget)
+    held = asyncio.create_task(post(base, job(f"{holding.url}/now/1", f"{holding.url}/dst/1.jpg")))
+    await holding.until(1)
+    status, body, _ = await post(base, job(f"{holding.url}/now/2", f"{holding.url}/dst/2.jpg"))
+    assert (status, body["code"]) == (503, 611)
+    assert "would hold more than" in body["detail"]
+    assert service.intake.bytes == len(holding.source)  # the stopped one gave its bytes back
+    holding.release.set()
+    assert (await held)[0] == 200
+
+
+async def test_one_source_larger_than_the_budget_is_still_accepted_alone(
+    imgserve_api: Start, holding: Holding, tmp_path: Path
+) -> None:
+    """A budget below the download limit cannot refuse a job for ever: the only job
+    holding bytes may pass it (up to max_download_bytes)."""
+    base, service = await imgserve_api(intake_max_bytes=len(holding.source) // 2)
+    status, body, _ = await post(base, job(f"{holding.url}/now/1", f"file://{tmp_path}/out/1.jpg"))
+    assert status == 200, body
+    assert service.intake.bytes == 0

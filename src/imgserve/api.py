@@ -27,6 +27,7 @@ from aiohttp import web
 from imgserve import __version__, errors
 from imgserve.config import Settings
 from imgserve.imaging import pipeline
+from imgserve.intake import Intake
 from imgserve.planner import Planner
 from imgserve.queue.base import JobQueue, JobRecord
 from imgserve.request import Job, destination_target, parse_body, validate
@@ -51,12 +52,15 @@ class Service:
     draining: bool = False
     degraded: str | None = None
     """Why the daemon can no longer run jobs (it is about to exit), or None."""
-    intake: int = 0
-    """Jobs being checked now (downloaded, planned, placeholder uploaded)."""
-    intake_bytes: int = 0
-    """Source bytes those jobs hold."""
+    intake: Intake = field(init=False)
+    """The jobs being checked now and the source bytes they hold."""
     started_at: float = field(default_factory=time.time)
     workers_alive: Callable[[], int] = lambda: 0
+
+
+    def __post_init__(self) -> None:
+        server = self.settings.server
+        self.intake = Intake(server.intake_max, server.intake_max_bytes)
 
 
 SERVICE = web.AppKey("service", Service)
@@ -106,26 +110,14 @@ async def submit(request: web.Request) -> web.Response:
     if service.draining:
         raise errors.ShuttingDown()
     server = service.settings.server
-    if service.intake >= server.intake_max:
-        raise errors.IntakeBusy(f"{service.intake} jobs being checked, the limit is "
-                                f"{server.intake_max}")  # fmt: skip
-    if service.intake_bytes >= server.intake_max_bytes:
-        raise errors.IntakeBusy(
-            f"jobs being checked hold {service.intake_bytes} bytes of sources, the limit is "
-            f"{server.intake_max_bytes}"
-        )
-    counts = await service.queue.counts()
-    if counts["queued"] + counts["running"] + service.intake >= server.queue_max:
-        raise errors.QueueFull(f"{server.queue_max} jobs waiting or being checked")
-    service.intake += 1
-    held = 0
-    deadline = asyncio.timeout(server.reply_timeout_s)
-    try:
+    with service.intake.admit() as admission:
+        counts = await service.queue.counts()
+        if counts["queued"] + counts["running"] + service.intake.jobs > server.queue_max:
+            raise errors.QueueFull(f"{server.queue_max} jobs waiting or being checked")
+        deadline = asyncio.timeout(server.reply_timeout_s)
         try:
             async with deadline:
-                data = await service.transports.download(job.src_url)
-                held = len(data)
-                service.intake_bytes += held
+                data = await service.transports.download(job.src_url, admission.charge)
                 plan = await _check(service, job, data)
         except TimeoutError as exc:
             if not deadline.expired():
@@ -135,9 +127,6 @@ async def submit(request: web.Request) -> web.Response:
             ) from exc
         # Outside the deadline: once the commit starts, the job is accepted.
         return await _enqueue(service, job, plan, data)
-    finally:
-        service.intake -= 1
-        service.intake_bytes -= held
 
 
 async def _check(service: Service, job: Job, data: bytes) -> pipeline.Plan:
@@ -225,7 +214,7 @@ async def health(request: web.Request) -> web.Response:
         "workersAlive": service.workers_alive() + sum(n.get("workersAlive", 0) for n in nodes),
         "nodes": nodes,
         "uptimeS": round(time.time() - service.started_at, 1),
-        "intake": {"jobs": service.intake, "bytes": service.intake_bytes},
+        "intake": {"jobs": service.intake.jobs, "bytes": service.intake.bytes},
     }
     if service.degraded:
         body["detail"] = service.degraded

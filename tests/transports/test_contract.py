@@ -9,6 +9,7 @@ import pytest
 from imgserve.errors import (
     DownloadTimeout,
     ImgserveError,
+    IntakeBusy,
     SourceNotFound,
     SourceTooLarge,
     UploadFailed,
@@ -145,3 +146,38 @@ async def test_permanent_refusal_is_not_retried(backend: Backend) -> None:
     assert not info.value.retryable
     if before >= 0:
         assert attempts() - before == 1
+
+
+async def test_download_charges_every_byte_as_it_arrives(backend: Backend) -> None:
+    """Every transport reports each chunk to ``charge`` (the intake byte budget):
+    the charged sizes add up to the source."""
+    big = bytes(range(256)) * 4096  # 1 MiB: more than one chunk on every transport
+    url = backend.put_source(unique("charged"), big)
+    charged: list[int] = []
+    registry = backend.transports()
+    try:
+        assert await registry.download(url, charged.append) == big
+    finally:
+        await registry.aclose()
+    assert sum(charged) == len(big)
+    assert all(size > 0 for size in charged)
+
+
+async def test_a_charge_that_refuses_stops_the_download(backend: Backend) -> None:
+    """A charge that raises (the budget is spent) ends the download with its error,
+    unchanged, whatever the transport."""
+    url = backend.put_source(unique("refused"), bytes(range(256)) * 4096)
+    seen: list[int] = []
+
+    def charge(size: int) -> None:
+        seen.append(size)
+        if sum(seen) > 100_000:
+            raise IntakeBusy("budget spent")
+
+    registry = backend.transports()
+    try:
+        with pytest.raises(IntakeBusy):
+            await registry.download(url, charge)
+    finally:
+        await registry.aclose()
+    assert sum(seen[:-1]) <= 100_000  # nothing was read on after the refusal

@@ -12,10 +12,38 @@ transport's own thread pool (threads.py), released by ``aclose()``.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 from imgserve.config import TransportSettings
+from imgserve.transports import outcomes
+
+Charge = Callable[[int], None]
+"""Called with the size of each chunk of a download as it arrives (the API's
+intake byte budget, intake.Admission.charge); raises to stop the download."""
+
+
+class Chunks:
+    """A download's bytes as they arrive: within ``max_bytes`` (TooLarge past it)
+    and charged, chunk by chunk, to the caller's ``charge``."""
+
+    def __init__(self, max_bytes: int, charge: Charge | None = None) -> None:
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._charge = charge
+        self._parts: list[bytes] = []
+
+    def add(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.max_bytes:
+            raise outcomes.TooLarge(f"more than {self.max_bytes} bytes")
+        if self._charge is not None and data:
+            self._charge(len(data))
+        self._parts.append(data)
+
+    def join(self) -> bytes:
+        return b"".join(self._parts)
 
 
 @dataclass(frozen=True)
@@ -45,11 +73,12 @@ class Transport(abc.ABC):
         self.settings = settings
 
     @abc.abstractmethod
-    async def download(self, url: str) -> bytes:
+    async def download(self, url: str, charge: Charge | None = None) -> bytes:
         """Fetch the whole object at ``url``.
 
         Enforces ``settings.max_download_bytes`` (counted on decoded bytes)
-        and ``settings.download_timeout_s`` as one total deadline.
+        and ``settings.download_timeout_s`` as one total deadline; ``charge``
+        is called for every chunk as it arrives (collect them in :class:`Chunks`).
         """
 
     @abc.abstractmethod

@@ -31,7 +31,7 @@ from urllib.parse import unquote, urlsplit
 from imgserve.config import TransportSettings
 from imgserve.errors import FileSchemeDisabled, NotARegularFile, PathOutsideRoots, URLInvalid
 from imgserve.transports import outcomes
-from imgserve.transports.base import Target, Transport
+from imgserve.transports.base import Charge, Chunks, Target, Transport
 from imgserve.transports.threads import BlockingExecutor
 from imgserve.urls import redact_url
 
@@ -87,16 +87,18 @@ class FileTransport(Transport):
 
     # --- download -----------------------------------------------------------------
 
-    async def download(self, url: str) -> bytes:
+    async def download(self, url: str, charge: Charge | None = None) -> bytes:
         path = self._lexical_path(url)
         timeout_s = self.settings.download_timeout_s
         with outcomes.translated(outcomes.DOWNLOAD, url):
             try:
-                return await self._threads.run(timeout_s, lambda _deadline: self._read(path, url))
+                return await self._threads.run(
+                    timeout_s, lambda _deadline: self._read(path, url, charge)
+                )
             except TimeoutError as exc:
                 raise outcomes.Timeout(f"not read within {timeout_s}s") from exc
 
-    def _read(self, path: str, url: str) -> bytes:
+    def _read(self, path: str, url: str, charge: Charge | None = None) -> bytes:
         real = os.path.realpath(path)
         self._check_inside(real, url)
         limit = self.settings.max_download_bytes
@@ -114,14 +116,10 @@ class FileTransport(Transport):
                 raise NotARegularFile(f"{redact_url(url)} is not a regular file")
             if info.st_size > limit:
                 raise outcomes.TooLarge(f"{info.st_size} bytes > {limit}")
-            parts: list[bytes] = []
-            size = 0
+            chunks = Chunks(limit, charge)  # the limit again: the file may grow meanwhile
             while chunk := os.read(fd, _CHUNK_BYTES):
-                size += len(chunk)
-                if size > limit:  # the file grew while we read it
-                    raise outcomes.TooLarge(f"more than {limit} bytes")
-                parts.append(chunk)
-            return b"".join(parts)
+                chunks.add(chunk)
+            return chunks.join()
         finally:
             os.close(fd)
 

@@ -46,7 +46,7 @@ from urllib.parse import unquote, urlsplit
 from imgserve.config import NetPolicy, TransportSettings
 from imgserve.errors import AddressRefused, URLInvalid
 from imgserve.transports import outcomes, policy
-from imgserve.transports.base import Target, Transport
+from imgserve.transports.base import Charge, Chunks, Target, Transport
 from imgserve.transports.threads import BlockingExecutor
 from imgserve.urls import redact_url
 
@@ -262,18 +262,23 @@ class FTPTransport(Transport):
 
     # --- download -----------------------------------------------------------------
 
-    async def download(self, url: str) -> bytes:
+    async def download(self, url: str, charge: Charge | None = None) -> bytes:
         parsed = _parse(url)
         with outcomes.translated(outcomes.DOWNLOAD, url):
             try:
                 return await self._run(
-                    self.settings.download_timeout_s, self._download, parsed, url
+                    self.settings.download_timeout_s, self._download, parsed, url, charge
                 )
             except TimeoutError as exc:
                 raise outcomes.Timeout("not downloaded in time") from exc
 
     def _download(
-        self, url: _FTPURL, raw_url: str, deadline: float, sockets: list[socket.socket]
+        self,
+        url: _FTPURL,
+        raw_url: str,
+        charge: Charge | None,
+        deadline: float,
+        sockets: list[socket.socket],
     ) -> bytes:
         client = None
         done = False
@@ -289,24 +294,20 @@ class FTPTransport(Transport):
                 _tick(_sock(client), deadline)
                 conn = client.transfercmd("RETR " + url.path)
                 sockets.append(conn)
-                parts: list[bytes] = []
-                total = 0
+                body = Chunks(limit, charge)
                 with conn:
                     while True:
                         _tick(conn, deadline)
                         chunk = conn.recv(_CHUNK_BYTES)
                         if not chunk:
                             break
-                        total += len(chunk)
-                        if total > limit:
-                            raise outcomes.TooLarge(f"more than {limit} bytes")
-                        parts.append(chunk)
+                        body.add(chunk)
                     if isinstance(conn, ssl.SSLSocket):
                         conn.unwrap()
                 _tick(_sock(client), deadline)
                 client.voidresp()
                 done = True
-                return b"".join(parts)
+                return body.join()
             finally:
                 self._close(client, polite=done)
 

@@ -30,7 +30,7 @@ from yarl import URL
 from imgserve.config import NetPolicy, TransportSettings
 from imgserve.errors import AddressRefused, RedirectSchemeRefused, TooManyRedirects, URLInvalid
 from imgserve.transports import outcomes, policy
-from imgserve.transports.base import Target, Transport
+from imgserve.transports.base import Charge, Chunks, Target, Transport
 from imgserve.urls import redact_url
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -79,12 +79,12 @@ class PolicyResolver(AbstractResolver):
 
 
 class _Body:
-    """Collects a response body, decoding gzip/deflate, within a byte limit."""
+    """Collects a response body, decoding gzip/deflate, within a byte limit; the
+    decoded bytes are what ``charge`` counts."""
 
-    def __init__(self, encoding: str, max_bytes: int) -> None:
+    def __init__(self, encoding: str, max_bytes: int, charge: Charge | None = None) -> None:
         self._max_bytes = max_bytes
-        self._parts: list[bytes] = []
-        self._size = 0
+        self._chunks = Chunks(max_bytes, charge)
         self._decoder: Any = None
         self._raw_deflate_fallback = False
         if encoding in ("gzip", "x-gzip"):
@@ -96,10 +96,10 @@ class _Body:
             raise outcomes.Refused(f"unsupported Content-Encoding {encoding!r}")
 
     def _add(self, data: bytes) -> None:
-        self._size += len(data)
-        if self._size > self._max_bytes:
-            raise outcomes.TooLarge(f"more than {self._max_bytes} bytes (decoded)")
-        self._parts.append(data)
+        try:
+            self._chunks.add(data)
+        except outcomes.TooLarge as exc:
+            raise outcomes.TooLarge(f"{exc} (decoded)") from None
 
     def feed(self, chunk: bytes) -> None:
         if self._decoder is None:
@@ -109,11 +109,11 @@ class _Body:
         while pending and not self._decoder.eof:
             # max_length bounds each step's output, so a bomb never expands
             # past the limit in memory.
-            budget = self._max_bytes - self._size + 1
+            budget = self._max_bytes - self._chunks.size + 1
             try:
                 out = self._decoder.decompress(pending, budget)
             except zlib.error as exc:
-                if self._raw_deflate_fallback and self._size == 0:
+                if self._raw_deflate_fallback and self._chunks.size == 0:
                     # Some servers send raw deflate without the zlib header.
                     self._raw_deflate_fallback = False
                     self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
@@ -129,7 +129,7 @@ class _Body:
                 self._add(self._decoder.flush())
             except zlib.error as exc:
                 raise outcomes.Transient(f"corrupt compressed body: {exc}") from exc
-        return b"".join(self._parts)
+        return self._chunks.join()
 
 
 def _basic_auth(user: str, password: str) -> str:
@@ -201,16 +201,16 @@ class HTTPTransport(Transport):
 
     # --- download -----------------------------------------------------------------
 
-    async def download(self, url: str) -> bytes:
+    async def download(self, url: str, charge: Charge | None = None) -> bytes:
         timeout_s = self.settings.download_timeout_s
         with outcomes.translated(outcomes.DOWNLOAD, url):
             try:
                 async with asyncio.timeout(timeout_s):
-                    return await self._download(url)
+                    return await self._download(url, charge)
             except TimeoutError as exc:
                 raise outcomes.Timeout(f"not downloaded within {timeout_s}s") from exc
 
-    async def _download(self, url: str) -> bytes:
+    async def _download(self, url: str, charge: Charge | None) -> bytes:
         current, auth = _parse(url)
         for _hop in range(self.settings.max_redirects + 1):
             self._check_literal(current)
@@ -225,7 +225,7 @@ class HTTPTransport(Transport):
                         continue
                     if resp.status >= 400:
                         raise outcomes.http_status(resp.status)(f"HTTP {resp.status}")
-                    return await self._read(resp)
+                    return await self._read(resp, charge)
         raise TooManyRedirects(
             f"more than {self.settings.max_redirects} redirects from {redact_url(url)}"
         )
@@ -250,12 +250,12 @@ class HTTPTransport(Transport):
             next_auth = auth
         return next_url, next_auth
 
-    async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
+    async def _read(self, resp: aiohttp.ClientResponse, charge: Charge | None) -> bytes:
         limit = self.settings.max_download_bytes
         encoding = resp.headers.get("Content-Encoding", "").strip().lower()
         if encoding in ("", "identity") and (resp.content_length or 0) > limit:
             raise outcomes.TooLarge(f"Content-Length {resp.content_length} > {limit} bytes")
-        body = _Body(encoding, limit)
+        body = _Body(encoding, limit, charge)
         async for chunk in resp.content.iter_chunked(_CHUNK_BYTES):
             body.feed(chunk)
         return body.finish()

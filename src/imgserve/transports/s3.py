@@ -30,7 +30,7 @@ from botocore.config import Config
 from imgserve.config import TransportSettings
 from imgserve.errors import URLInvalid
 from imgserve.transports import outcomes
-from imgserve.transports.base import Target, Transport
+from imgserve.transports.base import Charge, Chunks, Target, Transport
 from imgserve.transports.threads import BlockingExecutor
 from imgserve.urls import redact_url
 
@@ -120,34 +120,30 @@ class S3Transport(Transport):
 
     # --- download -----------------------------------------------------------------
 
-    async def download(self, url: str) -> bytes:
+    async def download(self, url: str, charge: Charge | None = None) -> bytes:
         bucket, key = _parse(url)
         timeout_s = self.settings.download_timeout_s
         with outcomes.translated(outcomes.DOWNLOAD, url):
             try:
                 return await self._threads.run(
-                    timeout_s, lambda deadline: self._download(bucket, key, deadline)
+                    timeout_s, lambda deadline: self._download(bucket, key, charge, deadline)
                 )
             except TimeoutError as exc:
                 raise outcomes.Timeout(f"not downloaded within {timeout_s}s") from exc
 
-    def _download(self, bucket: str, key: str, deadline: float) -> bytes:
+    def _download(self, bucket: str, key: str, charge: Charge | None, deadline: float) -> bytes:
         limit = self.settings.max_download_bytes
         reply = self._s3().get_object(Bucket=bucket, Key=key)
         body = reply["Body"]
         with contextlib.closing(body):
             if reply.get("ContentLength", 0) > limit:
                 raise outcomes.TooLarge(f"{reply['ContentLength']} bytes > {limit}")
-            parts: list[bytes] = []
-            total = 0
+            chunks = Chunks(limit, charge)
             while chunk := body.read(_CHUNK_BYTES):
                 if time.monotonic() > deadline:
                     raise outcomes.Timeout("deadline passed")
-                total += len(chunk)
-                if total > limit:
-                    raise outcomes.TooLarge(f"more than {limit} bytes")
-                parts.append(chunk)
-        return b"".join(parts)
+                chunks.add(chunk)
+        return chunks.join()
 
     # --- upload -------------------------------------------------------------------
 
