@@ -194,6 +194,24 @@ def test_spinning_loader_is_killed_at_the_deadline() -> None:
         planner.close()
 
 
+def test_waiting_for_a_free_planner_is_not_charged_to_the_plan() -> None:
+    """Three requests on one planner, each 1.5 s of a 2 s deadline: the third waits
+    3 s for its turn (past 2 s + the grace) and still plans, because its deadline
+    runs from when it starts (the reply deadline bounds the wait)."""
+    planner = _make(processes=1, timeout_s=2.0)
+    try:
+        jpeg = corpus(WALLPAPER_JPEG) + b"IMGSERVE-FAULT-PLAN-DELAY=1.5"
+
+        async def three() -> list[Any]:
+            plans = [planner.plan(JPEG_JOB, jpeg, LIMITS) for _ in range(3)]
+            return await asyncio.gather(*plans, return_exceptions=True)
+
+        results = asyncio.run(three())
+        assert [type(r).__name__ for r in results] == ["tuple"] * 3, results
+    finally:
+        planner.close()
+
+
 def test_memory_hog_is_307(planner: Planner) -> None:
     """A planner running out of its address-space cap answers 307 and keeps planning."""
     jpeg = corpus(WALLPAPER_JPEG)

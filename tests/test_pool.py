@@ -17,6 +17,7 @@ import pyvips
 from imgserve import errors
 from imgserve.config import ImagingLimits, WorkerSettings
 from imgserve.pool import MALLOC_ENV, ImagePool
+from imgserve.supervised import NoAnswer
 
 
 def _probe() -> tuple[int, int, int, dict[str, str]]:
@@ -34,7 +35,7 @@ def pool() -> Iterator[ImagePool]:
 def test_workers_run_as_batch_work_at_the_configured_nice_and_libvips_threads(
     pool: ImagePool,
 ) -> None:
-    niceness, threads, policy, malloc = pool._pool.schedule(_probe).result(timeout=60)
+    niceness, threads, policy, malloc = pool.processes.pebble.schedule(_probe).result(timeout=60)
     assert niceness == os.nice(0) + 7
     assert threads == 3
     assert policy == os.SCHED_BATCH
@@ -70,7 +71,7 @@ def _worker_blocked_on(pool: ImagePool, path: str, timeout_s: float = 30.0) -> i
     """The pid of the worker stuck opening ``path`` (waits until one is)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for pid in pool._pool._pool_manager.worker_manager.workers:
+        for pid in pool.processes.pids():
             with contextlib.suppress(OSError):
                 if Path(f"/proc/{pid}/wchan").read_text() == "wait_for_partner":
                     return int(pid)
@@ -79,18 +80,55 @@ def _worker_blocked_on(pool: ImagePool, path: str, timeout_s: float = 30.0) -> i
 
 
 async def test_an_answer_that_never_comes_fails_the_job_retryably() -> None:
-    """If pebble never resolves a task (its answer lost), the wait still ends at the
-    job timeout plus the grace, with a retryable 610 instead of hanging for ever."""
+    """If pebble never resolves a running task (its answer lost), the wait still ends
+    at the job timeout plus the grace (render reports it as a retryable 610)."""
     pool = ImagePool(WorkerSettings(workers=1, job_timeout_s=0.5), ImagingLimits(),
                      answer_grace_s=0.5)  # fmt: skip
     try:
         never: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+        never.set_running_or_notify_cancel()  # started, and then nothing
         started = time.monotonic()
-        with pytest.raises(errors.WorkerUnresponsive) as caught:
-            await asyncio.wait_for(pool._answer(never, pool._pool), 30)
-        assert caught.value.retryable
+        with pytest.raises(NoAnswer):
+            await asyncio.wait_for(pool.processes.answer(never, pool.processes.pebble), 30)
         assert time.monotonic() - started >= 1.0
-        assert never.cancelled()
+        assert errors.WorkerUnresponsive.retryable
+    finally:
+        pool.close(timeout_s=1.0)
+
+
+async def test_time_queued_inside_pebble_is_not_charged_to_the_render(tmp_path: Path) -> None:
+    """A render that waits in pebble's queue behind another gets its whole timeout
+    once it starts: the deadline runs from its start, not from scheduling."""
+    pool = ImagePool(WorkerSettings(workers=1, job_timeout_s=2.0), ImagingLimits(),
+                     answer_grace_s=0.2)  # fmt: skip
+    source = bytes(pyvips.Image.black(400, 300, bands=3).jpegsave_buffer())
+    first, second = tmp_path / "first.jpg", tmp_path / "second.jpg"
+    os.mkfifo(first)
+    os.mkfifo(second)
+
+    def feed(path: Path) -> None:
+        """Write the source once a worker has the FIFO open for reading (10 s at most)."""
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError:  # ENXIO: no reader yet
+                assert time.monotonic() < deadline, f"no worker ever read {path.name}"
+                time.sleep(0.01)
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "wb") as fifo:
+            fifo.write(source)
+
+    try:
+        renders = [asyncio.create_task(pool.render(str(p), _plan())) for p in (first, second)]
+        await asyncio.sleep(1.5)  # the first source takes 1.5 s of its 2 s to arrive
+        await asyncio.to_thread(feed, first)
+        await asyncio.sleep(1.5)  # so does the second, which started only now
+        await asyncio.to_thread(feed, second)
+        for render in renders:  # 3 s after both were scheduled: past 2 s + 0.2 s
+            result = await asyncio.wait_for(render, 30)
+            assert pyvips.Image.new_from_buffer(result, "").width == 40
     finally:
         pool.close(timeout_s=1.0)
 
@@ -105,13 +143,13 @@ async def test_renders_waiting_on_a_broken_pool_fail_retryably_and_the_next_runs
         running = asyncio.create_task(pool.render(fifo, _plan()))
         queued = asyncio.create_task(pool.render(fifo, _plan()))
         await asyncio.to_thread(_worker_blocked_on, pool, fifo)
-        broken = pool._pool
+        broken = pool.processes.pebble
         broken.stop()  # what pebble's own failure looks like from outside: not active
         for task in (running, queued):
             with pytest.raises(errors.WorkerCrashed) as caught:
                 await asyncio.wait_for(task, 10)
             assert caught.value.retryable
-        assert pool._pool is not broken and pool.replacements == 1
+        assert pool.processes.pebble is not broken and pool.processes.replacements == 1
         source = pyvips.Image.black(400, 300, bands=3).jpegsave_buffer()
         result = await asyncio.wait_for(pool.render(bytes(source), _plan()), 60)
         assert pyvips.Image.new_from_buffer(result, "").width == 40

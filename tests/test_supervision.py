@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -38,7 +39,7 @@ async def test_runner_that_dies_degrades_health_stops_intake_and_exits_1(
         environ={},
     )
     paths = daemon.paths_for(settings)
-    serving = asyncio.create_task(daemon._serve(settings, paths, linger_s=3.0))
+    serving = asyncio.create_task(daemon._serve(settings, paths, linger_s=120.0))
     await asyncio.wait_for(started.wait(), 60)
     base = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession() as session:
@@ -54,6 +55,8 @@ async def test_runner_that_dies_degrades_health_stops_intake_and_exits_1(
             assert (resp.status, reply["code"]) == (503, 604)
     workers = _forked() - before  # this daemon's image workers and planners
     assert workers
+    assert not serving.done()  # lingering, degraded, until its time is up or a signal
+    os.kill(os.getpid(), signal.SIGTERM)  # the daemon's handler: ends the linger now
     assert await asyncio.wait_for(serving, 30) == daemon.EXIT_FAIL
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
         pass

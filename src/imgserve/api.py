@@ -57,7 +57,6 @@ class Service:
     started_at: float = field(default_factory=time.time)
     workers_alive: Callable[[], int] = lambda: 0
 
-
     def __post_init__(self) -> None:
         server = self.settings.server
         self.intake = Intake(server.intake_max, server.intake_max_bytes)

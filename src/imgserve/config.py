@@ -92,8 +92,10 @@ class WorkerSettings:
     """libvips threads per worker process: the processes already use every core,
     and more threads per image only add contention (+10% CPU per job measured)."""
     lease_s: float = 0.0
-    """Distributed mode: how long a worker node holds a job before another may take
-    it over (a node that died). 0 computes it from the deadlines of one delivery."""
+    """How long a running job is held before another runner may take it over (its
+    runner died). Embedded queue: the lease is renewed while the job runs; 0 means
+    30 s. Distributed mode: arq's lease, not renewed, so it also bounds a delivery;
+    0 computes it from the deadlines of one delivery."""
 
 
 @dataclass(frozen=True)

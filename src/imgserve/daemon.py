@@ -258,6 +258,7 @@ async def _serve(settings: Settings, paths: Paths, *, linger_s: float = DEGRADED
             await stop.wait()
             return EXIT_OK
         jobs = asyncio.create_task(runner.serve())
+        stack.push_async_callback(_cancel, jobs)  # after a drain, a no-op
         stopped = asyncio.create_task(stop.wait())
         stack.push_async_callback(_cancel, stopped)
         await asyncio.wait({jobs, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -281,8 +282,9 @@ def _ending(task: asyncio.Task[None]) -> str:
 
 
 async def _cancel(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait for it; how it ended was dealt with by its owner."""
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
+    with contextlib.suppress(asyncio.CancelledError, Exception):
         await task
 
 
@@ -303,19 +305,30 @@ def _open_queue(settings: Settings, data_dir: Path) -> Any:
     from imgserve.queue import open_queue
 
     t = settings.transport
-    # The longest one delivery of a job can take: the Redis lease must outlive it.
-    deadline = settings.worker.lease_s or (
+    # The longest one delivery of a job can take.
+    delivery_s = (
         t.download_timeout_s
         + settings.worker.job_timeout_s
         + (t.upload_attempts + 1) * (t.upload_timeout_s + t.retry_max_s)
         + 10.0
     )
+    lease_s = settings.worker.lease_s
+    if settings.server.queue_url:
+        # arq's lease is not renewed: it must outlive the delivery, which it bounds.
+        return open_queue(
+            settings.server.queue_url,
+            data_dir,
+            keep_finished_s=settings.server.keep_finished_s,
+            job_deadline_s=lease_s or delivery_s,
+        )
+    # The embedded lease is renewed while the job runs: it can be short, and it
+    # does not bound the delivery.
     return open_queue(
-        settings.server.queue_url,
+        None,
         data_dir,
         keep_finished_s=settings.server.keep_finished_s,
-        job_deadline_s=deadline,
-        lease_s=settings.worker.lease_s or 30.0,
+        job_deadline_s=delivery_s,
+        lease_s=lease_s or 30.0,
     )
 
 
@@ -401,6 +414,7 @@ async def _worker(settings: Settings) -> int:
         announcer = asyncio.create_task(announce())
         stack.push_async_callback(_cancel, announcer)
         jobs = asyncio.create_task(runner.serve())
+        stack.push_async_callback(_cancel, jobs)  # after a drain, a no-op
         stopped = asyncio.create_task(stop.wait())
         stack.push_async_callback(_cancel, stopped)
         await asyncio.wait({jobs, stopped}, return_when=asyncio.FIRST_COMPLETED)

@@ -16,17 +16,13 @@ against shared memory and a tmpfs file (see bench/RESULTS.md).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import logging
-import multiprocessing
 import os
 import resource
 import signal
-import threading
-import time
-from concurrent.futures import CancelledError
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 import pebble
@@ -38,6 +34,7 @@ from imgserve.imaging.formats import Format
 from imgserve.imaging.geometry import Size
 from imgserve.pool import FAULT_ENV, MALLOC_ENV
 from imgserve.request import Job
+from imgserve.supervised import NoAnswer, SupervisedPool, inject_fault
 
 log = logging.getLogger("imgserve.planner")
 
@@ -59,20 +56,8 @@ _faults_enabled = False  # set in each planner by _init_planner
 
 
 def _fault(data: bytes) -> None:
-    tail = data[-64:]
-    if not _faults_enabled or _FAULT not in tail:
-        return
-    if _FAULT + b"SEGV" in tail:
-        os.kill(os.getpid(), signal.SIGSEGV)
-    elif _FAULT + b"KILL" in tail:
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif _FAULT + b"DELAY" in tail:
-        _, _, seconds = tail.partition(_FAULT + b"DELAY=")
-        time.sleep(float(seconds.decode()) if seconds else 2.0)
-    elif _FAULT + b"SLEEP" in tail:
-        time.sleep(3600.0)
-    elif _FAULT + b"HOG" in tail:
-        bytearray(64 * 1024**3)
+    if _faults_enabled:
+        inject_fault(data, _FAULT)
 
 
 def _init_planner(memory_limit_mb: int, faults: bool) -> None:
@@ -118,33 +103,20 @@ class Planner:
     """``processes`` planner processes; ``plan`` is safe to await from the event loop."""
 
     def __init__(self, *, processes: int, timeout_s: float, memory_limit_mb: int) -> None:
-        self.processes = processes
         self.timeout_s = timeout_s
-        self.memory_limit_mb = memory_limit_mb
         # The forkserver (and so every planner) is exec'd with this environment.
         for name, value in MALLOC_ENV.items():
             os.environ.setdefault(name, value)
-        self._pool = self._new_pool()
-
-    def _new_pool(self) -> pebble.ProcessPool:
-        pool = pebble.ProcessPool(
-            max_workers=self.processes,
+        self.processes = SupervisedPool(
+            "planner",
+            processes=processes,
             initializer=_init_planner,
             # Read here, not in the planner: the shared forkserver keeps the
             # environment of whichever pool started it first.
-            initargs=(self.memory_limit_mb, bool(os.environ.get(FAULT_ENV))),
-            context=multiprocessing.get_context("forkserver"),
+            initargs=(memory_limit_mb, bool(os.environ.get(FAULT_ENV))),
+            timeout_s=timeout_s,
+            grace_s=GRACE_S,
         )
-        pool.schedule(os.getpid)  # start the planners now, not on the first request
-        return pool
-
-    def _replace_broken_pool(self, broken: pebble.ProcessPool) -> None:
-        """pebble cannot recover when a planner dies while no task is known to run
-        (idle, or before its task was acknowledged): start a fresh pool, stop the old."""
-        if self._pool is broken:
-            log.warning("planner pool broken (a planner died outside a task); starting a new one")
-            self._pool = self._new_pool()
-            threading.Thread(target=broken.stop, daemon=True).start()
 
     async def plan(
         self, job: Job, data: bytes, limits: ImagingLimits
@@ -155,13 +127,15 @@ class Planner:
         A broken pool is replaced and the request tried once more on the fresh one
         (a pool breaks when any planner dies at the wrong moment, this request's or
         not); a planner that dies running this request fails only this request.
+        Waiting for a free planner is bounded by the caller (the reply deadline).
         """
+        processes = self.processes
         for attempt in (1, 2):
-            pool = self._pool
+            pool = processes.pebble
             try:
-                future = pool.schedule(_plan, args=(job, data, limits), timeout=self.timeout_s)
-                return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s + GRACE_S)
-            except TimeoutError as exc:  # pebble's deadline, or the outer one
+                future, pool = processes.schedule(_plan, (job, data, limits))
+                return await processes.answer(future, pool)  # type: ignore[no-any-return]
+            except (FutureTimeout, NoAnswer) as exc:  # pebble's deadline, or the outer one
                 raise errors.ProcessingTimeout(
                     f"reading the source header took longer than {self.timeout_s:g} s"
                 ) from exc
@@ -169,12 +143,10 @@ class Planner:
                 raise errors.LoaderCrashed(
                     f"the planner process died reading the source (exit code {exc.exitcode})"
                 ) from exc
-            except CancelledError as exc:  # close() while the request waited
-                raise errors.ShuttingDown("planner pool stopped before planning") from exc
             except errors.ImgserveError:
                 raise
-            except RuntimeError as exc:  # BrokenProcessPool, or scheduling on a broken pool
-                self._replace_broken_pool(pool)
+            except RuntimeError as exc:  # PoolBroken, BrokenProcessPool, a broken schedule
+                processes.replace(pool)
                 if attempt == 2:
                     raise errors.LoaderCrashed(
                         f"the planner pool broke twice reading the source: {exc}"
@@ -185,19 +157,11 @@ class Planner:
 
     def pids(self) -> set[int]:
         """The planner processes alive now."""
-        workers = getattr(getattr(self._pool, "_pool_manager", None), "worker_manager", None)
-        processes = getattr(workers, "workers", None)
-        if not isinstance(processes, dict):
-            return set()
-        return {p.pid for p in list(processes.values()) if p.is_alive()}
+        return self.processes.pids()
 
     def alive(self) -> int:
         """How many planner processes are alive now (for /health)."""
         return len(self.pids())
 
     def close(self, timeout_s: float = 5.0) -> None:
-        self._pool.close()  # type: ignore[no-untyped-call]
-        self._pool.join(timeout=timeout_s)
-        if self._pool.active:
-            self._pool.stop()  # type: ignore[no-untyped-call]
-            self._pool.join(timeout=timeout_s)
+        self.processes.close(timeout_s)

@@ -6,25 +6,21 @@ replaces a worker that dies (segfault, OOM kill, SIGKILL) and kills one that
 runs past the job deadline; both come back here as imgserve errors, so a dead
 worker costs only its own job.
 
-Every wait here has a deadline of its own: pebble's answer is awaited for at
-most the job timeout plus ``ANSWER_GRACE_S`` (WorkerUnresponsive, retryable).
-A pool pebble reports broken (a worker killed while it held the task channel)
-is replaced, and every render still waiting on it fails at once as a
-retryable WorkerCrashed instead of waiting for an answer that cannot come.
+Every wait here has a deadline of its own (supervised.py): a running render's
+answer is awaited for at most the job timeout plus ``ANSWER_GRACE_S``
+(WorkerUnresponsive, retryable). A pool pebble reports broken (a worker killed
+while it held the task channel) is replaced, and every render still waiting on
+it fails at once as a retryable WorkerCrashed instead of waiting for an answer
+that cannot come.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import multiprocessing
 import os
 import resource
 import signal
-import threading
-import time
-from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
@@ -32,6 +28,7 @@ import pebble
 
 from imgserve import errors
 from imgserve.config import ImagingLimits, WorkerSettings
+from imgserve.supervised import NoAnswer, PoolBroken, SupervisedPool, inject_fault
 
 log = logging.getLogger("imgserve.pool")
 
@@ -51,7 +48,7 @@ MALLOC_ENV = {
 # Fault injection for the test suite only: with this variable set, a source
 # containing one of these markers makes its worker misbehave on purpose.
 FAULT_ENV = "IMGSERVE_FAULT_INJECTION"
-# SEGV: segfault; DELAY[=s]: sleep (2 s) then render; SLEEP: hang; HOG: allocate 64 GiB.
+# SEGV, KILL, DELAY[=s], SLEEP, HOG: see supervised.inject_fault.
 
 
 def _init_worker(memory_limit_mb: int, nice: int, threads: int) -> None:
@@ -71,18 +68,8 @@ def _init_worker(memory_limit_mb: int, nice: int, threads: int) -> None:
 
 
 def _fault(data: bytes) -> None:
-    tail = data[-64:]
-    if not os.environ.get(FAULT_ENV) or b"IMGSERVE-FAULT-" not in tail:
-        return
-    if b"IMGSERVE-FAULT-SEGV" in tail:
-        os.kill(os.getpid(), signal.SIGSEGV)
-    elif b"IMGSERVE-FAULT-DELAY" in tail:
-        _, _, seconds = tail.partition(b"IMGSERVE-FAULT-DELAY=")
-        time.sleep(float(seconds.decode()) if seconds else 2.0)
-    elif b"IMGSERVE-FAULT-SLEEP" in tail:
-        time.sleep(3600.0)
-    elif b"IMGSERVE-FAULT-HOG" in tail:
-        bytearray(64 * 1024**3)
+    if os.environ.get(FAULT_ENV):
+        inject_fault(data, b"IMGSERVE-FAULT-")
 
 
 def _render(
@@ -109,9 +96,7 @@ def _render(
 
 
 ANSWER_GRACE_S = 5.0
-"""How long past the job timeout a render waits for pebble (kill, replace, report)."""
-_WATCH_S = 1.0
-"""How often a waiting render checks that its pool is still alive."""
+"""How long past the job timeout a running render waits for pebble (kill, report)."""
 
 
 class ImagePool:
@@ -126,34 +111,17 @@ class ImagePool:
     ) -> None:
         self.settings = settings
         self.limits = limits
-        self.answer_grace_s = answer_grace_s
-        self.replacements = 0
-        """Broken pools replaced since start."""
         # The forkserver (and so every worker) is exec'd with this environment.
         for name, value in MALLOC_ENV.items():
             os.environ.setdefault(name, value)
-        self._pool = self._new_pool()
-
-    def _new_pool(self) -> pebble.ProcessPool:
-        pool = pebble.ProcessPool(
-            max_workers=self.settings.workers,
+        self.processes = SupervisedPool(
+            "worker",
+            processes=settings.workers,
             initializer=_init_worker,
-            initargs=(self.settings.memory_limit_mb, self.settings.nice, self.settings.threads),
-            context=multiprocessing.get_context("forkserver"),
+            initargs=(settings.memory_limit_mb, settings.nice, settings.threads),
+            timeout_s=settings.job_timeout_s,
+            grace_s=answer_grace_s,
         )
-        # Start the workers now (pebble starts them on first use), so the first job
-        # does not wait for them and /health counts them from the start.
-        pool.schedule(os.getpid)
-        return pool
-
-    def _replace_broken_pool(self, broken: pebble.ProcessPool) -> None:
-        """pebble cannot recover when an idle worker dies holding its channel lock
-        (an OOM kill, a stray SIGKILL): start a fresh pool and stop the broken one."""
-        if self._pool is broken:
-            log.warning("worker pool broken (a worker died while idle); starting a new one")
-            self._pool = self._new_pool()
-            self.replacements += 1
-            threading.Thread(target=broken.stop, daemon=True).start()
 
     async def render(
         self, source: bytes | str, plan: dict[str, Any], *, planned: bool = False
@@ -162,73 +130,34 @@ class ImagePool:
 
         ``planned``: the source is the queue's copy of the bytes the plan checked.
         """
-        args = (source, plan, self.limits, planned)
-        pool = self._pool
+        processes = self.processes
+        pool = processes.pebble
         try:
-            future = pool.schedule(_render, args=args, timeout=self.settings.job_timeout_s)
-        except RuntimeError:  # broken since the last job: one retry on a fresh pool
-            self._replace_broken_pool(pool)
-            pool = self._pool
-            future = pool.schedule(_render, args=args, timeout=self.settings.job_timeout_s)
-        try:
-            return await self._answer(future, pool)
+            future, pool = processes.schedule(_render, (source, plan, self.limits, planned))
+            return await processes.answer(future, pool)  # type: ignore[no-any-return]
         except FutureTimeout as exc:
             raise errors.ProcessingTimeout(
                 f"rendering took longer than {self.settings.job_timeout_s:g} s"
             ) from exc
         except pebble.ProcessExpired as exc:
             raise errors.WorkerCrashed(f"worker process died (exit code {exc.exitcode})") from exc
-        except CancelledError as exc:
-            raise errors.ShuttingDown("worker pool stopped before the job ran") from exc
+        except PoolBroken as exc:
+            raise errors.WorkerCrashed(str(exc)) from exc
+        except NoAnswer as exc:
+            raise errors.WorkerUnresponsive(str(exc)) from exc
         except MemoryError as exc:
             raise errors.WorkerMemoryExceeded("the worker ran out of memory") from exc
         except errors.ImgserveError:
             raise
         except RuntimeError as exc:  # BrokenProcessPool among them
-            self._replace_broken_pool(pool)
+            processes.replace(pool)
             raise errors.WorkerCrashed(f"worker pool failed: {exc}") from exc
         except Exception as exc:
             raise errors.InternalError(f"worker error: {type(exc).__name__}: {exc}") from exc
 
-    async def _answer(self, future: Any, pool: pebble.ProcessPool) -> bytes:
-        """pebble's answer for ``future``, watched: never longer than the job timeout
-        plus the grace, and not at all once its pool is broken or replaced."""
-        loop = asyncio.get_running_loop()
-        answer = asyncio.wrap_future(future)
-        deadline = loop.time() + self.settings.job_timeout_s + self.answer_grace_s
-        while True:
-            left = deadline - loop.time()
-            try:
-                done, _ = await asyncio.wait({answer}, timeout=max(0.0, min(_WATCH_S, left)))
-            except asyncio.CancelledError:
-                answer.cancel()  # and so the pebble task, as a plain await would
-                raise
-            if done:
-                return answer.result()  # type: ignore[no-any-return]
-            if pool is self._pool and not pool.active:
-                self._replace_broken_pool(pool)
-            if pool is not self._pool:
-                future.cancel()
-                raise errors.WorkerCrashed("the worker pool broke and was replaced mid-job")
-            if loop.time() >= deadline:
-                future.cancel()
-                raise errors.WorkerUnresponsive(
-                    f"no answer from the worker pool within {self.settings.job_timeout_s:g} s "
-                    f"+ {self.answer_grace_s:g} s"
-                )
-
     def workers_alive(self) -> int:
-        workers = getattr(getattr(self._pool, "_pool_manager", None), "worker_manager", None)
-        processes = getattr(workers, "workers", None)
-        if isinstance(processes, dict):
-            return sum(1 for p in processes.values() if p.is_alive())
-        return self.settings.workers
+        return len(self.processes.pids())
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Let running renders finish for up to ``timeout_s``, then stop the workers."""
-        self._pool.close()  # type: ignore[no-untyped-call]
-        with contextlib.suppress(TimeoutError):
-            self._pool.join(timeout=timeout_s)
-        if self._pool.active:
-            self._pool.stop()  # type: ignore[no-untyped-call]
-            self._pool.join(timeout=timeout_s)
+        self.processes.close(timeout_s)

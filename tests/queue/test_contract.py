@@ -277,23 +277,26 @@ async def test_handler_that_raises_is_delivered_again_after_backoff(queue: JobQu
     await queue.put(job, b"x", max_active=10)
     calls: list[tuple[int, float]] = []
 
+    waiting: list[int | None] = []
+    waiting_detail: list[str] = []
+
     async def handler(delivered: JobRecord) -> None:
         calls.append((delivered.attempts, time.monotonic()))
         if delivered.attempts == 1:
             raise RuntimeError("a bug in the handler")
+        # The record as it was stored between the attempts (before this delivery).
+        waiting.append(delivered.error_code)
+        waiting_detail.append(delivered.error_detail or "")
         await queue.complete(delivered.id)
 
     stopping, task = await consuming(queue, handler)
-    waiting = await wait_state(queue, job.id, State.QUEUED)
-    deadline = time.monotonic() + 15
-    while waiting.error_code is None and time.monotonic() < deadline:
-        waiting = await wait_state(queue, job.id, State.QUEUED, State.RUNNING, State.DONE)
     done = await wait_state(queue, job.id, State.DONE)
     await stop(stopping, task)
+    # While it waited for attempt 2 the job was queued with the exception recorded.
+    assert waiting == [errors.InternalError.code]
+    assert "RuntimeError" in waiting_detail[0]
     assert [attempt for attempt, _ in calls] == [1, 2]
     assert calls[1][1] - calls[0][1] >= 0.45  # redelivery_delay_s(1) is 0.5-1 s
-    assert waiting.error_code == errors.InternalError.code
-    assert "RuntimeError" in (waiting.error_detail or "")
     assert done.attempts == 2 and done.error_code is None
 
 
@@ -427,3 +430,39 @@ async def test_sqlite_consumer_outlives_a_failing_database(tmp_path: Path) -> No
     finally:
         await stop(stopping, task)
         await queue.close()
+
+
+async def test_sqlite_lease_is_renewed_while_the_handler_runs(tmp_path: Path) -> None:
+    """A job that runs for several leases is kept by its live consumer: a second
+    consumer on the same database never takes it over, and it runs once."""
+    from imgserve.queue.sqlite import SQLiteQueue
+
+    owner = SQLiteQueue(tmp_path / "jobs.db", lease_s=0.6)
+    other = SQLiteQueue(tmp_path / "jobs.db", lease_s=0.6)
+    job = record()
+    await owner.put(job, b"x", max_active=10)
+    runs: list[tuple[str, int]] = []
+
+    async def slow(delivered: JobRecord) -> None:
+        runs.append(("owner", delivered.attempts))
+        await asyncio.sleep(2.5)  # four leases
+        await owner.complete(delivered.id)
+
+    async def steal(delivered: JobRecord) -> None:
+        runs.append(("other", delivered.attempts))
+        await other.complete(delivered.id)
+
+    stopping, task = await consuming(owner, slow, concurrency=1)
+    try:
+        deadline = time.monotonic() + 15
+        while not runs:
+            assert time.monotonic() < deadline, "the owner never took the job"
+            await asyncio.sleep(0.01)
+        other_stopping, other_task = await consuming(other, steal, concurrency=1)
+        await wait_state(owner, job.id, State.DONE)
+        await stop(other_stopping, other_task)
+    finally:
+        await stop(stopping, task)
+        await owner.close()
+        await other.close()
+    assert runs == [("owner", 1)]

@@ -25,7 +25,14 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from imgserve import errors
-from imgserve.queue.base import Handler, JobQueue, JobRecord, State, redelivery_delay_s
+from imgserve.queue.base import (
+    Handler,
+    JobQueue,
+    JobRecord,
+    State,
+    redelivery_delay_s,
+    run_delivery,
+)
 
 try:
     import redis.exceptions
@@ -223,20 +230,15 @@ class RedisQueue(JobQueue):
             return  # delivered again after it ended (at-least-once): nothing to do
 
         record = await self._update(job_id, lambda record: record.mark_running(job_try))
-        try:
-            # End before arq's own timeout would drop the job with its status unset.
-            async with asyncio.timeout(self.job_deadline_s - 1.0):
-                await handler(record)
-        except Exception as exc:  # the contract: raised or overran -> delivered again
-            if isinstance(exc, TimeoutError):
-                detail = f"delivery ran past its deadline of {self.job_deadline_s - 1.0:g} s"
-            else:
-                detail = f"handler raised {type(exc).__name__}: {exc}"
-            delay = redelivery_delay_s(job_try)
-            log.error("job %s: %s; delivering it again in %.1f s", job_id, detail, delay)
-            await self.retry(job_id, delay, errors.InternalError.code, detail)
-            raise Retry(defer=delay) from exc
+        # End before arq's own timeout would drop the job with its status unset.
+        problem = await run_delivery(handler, record, self.job_deadline_s - 1.0)
         asked = self._retries.pop(job_id, None)
+        if problem is not None:
+            delay = redelivery_delay_s(job_try)
+            log.error("job %s: %s; delivering it again in %.1f s", job_id, problem, delay)
+            await self.retry(job_id, delay, errors.InternalError.code, problem)
+            self._retries.pop(job_id, None)
+            raise Retry(defer=delay)
         if asked is not None:
             raise Retry(defer=asked)
 

@@ -102,6 +102,21 @@ REDELIVERY_BASE_S = 1.0
 REDELIVERY_MAX_S = 60.0
 
 
+async def run_delivery(handler: Handler, record: JobRecord, deadline_s: float) -> str | None:
+    """Run ``handler(record)`` within ``deadline_s``: None when it returned, else
+    what went wrong in words (it raised, or ran past the deadline and was
+    cancelled), for the backend to record while it delivers the job again."""
+    deadline = asyncio.timeout(deadline_s)
+    try:
+        async with deadline:
+            await handler(record)
+    except Exception as exc:  # the contract: raised or overran -> delivered again
+        if isinstance(exc, TimeoutError) and deadline.expired():
+            return f"delivery ran past its deadline of {deadline_s:g} s"
+        return f"handler raised {type(exc).__name__}: {exc}"
+    return None
+
+
 def redelivery_delay_s(attempt: int) -> float:
     """How long a job waits after its handler raised on delivery ``attempt``:
     1-2 s, doubling to 30-60 s (never at once: the fault may be ours)."""

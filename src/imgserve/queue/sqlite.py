@@ -28,7 +28,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from imgserve import errors
-from imgserve.queue.base import Handler, JobQueue, JobRecord, State, redelivery_delay_s
+from imgserve.queue.base import (
+    Handler,
+    JobQueue,
+    JobRecord,
+    State,
+    redelivery_delay_s,
+    run_delivery,
+)
 from imgserve.queue.spool import Spool
 from imgserve.retry import backoff_s
 
@@ -237,20 +244,15 @@ class SQLiteQueue(JobQueue):
 
     async def _deliver(self, handler: Handler, record: JobRecord) -> None:
         """Run one delivery; a handler that raises or overruns is delivered again."""
+        problem = await run_delivery(handler, record, self.job_deadline_s)
+        if problem is None:
+            return
+        delay = redelivery_delay_s(record.attempts)
+        log.error("job %s: %s; delivering it again in %.1f s", record.id, problem, delay)
         try:
-            async with asyncio.timeout(self.job_deadline_s):
-                await handler(record)
-        except Exception as exc:  # every way a handler can end is handled
-            if isinstance(exc, TimeoutError):
-                detail = f"delivery ran past its deadline of {self.job_deadline_s:g} s"
-            else:
-                detail = f"handler raised {type(exc).__name__}: {exc}"
-            delay = redelivery_delay_s(record.attempts)
-            log.error("job %s: %s; delivering it again in %.1f s", record.id, detail, delay)
-            try:
-                await self.retry(record.id, delay, errors.InternalError.code, detail)
-            except Exception as again:  # the lease brings the job back
-                log.error("job %s: could not queue it again (%s); its lease will", record.id, again)
+            await self.retry(record.id, delay, errors.InternalError.code, problem)
+        except Exception as again:  # the lease brings the job back
+            log.error("job %s: could not queue it again (%s); its lease will", record.id, again)
 
     async def _keep_leases(self, running: dict[asyncio.Task[None], str]) -> None:
         """Renew the leases of the jobs this consumer runs; queue again the running
