@@ -23,8 +23,7 @@ from aiohttp import web
 from imgserve import api
 from imgserve.config import NetPolicy, ServerSettings, Settings, TransportSettings
 from imgserve.planner import Planner
-from imgserve.queue.sqlite import SQLiteQueue
-from imgserve.transports import Transports
+from tests.inprocess import API, start_api
 
 
 def _jpeg(width: int = 64, height: int = 48) -> bytes:
@@ -88,7 +87,7 @@ Start = Any
 @pytest.fixture
 async def imgserve_api(tmp_path: Path, shared_planner: Planner) -> AsyncIterator[Start]:
     """Start the API in-process with server settings; yields (base URL, Service)."""
-    started: list[tuple[web.AppRunner, SQLiteQueue, Transports]] = []
+    started: list[API] = []
     out = tmp_path / "out"
     out.mkdir()
 
@@ -98,28 +97,13 @@ async def imgserve_api(tmp_path: Path, shared_planner: Planner) -> AsyncIterator
             file_roots=(out,),
         )
         settings = Settings(server=ServerSettings(**server), transport=transport)
-        queue = SQLiteQueue(tmp_path / f"q{len(started)}" / "jobs.db")
-        transports = Transports(transport)
-        service = api.Service(
-            settings=settings,
-            queue=queue,
-            transports=transports,
-            runner=None,
-            planner=shared_planner,
-        )
-        runner = web.AppRunner(api.make_app(service))
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        started.append((runner, queue, transports))
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return f"http://127.0.0.1:{port}", service
+        served = await start_api(tmp_path / f"q{len(started)}", shared_planner, settings)
+        started.append(served)
+        return served.url, served.service
 
     yield start
-    for runner, queue, transports in started:
-        await runner.cleanup()
-        await transports.aclose()
-        await queue.close()
+    for served in started:
+        await served.stop()
 
 
 def job(src: str, dst: str) -> bytes:

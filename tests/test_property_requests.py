@@ -15,17 +15,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from aiohttp import ClientSession, web
+from aiohttp import ClientSession
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from imgserve import api, errors, protocol
-from imgserve.config import Settings, TransportSettings
+from imgserve import errors
 from imgserve.imaging import geometry
 from imgserve.planner import Planner
-from imgserve.queue.sqlite import SQLiteQueue
 from imgserve.request import parse_body, validate
-from imgserve.transports import Transports
+from tests.inprocess import start_api
 
 DOCUMENTED = {cls.code for cls in errors.all_errors()}
 KEYS = ["operationType", "srcURL", "dstURL", "args"]
@@ -184,26 +182,11 @@ def test_parse_and_validate_never_crash(raw: bytes, src: tuple[int, int]) -> Non
         _check_refusal(exc)
 
 
-async def _start(tmp_path: Path, planner: Planner) -> tuple[web.AppRunner, api.Service, str]:
-    queue = SQLiteQueue(tmp_path / "state" / "queue.db")
-    service = api.Service(
-        settings=Settings(),
-        queue=queue,
-        transports=Transports(TransportSettings()),
-        runner=None,
-        planner=planner,
-    )
-    runner = protocol.make_runner(api.make_app(service), access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, service, f"http://127.0.0.1:{runner.addresses[0][1]}/"
-
-
 def test_http_app_never_answers_5xx(tmp_path: Path, shared_planner: Planner) -> None:
     """Through the real app and protocol, every reply is JSON, documented and under 500."""
     loop = asyncio.new_event_loop()
-    runner, service, url = loop.run_until_complete(_start(tmp_path, shared_planner))
+    served = loop.run_until_complete(start_api(tmp_path / "state", shared_planner))
+    url = served.url + "/"
     session = loop.run_until_complete(_session())
     http_bodies = st.one_of(requests(offline=True).map(_encode), raw_bodies)
 
@@ -228,13 +211,11 @@ def test_http_app_never_answers_5xx(tmp_path: Path, shared_planner: Planner) -> 
 
     try:
         check()
-        counts = loop.run_until_complete(service.queue.counts())
+        counts = loop.run_until_complete(served.service.queue.counts())
         assert counts["queued"] == counts["running"] == 0  # nothing got past the policy
     finally:
         loop.run_until_complete(session.close())
-        loop.run_until_complete(runner.cleanup())
-        loop.run_until_complete(service.transports.aclose())
-        loop.run_until_complete(service.queue.close())
+        loop.run_until_complete(served.stop())
         loop.close()
 
 

@@ -10,14 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, LineTooLong
 
-from imgserve import api, errors, protocol
-from imgserve.config import Settings, TransportSettings
+from imgserve import errors, protocol
 from imgserve.planner import Planner
 from imgserve.queue.sqlite import SQLiteQueue
-from imgserve.transports import Transports
+from tests.inprocess import start_api
 
 
 @dataclass
@@ -42,24 +40,12 @@ class Server:
 
 @pytest.fixture
 async def server(tmp_path: Path, shared_planner: Planner) -> AsyncIterator[Server]:
-    queue = SQLiteQueue(tmp_path / "state" / "queue.db")
-    service = api.Service(
-        settings=Settings(),
-        queue=queue,
-        transports=Transports(TransportSettings()),
-        runner=None,
-        planner=shared_planner,
-    )
-    runner = protocol.make_runner(api.make_app(service), access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    served = await start_api(tmp_path / "state", shared_planner)
+    assert isinstance(served.service.queue, SQLiteQueue)
     try:
-        yield Server(port=runner.addresses[0][1], queue=queue)
+        yield Server(port=served.port, queue=served.service.queue)
     finally:
-        await runner.cleanup()
-        await service.transports.aclose()
-        await queue.close()
+        await served.stop()
 
 
 def _get(path: bytes, *headers: bytes) -> bytes:

@@ -16,7 +16,7 @@ import pytest
 
 from imgserve import config, daemon
 from imgserve.worker import Runner
-from tests.e2e.conftest import descendants, free_port
+from tests.e2e.conftest import _cmdline, _ppid, alive, descendants, free_port
 
 
 async def test_runner_that_dies_degrades_health_stops_intake_and_exits_1(
@@ -67,33 +67,11 @@ async def test_runner_that_dies_degrades_health_stops_intake_and_exits_1(
 
 
 def _live(pids: set[int]) -> set[int]:
-    alive: set[int] = set()
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state != "Z":
-            alive.add(pid)
-    return alive
+    return {pid for pid in pids if alive(pid)}
 
 
 def _forked() -> set[int]:
     """Children of this process's forkserver (image workers, planners)."""
     tree = descendants(os.getpid())
     servers = {p for p in tree if b"forkserver" in _cmdline(p)}
-    return {p for p in tree if _parent(p) in servers}
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
-def _parent(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return -1
+    return {p for p in tree if _ppid(p) in servers}

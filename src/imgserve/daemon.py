@@ -257,20 +257,31 @@ async def _serve(settings: Settings, paths: Paths, *, linger_s: float = DEGRADED
         if runner is None:
             await stop.wait()
             return EXIT_OK
-        jobs = asyncio.create_task(runner.serve())
-        stack.push_async_callback(_cancel, jobs)  # after a drain, a no-op
-        stopped = asyncio.create_task(stop.wait())
-        stack.push_async_callback(_cancel, stopped)
-        await asyncio.wait({jobs, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if jobs.done() and not stop.is_set():
-            service.degraded = f"the job runner stopped: {_ending(jobs)}"
+        ended = await _run_jobs(stack, runner, stop, settings.server.shutdown_timeout_s)
+        if ended is not None:
+            service.degraded = f"the job runner stopped: {ended}"
             log.critical("%s; no job can run, exiting in %.0f s", service.degraded, linger_s)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), linger_s)
             return EXIT_FAIL
-        await drain(runner, jobs, settings.server.shutdown_timeout_s)
     log.info("imgserve stopped")
     return EXIT_OK
+
+
+async def _run_jobs(
+    stack: contextlib.AsyncExitStack, runner: Any, stop: asyncio.Event, drain_s: float
+) -> str | None:
+    """Run jobs until ``stop`` is set, then drain them (None); if the runner ends
+    first, which it never should, say how it ended."""
+    jobs = asyncio.create_task(runner.serve())
+    stack.push_async_callback(_cancel, jobs)  # after a drain, a no-op
+    stopped = asyncio.create_task(stop.wait())
+    stack.push_async_callback(_cancel, stopped)
+    await asyncio.wait({jobs, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if jobs.done() and not stop.is_set():
+        return _ending(jobs)
+    await drain(runner, jobs, drain_s)
+    return None
 
 
 def _ending(task: asyncio.Task[None]) -> str:
@@ -413,15 +424,10 @@ async def _worker(settings: Settings) -> int:
         )
         announcer = asyncio.create_task(announce())
         stack.push_async_callback(_cancel, announcer)
-        jobs = asyncio.create_task(runner.serve())
-        stack.push_async_callback(_cancel, jobs)  # after a drain, a no-op
-        stopped = asyncio.create_task(stop.wait())
-        stack.push_async_callback(_cancel, stopped)
-        await asyncio.wait({jobs, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if jobs.done() and not stop.is_set():
-            log.critical("imgserve worker %s: the job runner stopped: %s", name, _ending(jobs))
+        ended = await _run_jobs(stack, runner, stop, settings.server.shutdown_timeout_s)
+        if ended is not None:
+            log.critical("imgserve worker %s: the job runner stopped: %s", name, ended)
             return EXIT_FAIL
-        await drain(runner, jobs, settings.server.shutdown_timeout_s)
     log.info("imgserve worker %s stopped", name)
     return EXIT_OK
 
