@@ -26,11 +26,12 @@ from aiohttp import web
 
 from imgserve import __version__, errors
 from imgserve.config import Settings
+from imgserve.destination import destination_target
 from imgserve.imaging import pipeline
 from imgserve.intake import Intake
 from imgserve.planner import Planner
 from imgserve.queue.base import JobQueue, JobRecord
-from imgserve.request import Job, destination_target, parse_body, validate
+from imgserve.request import Job, parse_body, validate
 from imgserve.transports import Transports
 from imgserve.urls import redact_url
 from imgserve.worker import Runner

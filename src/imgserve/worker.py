@@ -14,10 +14,11 @@ import logging
 
 from imgserve import errors
 from imgserve.config import Settings
+from imgserve.destination import destination_target
 from imgserve.imaging import pipeline
 from imgserve.pool import ImagePool
 from imgserve.queue.base import JobQueue, JobRecord
-from imgserve.request import Job, destination_target
+from imgserve.request import Job
 from imgserve.retry import backoff_s
 from imgserve.transports import Transports
 

@@ -14,10 +14,11 @@ from typing import Any
 
 from imgserve import errors
 from imgserve.config import ImagingLimits
+from imgserve.destination import destination_extension, substitute
 from imgserve.imaging import formats, geometry, vips
 from imgserve.imaging.formats import Format
 from imgserve.imaging.geometry import Size
-from imgserve.request import Job, destination_extension, substitute
+from imgserve.request import Job
 
 PLACEHOLDER_TEXT = "Image being processed"
 FAILURE_TEXT = "Image processing failed"
