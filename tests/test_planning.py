@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 import pyvips
 
-from imgserve import api, pool
+from imgserve import api, planning, pool
 from imgserve.config import ImagingLimits
 from imgserve.queue.base import JobRecord
+from imgserve.request import validate
 
 # resize of a 64x48 JPEG to width 32, gravity north, quality 80, {$tags} in the URL.
 STORED_RESIZE: dict[str, Any] = {
@@ -77,3 +78,57 @@ def test_job_view_reads_a_plan_stored_by_the_previous_release() -> None:
     )
     view = api.job_view(record)
     assert (view["width"], view["height"], view["dstURL"]) == (32, 24, "file:///o/beach-32x24.jpg")
+
+
+RESIZE_JOB = {
+    "operationType": "resize",
+    "srcURL": "http://h/photos/beach.jpg",
+    "dstURL": "file:///o/{$basename}-{$width}x{$height}.{$ext}",
+    "args": {"width": 32, "gravity": "north", "quality": 80},
+}
+RASTERIZE_JOB = {
+    "operationType": "rasterize",
+    "srcURL": "http://h/logo.svg",
+    "dstURL": "file:///o/{$basename}.{$ext}",
+    "args": {"scale": 1.5},
+}
+
+
+@pytest.mark.parametrize(
+    ("stored", "request_", "source"),
+    [(STORED_RESIZE, RESIZE_JOB, RED_JPEG), (STORED_RASTERIZE, RASTERIZE_JOB, BLUE_SVG)],
+    ids=["resize", "rasterize"],
+)
+def test_a_version_1_plan_reads_as_the_plan_made_today(
+    stored: dict[str, Any], request_: dict[str, Any], source: bytes
+) -> None:
+    """The previous release's plan reads back as the plan this release makes for the
+    same request, bar the SVG's float size, which only planning needs."""
+    today = planning.plan(validate(request_), source, ImagingLimits())
+    read = planning.JobPlan.from_dict(stored)
+    assert read.outputs == today.outputs
+    assert read.operation == today.operation
+    info = today.source_info
+    assert read.source_info == type(info)(info.format, info.size, info.pages)
+
+
+def test_a_plan_round_trips_through_its_versioned_dict() -> None:
+    """JobPlan.to_dict carries the version, and from_dict gives the very plan back."""
+    plan = planning.plan(validate(RASTERIZE_JOB), BLUE_SVG, ImagingLimits())
+    stored = plan.to_dict()
+    assert stored["version"] == planning.VERSION == 2
+    assert planning.JobPlan.from_dict(stored) == plan
+    assert plan.source_info.svg_size == (40.0, 20.0)
+
+
+def test_fields_a_later_release_adds_are_ignored() -> None:
+    """A plan stored by a later release, with fields this one does not know, still renders."""
+    plan = planning.plan(validate(RESIZE_JOB), RED_JPEG, ImagingLimits())
+    stored = plan.to_dict()
+    stored["version"] = 3
+    stored["metadata"] = {"uploadId": "42"}
+    stored["source"]["colourspace"] = "srgb"
+    stored["outputs"][0]["fit"] = "cover"
+    assert planning.JobPlan.from_dict(stored) == plan
+    out = pyvips.Image.new_from_buffer(pool._render(RED_JPEG, stored, ImagingLimits(), True), "")
+    assert (out.width, out.height) == (32, 24)
