@@ -3,7 +3,7 @@
 For one JPEG, PNG and SVG of the benchmark's real sources (bench/images.py),
 plans one job at a time, ``--rounds`` times, four ways:
 
-- ``thread``: ``pipeline.plan`` + placeholder in a thread of this process (the
+- ``thread``: ``planning.plan`` + placeholder in a thread of this process (the
   API before planner.py);
 - ``pipe``: in a planner process, the bytes pickled over pebble's pipe (what
   ``planner.Planner.plan`` does);
@@ -36,21 +36,21 @@ import pebble
 import psutil
 
 from bench import images
+from imgserve import planning
 from imgserve.config import ImagingLimits
-from imgserve.imaging import pipeline
 from imgserve.planner import _init_planner, _placeholder
 from imgserve.planner import _plan as plan_in_planner
 from imgserve.request import Job, validate
 
-Planned = tuple[pipeline.Plan, bytes]
+Planned = tuple[planning.JobPlan, tuple[bytes, ...]]
 LIMITS = ImagingLimits()
 # A tmpfs, so the file variant measures copies, not a disk.
 FILE_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 
 
 def _plan_here(job: Job, data: bytes, limits: ImagingLimits) -> Planned:
-    plan = pipeline.plan(job, data, limits)
-    return plan, _placeholder(plan.result.width, plan.result.height, plan.output)
+    plan = planning.plan(job, data, limits)
+    return plan, (_placeholder(plan.result.width, plan.result.height, plan.output),)
 
 
 def _plan_from_shm(job: Job, name: str, size: int, limits: ImagingLimits) -> Planned:

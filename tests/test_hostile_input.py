@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from imgserve import errors
+from imgserve import errors, planning
 from imgserve.config import ImagingLimits
-from imgserve.imaging import geometry, pipeline
+from imgserve.imaging import geometry
 from imgserve.request import MAX_JSON_DEPTH, MAX_SIDE_PX, parse_body, validate
 
 
@@ -233,8 +233,8 @@ def test_rasterize_geometry_cannot_overflow(
 def test_planning_a_hostile_drawing_is_a_limit_error(
     declared: tuple[str, str], args: dict[str, Any]
 ) -> None:
-    """pipeline.plan on an SVG declaring an extreme size answers 304, whatever the args."""
+    """planning.plan on an SVG declaring an extreme size answers 304, whatever the args."""
     job = validate(_svg(**args))
     svg = f'<svg xmlns="http://www.w3.org/2000/svg" {declared[0]} {declared[1]}/>'.encode()
     with pytest.raises(errors.SVGRenderOverLimit):
-        pipeline.plan(job, svg, ImagingLimits())
+        planning.plan(job, svg, ImagingLimits())

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import pyvips
 
-from imgserve import errors
+from imgserve import errors, planning
 from imgserve.config import ImagingLimits
 from imgserve.imaging import pipeline
 from imgserve.planner import PROCESS_NAME, Planner
@@ -65,8 +65,10 @@ def _wait_for(condition: Any, timeout_s: float = 10.0) -> None:
         time.sleep(0.02)
 
 
-def _plan(planner: Planner, data: bytes, job: Any = JPEG_JOB) -> tuple[pipeline.Plan, bytes]:
-    return asyncio.run(planner.plan(job, data, LIMITS))
+def _plan(planner: Planner, data: bytes, job: Any = JPEG_JOB) -> tuple[planning.JobPlan, bytes]:
+    """Plan a one-output (0.2) job: its plan and its one placeholder."""
+    plan, (placeholder,) = asyncio.run(planner.plan(job, data, LIMITS))
+    return plan, placeholder
 
 
 @pytest.mark.parametrize(
@@ -87,7 +89,7 @@ def test_plan_and_placeholder_match_in_process_planning(
     """A planner returns the very plan and placeholder bytes the API process would make."""
     data = corpus(path)
     plan, placeholder = _plan(shared, data, job)
-    expected = pipeline.plan(job, data, LIMITS)
+    expected = planning.plan(job, data, LIMITS)
     assert plan == expected
     drawn = pyvips.Image.new_from_buffer(placeholder, "")
     reference = pyvips.Image.new_from_buffer(pipeline.placeholder(expected.result, plan.output), "")
@@ -131,7 +133,7 @@ def test_imgserve_errors_arrive_unchanged(shared: Planner, case: str) -> None:
     in-process planning raises."""
     job, data = REFUSALS[case]
     with pytest.raises(errors.ImgserveError) as in_process:
-        pipeline.plan(job, data, LIMITS)
+        planning.plan(job, data, LIMITS)
     with pytest.raises(errors.ImgserveError) as planned:
         _plan(shared, data, job)
     assert type(planned.value) is type(in_process.value)

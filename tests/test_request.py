@@ -7,14 +7,8 @@ from typing import Any
 import pytest
 
 from imgserve import errors
-from imgserve.request import (
-    Job,
-    destination_extension,
-    parse_body,
-    split_form_destination,
-    substitute,
-    validate,
-)
+from imgserve.destination import destination_extension, split_form_destination, substitute
+from imgserve.request import Job, parse_body, validate
 
 
 def _req(**overrides: Any) -> dict[str, Any]:

@@ -26,11 +26,12 @@ from aiohttp import web
 
 from imgserve import __version__, errors
 from imgserve.config import Settings
-from imgserve.imaging import pipeline
+from imgserve.destination import destination_target
 from imgserve.intake import Intake
 from imgserve.planner import Planner
+from imgserve.planning import JobPlan
 from imgserve.queue.base import JobQueue, JobRecord
-from imgserve.request import Job, destination_target, parse_body, validate
+from imgserve.request import Job, parse_body, validate
 from imgserve.transports import Transports
 from imgserve.urls import redact_url
 from imgserve.worker import Runner
@@ -128,19 +129,22 @@ async def submit(request: web.Request) -> web.Response:
         return await _enqueue(service, job, plan, data)
 
 
-async def _check(service: Service, job: Job, data: bytes) -> pipeline.Plan:
-    """Plan the job and put its placeholder at the destination."""
-    plan, image = await service.planner.plan(job, data, service.settings.imaging)
-    # Not forced to disk: after a power cut the stored job runs again and writes the result.
-    target = dataclasses.replace(destination_target(plan.dst_url, job.form_field), durable=False)
-    try:
-        await service.transports.upload(target, image, plan.content_type)
-    except (errors.UploadFailed, errors.UploadRefused) as exc:
-        raise errors.PlaceholderUploadFailed(exc.detail) from exc
+async def _check(service: Service, job: Job, data: bytes) -> JobPlan:
+    """Plan the job and put each output's placeholder at its destination."""
+    plan, images = await service.planner.plan(job, data, service.settings.imaging)
+    for rendition, image in zip(plan.outputs, images, strict=True):
+        # Not forced to disk: after a power cut the stored job runs again and writes the result.
+        target = destination_target(rendition.dst_url, job.form_field)
+        try:
+            await service.transports.upload(
+                dataclasses.replace(target, durable=False), image, rendition.plan.content_type
+            )
+        except (errors.UploadFailed, errors.UploadRefused) as exc:
+            raise errors.PlaceholderUploadFailed(exc.detail) from exc
     return plan
 
 
-async def _enqueue(service: Service, job: Job, plan: pipeline.Plan, data: bytes) -> web.Response:
+async def _enqueue(service: Service, job: Job, plan: JobPlan, data: bytes) -> web.Response:
     job_id = uuid.uuid4().hex
     record = JobRecord(id=job_id, job=job.to_dict(), plan=plan.to_dict(), dst_url=plan.dst_url)
     await service.queue.put(record, data, max_active=service.settings.server.queue_max)
@@ -157,6 +161,7 @@ async def _enqueue(service: Service, job: Job, plan: pipeline.Plan, data: bytes)
 
 
 def job_view(record: JobRecord) -> dict[str, Any]:
+    first = JobPlan.from_dict(record.plan).first  # 0.2's fields: the first output's
     view: dict[str, Any] = {
         "jobId": record.id,
         "state": record.state.value,
@@ -168,8 +173,8 @@ def job_view(record: JobRecord) -> dict[str, Any]:
         "startedAt": record.started_at,
         "finishedAt": record.finished_at,
         "node": record.node,
-        "width": record.plan["result"][0],
-        "height": record.plan["result"][1],
+        "width": first.plan.result.width,
+        "height": first.plan.result.height,
     }
     if record.error_code is not None:
         cls = errors.by_code(record.error_code)

@@ -1,6 +1,6 @@
 """Planning out of the API process: a small supervised pool of planner processes.
 
-``pipeline.plan`` hands untrusted bytes to C loaders (libvips' header read,
+``planning.plan`` hands untrusted bytes to C loaders (libvips' header read,
 librsvg, expat). Run in the API process, one loader crash would kill the API
 and the embedded job runner with it. Here planning and the placeholder drawing
 run in one or two pebble processes started by the forkserver (libvips is never
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pebble
 
-from imgserve import errors
+from imgserve import errors, planning
 from imgserve.config import ImagingLimits
 from imgserve.imaging import pipeline
 from imgserve.imaging.formats import Format
@@ -81,14 +81,19 @@ def _placeholder(width: int, height: int, output: Format) -> bytes:
     return pipeline.placeholder(Size(width, height), output)
 
 
-def _plan(job: Job, data: bytes, limits: ImagingLimits) -> tuple[pipeline.Plan, bytes]:
-    """Planner-side entry point: check the source and size the result, then draw
-    its placeholder. Only imgserve errors leave: anything else may not unpickle in
-    the parent, and pebble treats an unpicklable reply as a broken pool."""
+def _plan(
+    job: Job, data: bytes, limits: ImagingLimits
+) -> tuple[planning.JobPlan, tuple[bytes, ...]]:
+    """Planner-side entry point: check the source and size the results, then draw
+    each output's placeholder. Only imgserve errors leave: anything else may not
+    unpickle in the parent, and pebble treats an unpicklable reply as a broken pool."""
     try:
         _fault(data)
-        plan = pipeline.plan(job, data, limits)
-        return plan, _placeholder(plan.result.width, plan.result.height, plan.output)
+        plan = planning.plan(job, data, limits)
+        return plan, tuple(
+            _placeholder(r.plan.result.width, r.plan.result.height, r.plan.output)
+            for r in plan.outputs
+        )
     except errors.ImgserveError:
         raise
     except MemoryError as exc:
@@ -120,9 +125,9 @@ class Planner:
 
     async def plan(
         self, job: Job, data: bytes, limits: ImagingLimits
-    ) -> tuple[pipeline.Plan, bytes]:
+    ) -> tuple[planning.JobPlan, tuple[bytes, ...]]:
         """Check ``data`` against ``job`` and ``limits`` in a planner process; return
-        the plan and the placeholder's bytes.
+        the plan and each output's placeholder bytes, in the plan's order.
 
         A broken pool is replaced and the request tried once more on the fresh one
         (a pool breaks when any planner dies at the wrong moment, this request's or

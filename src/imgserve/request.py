@@ -15,8 +15,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from imgserve import errors
+from imgserve.destination import (
+    FORM_SCHEMES,
+    TAG,
+    TAGS,
+    scheme,
+    split_form_destination,
+    template_extension,
+)
 from imgserve.imaging import formats, geometry
-from imgserve.transports.base import Target
 
 REQUIRED_KEYS = frozenset({"operationType", "srcURL", "dstURL", "args"})
 OPERATIONS = frozenset({"resize", "rasterize"})
@@ -32,8 +39,6 @@ _ARGS = {
         {"width", "height", "scale", "quality", "keep_metadata", "field_name", "field_file"}
     ),
 }
-_TAG = re.compile(r"\{\$([A-Za-z]+)\}")
-TAGS = frozenset({"width", "height", "basename", "extension", "ext"})
 
 MAX_JSON_DEPTH = 20
 """Deepest nesting a body may have; 0.2's contract needs 2 (the body, then args)."""
@@ -141,11 +146,6 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _scheme(url: str) -> str:
-    head, sep, _ = url.partition("://")
-    return head.lower() if sep else ""
-
-
 def validate(obj: dict[str, Any]) -> Job:
     """Check a decoded request and return the Job, or raise its 1xx error."""
     keys = set(obj)
@@ -206,7 +206,7 @@ def validate(obj: dict[str, Any]) -> Job:
             "width or height is required" + (" (or scale)" if operation == "rasterize" else "")
         )
 
-    src_scheme = _scheme(src)
+    src_scheme = scheme(src)
     if src_scheme not in SOURCE_SCHEMES:
         raise errors.SrcSchemeUnsupported(
             f"srcURL scheme {src_scheme or '(none)'!r} is not one of "
@@ -218,14 +218,14 @@ def validate(obj: dict[str, Any]) -> Job:
     if operation == "resize" and src_ext == "svg":
         raise errors.SourceTypeNotAllowed("resize takes a raster source; use rasterize for SVG")
 
-    dst_scheme = _scheme(dst)
+    dst_scheme = scheme(dst)
     if dst_scheme not in DEST_SCHEMES:
         raise errors.DstSchemeUnsupported(
             f"dstURL scheme {dst_scheme or '(none)'!r} is not one of "
             f"{', '.join(sorted(DEST_SCHEMES))}"
         )
     field = _form_field(args)
-    if dst_scheme in ("http", "https"):
+    if dst_scheme in FORM_SCHEMES:
         _url, filename = split_form_destination(dst)
         if filename is not None and field is None:
             raise errors.FormFieldMissing(
@@ -239,11 +239,11 @@ def validate(obj: dict[str, Any]) -> Job:
         raise errors.ArgInvalid(
             f"args.field_name applies to http(s) destinations, not {dst_scheme}"
         )
-    for tag in _TAG.findall(dst):
+    for tag in TAG.findall(dst):
         if tag not in TAGS:
             raise errors.URLInvalid(f"unknown dstURL tag {{${tag}}}")
-    dst_ext = formats.extension_of(_dst_path(dst))
-    if not _TAG.search(dst_ext) and "{$" not in dst_ext and formats.output_format(dst_ext) is None:
+    dst_ext = template_extension(dst)
+    if not TAG.search(dst_ext) and "{$" not in dst_ext and formats.output_format(dst_ext) is None:
         raise errors.DstExtensionUnsupported(
             f"destination extension {dst_ext or '(none)'!r} is not one of "
             f"{', '.join(sorted(formats.OUTPUT_EXTENSIONS))}"
@@ -295,59 +295,3 @@ def _url_path(name: str, url: str) -> str:
         return urlsplit(url).path
     except ValueError as exc:
         raise errors.URLInvalid(f"{name} is malformed: {exc}") from exc
-
-
-def split_form_destination(dst: str) -> tuple[str, str | None]:
-    """Split 0.2's ``http://host/upload.php:name.png`` into (URL, file name).
-
-    The split is on the last colon after the URL's path begins, so a port
-    (``http://host:8080/up:x.png``) is not mistaken for it. Returns
-    ``(dst, None)`` when there is no file name part.
-    """
-    scheme_end = dst.find("://")
-    path_start = dst.find("/", scheme_end + 3 if scheme_end >= 0 else 0)
-    if path_start < 0:
-        return dst, None
-    colon = dst.rfind(":", path_start)
-    if colon < 0:
-        return dst, None
-    return dst[:colon], dst[colon + 1 :]
-
-
-def _dst_path(dst: str) -> str:
-    """The part of dstURL whose extension names the output format."""
-    if _scheme(dst) in ("http", "https"):
-        url, filename = split_form_destination(dst)
-        if filename is not None:
-            return filename
-        dst = url
-    # Tags may hold characters urlsplit dislikes; only the path's tail matters.
-    return dst.split("?", 1)[0].split("#", 1)[0]
-
-
-def substitute(template: str, *, width: int, height: int, basename: str, extension: str) -> str:
-    """Replace 0.2's dstURL tags; ``{$ext}`` is an alias of ``{$extension}``."""
-    values = {
-        "width": str(width),
-        "height": str(height),
-        "basename": basename,
-        "extension": extension,
-        "ext": extension,
-    }
-    return _TAG.sub(lambda m: values[m.group(1)], template)
-
-
-def destination_extension(template: str, source_extension: str) -> str:
-    """The output extension once tags are known (only ``{$ext}`` can change it)."""
-    path = substitute(
-        _dst_path(template), width=1, height=1, basename="x", extension=source_extension
-    )
-    return formats.extension_of(path)
-
-
-def destination_target(dst_url: str, form_field: str | None) -> Target:
-    """Where a substituted dstURL uploads to: a form upload, or the URL itself."""
-    if form_field is not None and _scheme(dst_url) in ("http", "https"):
-        url, filename = split_form_destination(dst_url)
-        return Target(url=url, form_field=form_field, filename=filename)
-    return Target(url=dst_url)

@@ -14,10 +14,12 @@ import logging
 
 from imgserve import errors
 from imgserve.config import Settings
+from imgserve.destination import destination_target
 from imgserve.imaging import pipeline
+from imgserve.planning import JobPlan
 from imgserve.pool import ImagePool
 from imgserve.queue.base import JobQueue, JobRecord
-from imgserve.request import Job, destination_target
+from imgserve.request import Job
 from imgserve.retry import backoff_s
 from imgserve.transports import Transports
 
@@ -66,7 +68,7 @@ class Runner:
         log.debug("job %s running attempt=%d dst=%s", record.id, record.attempts, record.dst_url)
         try:
             job = Job.from_dict(record.job)
-            plan = pipeline.Plan.from_dict(record.plan)
+            plan = JobPlan.from_dict(record.plan)
             # The queue's copy is the very source the plan checked; a new download is not.
             source: bytes | str | None = await self.queue.source_file(record.id)
             if source is None:
@@ -74,9 +76,10 @@ class Runner:
             planned = source is not None
             if source is None:
                 source = await self.transports.download(job.src_url)
-            result = await self.pool.render(source, record.plan, planned=planned)
-            target = destination_target(plan.dst_url, job.form_field)
-            await self.transports.upload(target, result, plan.content_type)
+            for index, rendition in enumerate(plan.outputs):
+                result = await self.pool.render(source, record.plan, output=index, planned=planned)
+                target = destination_target(rendition.dst_url, job.form_field)
+                await self.transports.upload(target, result, rendition.plan.content_type)
         except errors.ImgserveError as exc:
             await self._failed(record, exc)
         except Exception as exc:  # a bug: record it, never lose the job silently
@@ -117,10 +120,12 @@ class Runner:
 
     async def _upload_failure_image(self, record: JobRecord) -> None:
         try:
-            plan = pipeline.Plan.from_dict(record.plan)
-            image = await asyncio.to_thread(pipeline.failure_image, plan.result, plan.output)
-            target = destination_target(plan.dst_url, record.job.get("form_field"))
-            await self.transports.upload(target, image, plan.content_type)
+            plan = JobPlan.from_dict(record.plan)
+            for rendition in plan.outputs:
+                out = rendition.plan
+                image = await asyncio.to_thread(pipeline.failure_image, out.result, out.output)
+                target = destination_target(rendition.dst_url, record.job.get("form_field"))
+                await self.transports.upload(target, image, out.content_type)
         except errors.ImgserveError as exc:
             log.warning("job %s: failure image not uploaded: %s", record.id, exc.detail)
         except Exception as exc:  # a record we cannot read: the failure still counts

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import pyvips
 
+from imgserve import planning
 from imgserve.config import ImagingLimits
-from imgserve.imaging import pipeline
 from imgserve.request import validate
 
 # Corpus files, picked small enough to keep the suite fast.
@@ -64,7 +64,7 @@ def job_for(operation: str, src: str, dst: str, **args: Any) -> Any:
     return validate({"operationType": operation, "srcURL": src, "dstURL": dst, "args": args})
 
 
-Run = Callable[..., tuple[pipeline.Plan, bytes]]
+Run = Callable[..., tuple[planning.JobPlan, bytes]]
 
 
 @pytest.fixture
@@ -83,10 +83,10 @@ def run(limits: ImagingLimits) -> Run:
         operation: str = "resize",
         limits_: ImagingLimits | None = None,
         **args: Any,
-    ) -> tuple[pipeline.Plan, bytes]:
+    ) -> tuple[planning.JobPlan, bytes]:
         use = limits_ or limits
-        planned = pipeline.plan(job_for(operation, src, dst, **args), data, use)
-        return planned, pipeline.render(planned, data, use)
+        planned = planning.plan(job_for(operation, src, dst, **args), data, use)
+        return planned, planning.render(planned, data, use)
 
     return _run
 

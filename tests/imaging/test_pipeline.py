@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import pyvips
 
-from imgserve import errors
+from imgserve import errors, planning
 from imgserve.config import ImagingLimits
 from imgserve.imaging import formats, geometry, pipeline, vips
 from imgserve.imaging.formats import Format
@@ -357,7 +357,7 @@ def test_truncated_source_is_202(
     job = job_for("resize", f"http://h/t.{extension}", "file:///o.png", width=32)
     with pytest.raises(errors.SourceUnreadable) as info:
         # WebP and TIFF already fail on the header; JPEG, PNG and GIF at decode.
-        pipeline.render(pipeline.plan(job, truncated, limits), truncated, limits)
+        planning.render(planning.plan(job, truncated, limits), truncated, limits)
     assert info.value.code == 202
 
 
@@ -374,7 +374,7 @@ def test_truncated_source_is_202(
 def test_non_image_bytes_are_202(limits: ImagingLimits, data: bytes) -> None:
     """Bytes that are not a decodable image are refused with 202 before processing."""
     with pytest.raises(errors.SourceUnreadable) as info:
-        pipeline.plan(job_for("resize", "http://h/x.jpg", "file:///o.png", width=10), data, limits)
+        planning.plan(job_for("resize", "http://h/x.jpg", "file:///o.png", width=10), data, limits)
     assert info.value.code == 202
 
 
@@ -407,20 +407,20 @@ def test_decompression_bomb_refused_before_decoding(
     monkeypatch.setattr(vips, "thumbnail", no_decode)
     job = job_for("resize", "http://h/bomb.png", "file:///o.png", width=100)
     with pytest.raises(errors.SourcePixelsOverLimit) as info:
-        pipeline.plan(job, bomb, limits)
+        planning.plan(job, bomb, limits)
     assert info.value.code == 302
 
 
 def test_render_rechecks_a_source_that_changed(run: Run, limits: ImagingLimits) -> None:
     """render re-checks a source swapped after planning (a re-download): a bomb is 302."""
     small = quadrants(64, 64).pngsave_buffer()
-    plan = pipeline.plan(
+    plan = planning.plan(
         job_for("resize", "http://h/a.png", "file:///o.png", width=32), small, limits
     )
     with pytest.raises(errors.SourcePixelsOverLimit):
-        pipeline.render(plan, _png_bomb(), limits)
+        planning.render(plan, _png_bomb(), limits)
     with pytest.raises(errors.SourceChanged):
-        pipeline.render(plan, quadrants(64, 64).jpegsave_buffer(), limits)
+        planning.render(plan, quadrants(64, 64).jpegsave_buffer(), limits)
 
 
 @pytest.mark.parametrize(
@@ -438,14 +438,14 @@ def test_render_refuses_a_source_whose_size_changed_since_planning(
     planned = quadrants(*planned_size).pngsave_buffer()
     job = job_for("resize", "http://h/a.png", "file:///o.png", width=32, height=16,
                   gravity=gravity)  # fmt: skip
-    plan = pipeline.plan(job, planned, limits)
+    plan = planning.plan(job, planned, limits)
     with pytest.raises(errors.SourceChanged) as info:
-        pipeline.render(plan, quadrants(*new_size).pngsave_buffer(), limits)
+        planning.render(plan, quadrants(*new_size).pngsave_buffer(), limits)
     assert info.value.code == 207
     assert f"{new_size[0]}x{new_size[1]}" in info.value.detail
     # The same size (other pixels) still renders to the promised result.
     again = quadrants(*planned_size).invert().pngsave_buffer()
-    out = decode(pipeline.render(plan, again, limits))
+    out = decode(planning.render(plan, again, limits))
     assert (out.width, out.height) == (plan.result.width, plan.result.height)
 
 
@@ -453,9 +453,9 @@ def test_pixel_limit_counts_all_frames(animated_gif: bytes) -> None:
     """4 frames of 60x40 (9600 px) exceed a 9000 px limit though one frame (2400) would not."""
     job = job_for("resize", "http://h/anim.gif", "file:///o.gif", width=30)
     with pytest.raises(errors.SourcePixelsOverLimit) as info:
-        pipeline.plan(job, animated_gif, ImagingLimits(max_pixels=9000))
+        planning.plan(job, animated_gif, ImagingLimits(max_pixels=9000))
     assert "4 frames" in info.value.detail
-    assert pipeline.plan(job, animated_gif, ImagingLimits(max_pixels=9600)).pages == 4
+    assert planning.plan(job, animated_gif, ImagingLimits(max_pixels=9600)).pages == 4
 
 
 def test_result_over_pixel_limit_is_303(limits: ImagingLimits) -> None:
@@ -465,7 +465,7 @@ def test_result_over_pixel_limit_is_303(limits: ImagingLimits) -> None:
         "resize", "http://h/a.png", "file:///o.png", width=3000, height=3000, enlarge=True
     )
     with pytest.raises(errors.ResultOverLimit) as info:
-        pipeline.plan(job, data, ImagingLimits(max_result_pixels=1_000_000))
+        planning.plan(job, data, ImagingLimits(max_result_pixels=1_000_000))
     assert info.value.code == 303
 
 
@@ -474,9 +474,9 @@ def test_result_limit_counts_output_frames(animated_gif: bytes) -> None:
     tight = ImagingLimits(max_result_pixels=1000)
     to_gif = job_for("resize", "http://h/a.gif", "file:///o.gif", width=30, height=30)
     with pytest.raises(errors.ResultOverLimit):
-        pipeline.plan(to_gif, animated_gif, tight)
+        planning.plan(to_gif, animated_gif, tight)
     to_jpeg = job_for("resize", "http://h/a.gif", "file:///o.jpg", width=30, height=30)
-    assert pipeline.plan(to_jpeg, animated_gif, tight).result == Size(30, 30)
+    assert planning.plan(to_jpeg, animated_gif, tight).result == Size(30, 30)
 
 
 def test_result_over_byte_limit_is_303(run: Run, photo_jpeg: bytes) -> None:
@@ -495,7 +495,7 @@ def test_enlarge_refused_without_flag(limits: ImagingLimits) -> None:
     """A source smaller than the box is 203 unless args.enlarge."""
     data = quadrants(50, 50).pngsave_buffer()
     with pytest.raises(errors.EnlargeNotAllowed):
-        pipeline.plan(job_for("resize", "http://h/a.png", "file:///o.png", width=60), data, limits)
+        planning.plan(job_for("resize", "http://h/a.png", "file:///o.png", width=60), data, limits)
 
 
 def test_enlarge_allowed_with_flag(run: Run) -> None:
@@ -517,7 +517,7 @@ def test_svg_source_for_resize_is_108(limits: ImagingLimits) -> None:
     """An SVG served under a neutral URL is refused by resize with 108."""
     job = job_for("resize", "http://h/image?id=1", "file:///o.png", width=10)
     with pytest.raises(errors.SourceTypeNotAllowed) as info:
-        pipeline.plan(job, svg('<rect width="40" height="40"/>'), limits)
+        planning.plan(job, svg('<rect width="40" height="40"/>'), limits)
     assert info.value.code == 108
 
 
@@ -525,7 +525,7 @@ def test_raster_source_for_rasterize_is_108(limits: ImagingLimits, photo_jpeg: b
     """A JPEG served under a neutral URL is refused by rasterize with 108."""
     job = job_for("rasterize", "http://h/image?id=1", "file:///o.png", width=10)
     with pytest.raises(errors.SourceTypeNotAllowed) as info:
-        pipeline.plan(job, photo_jpeg, limits)
+        planning.plan(job, photo_jpeg, limits)
     assert info.value.code == 108
 
 
@@ -613,7 +613,7 @@ def test_svg_render_over_limit_is_304(limits: ImagingLimits) -> None:
     for args in ({"width": 100_000}, {"scale": 200.0}):
         job = job_for("rasterize", "http://h/logo.svg", "file:///o.png", **args)
         with pytest.raises(errors.SVGRenderOverLimit) as info:
-            pipeline.plan(job, corpus(CORPUS_SVGS[0]), limits)
+            planning.plan(job, corpus(CORPUS_SVGS[0]), limits)
         assert info.value.code == 304
 
 
@@ -622,7 +622,7 @@ def test_svg_declaring_huge_size_is_304(limits: ImagingLimits) -> None:
     huge = svg('<rect width="10" height="10"/>', 1_000_000, 1_000_000)
     job = job_for("rasterize", "http://h/huge.svg", "file:///o.png", scale=1.0)
     with pytest.raises(errors.SVGRenderOverLimit):
-        pipeline.plan(job, huge, limits)
+        planning.plan(job, huge, limits)
 
 
 HOSTILE_SVGS = {
@@ -652,12 +652,12 @@ def test_hostile_svg_is_204(limits: ImagingLimits, name: str) -> None:
     data = HOSTILE_SVGS[name]
     job = job_for("rasterize", "http://h/evil.svg", "file:///o.png", width=40)
     with pytest.raises(errors.SVGInvalid) as info:
-        pipeline.plan(job, data, limits)
+        planning.plan(job, data, limits)
     assert info.value.code == 204
     benign = svg('<rect width="40" height="40" fill="red"/>')
-    plan = pipeline.plan(job, benign, limits)
+    plan = planning.plan(job, benign, limits)
     with pytest.raises(errors.SVGInvalid):
-        pipeline.render(plan, data, limits)
+        planning.render(plan, data, limits)
 
 
 def test_svg_loaded_from_bytes_reads_no_file(tmp_path: Path) -> None:
@@ -731,8 +731,8 @@ def test_placeholder_and_failure_look_different() -> None:
 def test_plan_round_trips_through_a_dict(limits: ImagingLimits, animated_gif: bytes) -> None:
     """Plan.to_dict / from_dict (the queue's storage) lose nothing."""
     job = job_for("resize", "http://h/a.gif", "file:///o/{$width}.webp", width=30, gravity="smart")
-    plan = pipeline.plan(job, animated_gif, limits)
-    assert pipeline.Plan.from_dict(plan.to_dict()) == plan
+    plan = planning.plan(job, animated_gif, limits)
+    assert planning.JobPlan.from_dict(plan.to_dict()) == plan
     assert plan.content_type == "image/webp"
 
 
@@ -744,7 +744,7 @@ def test_result_size_known_before_processing(limits: ImagingLimits, photo_jpeg: 
         "s3://b/{$width}x{$height}/{$basename}.webp",
         height=100,
     )
-    plan = pipeline.plan(job, photo_jpeg, limits)
+    plan = planning.plan(job, photo_jpeg, limits)
     assert plan.result == geometry.resize_result(plan.source, None, 100, False) == Size(160, 100)
     assert plan.dst_url == "s3://b/160x100/autumn.webp"
 
@@ -847,7 +847,7 @@ def test_svg_measured_by_librsvg_when_not_declared(limits: ImagingLimits) -> Non
     """An SVG sized by its viewBox alone is planned at librsvg's size."""
     data = b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 80 45"><rect/></svg>'
     job = job_for("rasterize", "http://h/v.svg", "file:///o.png", scale=1.0)
-    assert pipeline.plan(job, data, limits).result == Size(80, 45)
+    assert planning.plan(job, data, limits).result == Size(80, 45)
 
 
 @pytest.mark.parametrize(
@@ -861,5 +861,5 @@ def test_svg_measured_by_librsvg_when_not_declared(limits: ImagingLimits) -> Non
 def test_malformed_svg_is_204_before_reply(limits: ImagingLimits, data: bytes) -> None:
     job = job_for("rasterize", "http://h/bad.svg", "file:///o.png", width=40)
     with pytest.raises(errors.SVGInvalid) as info:
-        pipeline.plan(job, data, limits)
+        planning.plan(job, data, limits)
     assert info.value.code == 204

@@ -44,7 +44,7 @@ class JobRecord:
     job: dict[str, Any]
     """The validated request (request.Job.to_dict())."""
     plan: dict[str, Any]
-    """What it produces (pipeline.Plan.to_dict())."""
+    """What it produces (planning.JobPlan.to_dict(), versioned)."""
     dst_url: str
     state: State = State.QUEUED
     attempts: int = 0

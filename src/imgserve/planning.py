@@ -1,0 +1,205 @@
+"""A job's plan: the request, its destinations and the imaging pipeline, joined.
+
+``plan`` runs in a planner process (planner._plan) before the reply: it reads
+the source once (pipeline.inspect), sizes each output (pipeline.plan_output)
+and fills in each destination's tags, which need the result's size. The plan
+is stored with the job (``JobPlan.to_dict``, versioned) and read back by the
+worker, whose ``render`` makes one output's bytes.
+
+0.2's ``POST /`` makes a plan with one output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from imgserve import errors
+from imgserve.config import ImagingLimits
+from imgserve.destination import destination_extension, substitute
+from imgserve.imaging import formats, pipeline
+from imgserve.imaging.formats import Format
+from imgserve.imaging.geometry import Size
+from imgserve.imaging.pipeline import OutputPlan, OutputSpec, SourceInfo
+from imgserve.request import Job
+
+VERSION = 2
+"""The stored plan's shape. 1: the flat single-output dict of the first 0.3
+release (no ``version`` key); 2: a source and a list of outputs."""
+
+
+@dataclass(frozen=True)
+class Rendition:
+    """One output of a job and where it goes."""
+
+    plan: OutputPlan
+    dst_url: str
+    """The destination, tags filled in."""
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """What a job reads and produces, known before any pixel is decoded."""
+
+    operation: str
+    source_info: SourceInfo
+    outputs: tuple[Rendition, ...]
+
+    # 0.2's view of a job (its reply, log line and GET /jobs/<id>): the first output.
+    @property
+    def first(self) -> Rendition:
+        return self.outputs[0]
+
+    @property
+    def source(self) -> Size:
+        return self.source_info.size
+
+    @property
+    def source_format(self) -> Format:
+        return self.source_info.format
+
+    @property
+    def pages(self) -> int:
+        return self.source_info.pages
+
+    @property
+    def result(self) -> Size:
+        return self.first.plan.result
+
+    @property
+    def output(self) -> Format:
+        return self.first.plan.output
+
+    @property
+    def animated(self) -> bool:
+        return self.first.plan.animated
+
+    @property
+    def content_type(self) -> str:
+        return self.first.plan.content_type
+
+    @property
+    def dst_url(self) -> str:
+        return self.first.dst_url
+
+    def to_dict(self) -> dict[str, Any]:
+        info = self.source_info
+        return {
+            "version": VERSION,
+            "operation": self.operation,
+            "source": {
+                "format": info.format.value,
+                "size": [info.size.width, info.size.height],
+                "pages": info.pages,
+                "svg_size": list(info.svg_size) if info.svg_size is not None else None,
+            },
+            "outputs": [
+                {
+                    **vars(r.plan),
+                    "result": [r.plan.result.width, r.plan.result.height],
+                    "output": r.plan.output.value,
+                    "dst_url": r.dst_url,
+                }
+                for r in self.outputs
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobPlan:
+        """Read a stored plan of any version; fields this version does not know
+        (a later release's) are ignored."""
+        if data.get("version", 1) == 1:
+            return _from_version_1(data)
+        source = data["source"]
+        svg_size = source.get("svg_size")
+        info = SourceInfo(
+            format=Format(source["format"]),
+            size=Size(*source["size"]),
+            pages=source["pages"],
+            svg_size=(svg_size[0], svg_size[1]) if svg_size is not None else None,
+        )
+        outputs = tuple(
+            Rendition(
+                OutputPlan(
+                    **{
+                        **_known(OutputPlan, out),
+                        "result": Size(*out["result"]),
+                        "output": Format(out["output"]),
+                    }
+                ),
+                out["dst_url"],
+            )
+            for out in data["outputs"]
+        )
+        return cls(data["operation"], info, outputs)
+
+
+def _known(cls: type[Any], data: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {key: value for key, value in data.items() if key in names}
+
+
+def _from_version_1(data: dict[str, Any]) -> JobPlan:
+    """The first 0.3 release's flat ``Plan.to_dict()`` (jobs still in a queue at upgrade)."""
+    info = SourceInfo(Format(data["source_format"]), Size(*data["source"]), data["pages"])
+    output = Format(data["output"])
+    out = OutputPlan(
+        result=Size(*data["result"]),
+        output=output,
+        gravity=data.get("gravity", "centre"),
+        quality=data.get("quality"),
+        keep_metadata=data.get("keep_metadata", False),
+        svg_scale=data.get("svg_scale"),
+        animated=data["operation"] == "resize"
+        and pipeline.animates(info.format, info.pages, output),
+    )
+    return JobPlan(data["operation"], info, (Rendition(out, data["dst_url"]),))
+
+
+def plan(job: Job, data: bytes, limits: ImagingLimits) -> JobPlan:
+    """Check the source against the job and the limits; size the result and fill in
+    its destination."""
+    info = pipeline.inspect(job.operation, data, limits)
+    # {$ext} names the source's extension; an SVG cannot be written, so a
+    # rasterize destination that keeps "the source's format" gets PNG.
+    tag_extension = (
+        formats.CANONICAL_EXTENSION[Format.PNG]
+        if job.operation == "rasterize"
+        else job.src_extension or formats.CANONICAL_EXTENSION[info.format]
+    )
+    extension = destination_extension(job.dst_template, tag_extension)
+    output = formats.output_format(extension)
+    if output is None:
+        raise errors.DstExtensionUnsupported(
+            f"destination extension {extension or '(none)'!r} is not one of "
+            f"{', '.join(sorted(formats.OUTPUT_EXTENSIONS))}"
+        )
+    spec = OutputSpec(
+        format=output,
+        width=job.width,
+        height=job.height,
+        scale=job.scale,
+        enlarge=job.enlarge,
+        gravity=job.gravity,
+        quality=job.quality,
+        keep_metadata=job.keep_metadata,
+    )
+    out = pipeline.plan_output(info, spec, limits)
+    dst_url = substitute(
+        job.dst_template,
+        width=out.result.width,
+        height=out.result.height,
+        basename=job.src_basename,
+        extension=tag_extension,
+    )
+    return JobPlan(job.operation, info, (Rendition(out, dst_url),))
+
+
+def render(
+    job_plan: JobPlan, data: bytes, limits: ImagingLimits, *, output: int = 0, planned: bool = False
+) -> bytes:
+    """Output number ``output`` of the plan, from the source bytes (see pipeline.render)."""
+    return pipeline.render(
+        data, job_plan.source_info, job_plan.outputs[output].plan, limits, planned=planned
+    )
