@@ -38,6 +38,7 @@ try:
     import redis.exceptions
     from arq import Retry, Worker, create_pool, func
     from arq.connections import ArqRedis, RedisSettings
+    from arq.constants import in_progress_key_prefix
     from redis.asyncio.retry import Retry as RedisRetry
     from redis.backoff import ExponentialBackoff
 except ImportError as exc:  # pragma: no cover - depends on the install
@@ -85,6 +86,7 @@ class RedisQueue(JobQueue):
         self.max_source_bytes = max_source_bytes
         self._redis: ArqRedis | None = None
         self._retries: dict[str, float] = {}
+        self._abandoned: set[str] = set()
 
     # --- keys and connection -------------------------------------------------------------
 
@@ -250,12 +252,15 @@ class RedisQueue(JobQueue):
                 raise
             except Exception as exc:
                 # Redis itself failed around the handler; a job must never end in
-                # arq with its status unset.
+                # arq with its status unset. arq may fail to write the retry too,
+                # leaving its lease behind: hand the job back once Redis answers.
+                self._abandoned.add(job_id)
                 delay = redelivery_delay_s(int(ctx["job_try"]))
                 log.warning("job %s: %s; delivering it again in %.1f s", job_id, exc, delay)
                 raise Retry(defer=delay) from exc
 
         while not stopping.is_set():
+            await self._hand_back_abandoned()
             worker = Worker(
                 functions=[func(job, name=JOB_FUNCTION, max_tries=_ARQ_MAX_TRIES)],
                 redis_settings=self.redis_settings,
@@ -287,6 +292,21 @@ class RedisQueue(JobQueue):
                 # Cancelled jobs go straight back to arq's queue for another worker.
                 with contextlib.suppress(Exception):
                     await asyncio.shield(worker.close())
+
+    async def _hand_back_abandoned(self) -> None:
+        """Drop arq's lease on jobs whose delivery here failed with Redis itself:
+        their function has ended, so no runner holds them, and without this they
+        would wait for the lease to run out (the whole delivery deadline)."""
+        if not self._abandoned:
+            return
+        ids = list(self._abandoned)
+        try:
+            async with self._redis_call() as r:
+                await r.delete(*(in_progress_key_prefix + job_id for job_id in ids))
+        except errors.QueueUnavailable:
+            return  # still down: next round
+        self._abandoned.difference_update(ids)
+        log.info("handed back %d jobs whose delivery failed while Redis was down", len(ids))
 
     async def close(self) -> None:
         if self._redis is not None:
