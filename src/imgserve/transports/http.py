@@ -83,7 +83,6 @@ class _Body:
     decoded bytes are what ``charge`` counts."""
 
     def __init__(self, encoding: str, max_bytes: int, charge: Charge | None = None) -> None:
-        self._max_bytes = max_bytes
         self._chunks = Chunks(max_bytes, charge)
         self._decoder: Any = None
         self._raw_deflate_fallback = False
@@ -109,7 +108,7 @@ class _Body:
         while pending and not self._decoder.eof:
             # max_length bounds each step's output, so a bomb never expands
             # past the limit in memory.
-            budget = self._max_bytes - self._chunks.size + 1
+            budget = self._chunks.max_bytes - self._chunks.size + 1
             try:
                 out = self._decoder.decompress(pending, budget)
             except zlib.error as exc:
