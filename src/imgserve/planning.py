@@ -6,7 +6,8 @@ and fills in each destination's tags, which need the result's size. The plan
 is stored with the job (``JobPlan.to_dict``, versioned) and read back by the
 worker, whose ``render`` makes one output's bytes.
 
-0.2's ``POST /`` makes a plan with one output.
+Plans are made from a spec.JobSpec, whichever endpoint took the job; 0.2's
+``POST /`` makes one with one output.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from typing import Any
 
 from imgserve import errors
 from imgserve.config import ImagingLimits
-from imgserve.destination import destination_extension, substitute
+from imgserve.destination import destination_extension, destination_target, substitute
 from imgserve.imaging import formats, pipeline
 from imgserve.imaging.formats import Format
 from imgserve.imaging.geometry import Size
 from imgserve.imaging.pipeline import OutputPlan, OutputSpec, SourceInfo
-from imgserve.request import Job
+from imgserve.spec import JobSpec, OutputRequest
+from imgserve.transports.base import Target
 
 VERSION = 2
 """The stored plan's shape. 1: the flat single-output dict of the first 0.3
@@ -157,43 +159,78 @@ def _from_version_1(data: dict[str, Any]) -> JobPlan:
     return JobPlan(data["operation"], info, (Rendition(out, data["dst_url"]),))
 
 
-def plan(job: Job, data: bytes, limits: ImagingLimits) -> JobPlan:
-    """Check the source against the job and the limits; size the result and fill in
-    its destination."""
-    info = pipeline.inspect(job.operation, data, limits)
+def plan(spec: JobSpec, data: bytes, limits: ImagingLimits) -> JobPlan:
+    """Check the source against the job and the limits; size every output and fill
+    in its destination.
+
+    A ``POST /jobs`` job's errors name the output they are about
+    (``outputs[2]: ...``); 0.2's single output keeps 0.2's details.
+    """
+    info = pipeline.inspect(spec.operation or "any", data, limits)
     # {$ext} names the source's extension; an SVG cannot be written, so a
-    # rasterize destination that keeps "the source's format" gets PNG.
+    # destination that keeps "the source's format" gets PNG.
     tag_extension = (
         formats.CANONICAL_EXTENSION[Format.PNG]
-        if job.operation == "rasterize"
-        else job.src_extension or formats.CANONICAL_EXTENSION[info.format]
+        if info.vector
+        else spec.extension or formats.CANONICAL_EXTENSION[info.format]
     )
-    extension = destination_extension(job.dst_template, tag_extension)
-    output = formats.output_format(extension)
+    named = spec.operation is None
+    renditions = []
+    for index, out in enumerate(spec.outputs):
+        try:
+            renditions.append(_plan_output(info, out, tag_extension, spec.basename, limits))
+        except errors.ImgserveError as exc:
+            if not named:
+                raise
+            raise type(exc)(f"outputs[{index}]: {exc.detail}") from exc
+    operation = spec.operation or ("rasterize" if info.vector else "resize")
+    return JobPlan(operation, info, tuple(renditions))
+
+
+def _plan_output(
+    info: SourceInfo, out: OutputRequest, tag_extension: str, basename: str, limits: ImagingLimits
+) -> Rendition:
+    output = out.format or formats.output_format(destination_extension(out.url, tag_extension))
     if output is None:
+        extension = destination_extension(out.url, tag_extension)
         raise errors.DstExtensionUnsupported(
             f"destination extension {extension or '(none)'!r} is not one of "
             f"{', '.join(sorted(formats.OUTPUT_EXTENSIONS))}"
         )
+    if out.scale is not None and not info.vector:
+        raise errors.JobFieldInvalid(
+            f"scale applies to SVG sources; this source is {info.format.value}"
+        )
     spec = OutputSpec(
         format=output,
-        width=job.width,
-        height=job.height,
-        scale=job.scale,
-        enlarge=job.enlarge,
-        gravity=job.gravity,
-        quality=job.quality,
-        keep_metadata=job.keep_metadata,
+        width=out.width,
+        height=out.height,
+        scale=out.scale,
+        fit=out.fit,
+        enlarge=out.enlarge,
+        refuse_small=out.refuse_small,
+        gravity=out.gravity,
+        background=out.background,
+        quality=out.quality,
+        keep_metadata=out.keep_metadata,
     )
-    out = pipeline.plan_output(info, spec, limits)
+    planned = pipeline.plan_output(info, spec, limits)
     dst_url = substitute(
-        job.dst_template,
-        width=out.result.width,
-        height=out.result.height,
-        basename=job.src_basename,
+        out.url,
+        width=planned.result.width,
+        height=planned.result.height,
+        basename=basename,
         extension=tag_extension,
     )
-    return JobPlan(job.operation, info, (Rendition(out, dst_url),))
+    return Rendition(planned, dst_url)
+
+
+def targets(spec: JobSpec, job_plan: JobPlan) -> list[Target]:
+    """Where each output of the plan uploads to, in the plan's order."""
+    return [
+        destination_target(rendition.dst_url, out.form_field)
+        for out, rendition in zip(spec.outputs, job_plan.outputs, strict=True)
+    ]
 
 
 def render(

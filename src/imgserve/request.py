@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from imgserve import errors
+from imgserve import errors, spec
 from imgserve.destination import (
     FORM_SCHEMES,
     TAG,
@@ -24,6 +24,7 @@ from imgserve.destination import (
     template_extension,
 )
 from imgserve.imaging import formats, geometry
+from imgserve.spec import JobSpec
 
 REQUIRED_KEYS = frozenset({"operationType", "srcURL", "dstURL", "args"})
 OPERATIONS = frozenset({"resize", "rasterize"})
@@ -80,6 +81,10 @@ class Job:
     @property
     def src_extension(self) -> str:
         return formats.extension_of(urlsplit(self.src_url).path)
+
+    def to_spec(self) -> JobSpec:
+        """This request as a job with one output."""
+        return spec.from_v02(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))  # flat values: asdict's deep copy costs more than the job

@@ -55,6 +55,9 @@ class OutputSpec:
     gravity: str = "centre"
     quality: int | None = None
     keep_metadata: bool = False
+    fit: str = "cover"
+    background: tuple[int, int, int, int] | None = None
+    refuse_small: bool = False
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ class JobRecord:
     plan: dict[str, Any]
     """What it produces (planning.JobPlan.to_dict(), versioned)."""
     dst_url: str
+    """The first output's destination (0.2's dstURL); the plan has every output's."""
     state: State = State.QUEUED
     attempts: int = 0
     created_at: float = field(default_factory=time.time)
@@ -56,6 +57,8 @@ class JobRecord:
     error_detail: str | None = None
     node: str | None = None
     """host:pid of the process that ran (or runs) the job."""
+    output_bytes: list[int] | None = None
+    """Once done: the size of each output as uploaded, in the plan's order."""
 
     @property
     def finished(self) -> bool:
@@ -67,8 +70,9 @@ class JobRecord:
         self.started_at = time.time()
         self.node = NODE
 
-    def mark_done(self) -> None:
+    def mark_done(self, output_bytes: list[int] | None = None) -> None:
         self.state = State.DONE
+        self.output_bytes = output_bytes
         self.finished_at = time.time()
         self.error_code = self.error_detail = None
 
@@ -91,7 +95,9 @@ class JobRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobRecord:
-        values = dict(data)
+        """Read a stored record; fields a later release added are ignored."""
+        names = {f.name for f in fields(cls)}
+        values = {key: value for key, value in data.items() if key in names}
         values["state"] = State(values["state"])
         return cls(**values)
 
@@ -128,6 +134,10 @@ def redelivery_delay_s(attempt: int) -> float:
 class JobQueue(abc.ABC):
     """A durable store of jobs with at-least-once delivery to runners."""
 
+    max_source_bytes: int | None = None
+    """The largest source ``put`` keeps a copy of (None: every one); a larger one
+    is downloaded again by the worker, so an uploaded source cannot be larger."""
+
     @abc.abstractmethod
     async def put(self, record: JobRecord, source: bytes, *, max_active: int) -> None:
         """Store a new job and its source durably; QueueFull when ``max_active`` are unfinished."""
@@ -158,9 +168,10 @@ class JobQueue(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def complete(self, job_id: str) -> None:
-        """Mark a running job done. A job that already ended keeps its first end
-        (a duplicate delivery finishing late changes nothing)."""
+    async def complete(self, job_id: str, output_bytes: list[int] | None = None) -> None:
+        """Mark a running job done, with the size of each output it uploaded. A job
+        that already ended keeps its first end (a duplicate delivery finishing late
+        changes nothing)."""
 
     @abc.abstractmethod
     async def fail(self, job_id: str, code: int, detail: str) -> None:
