@@ -76,8 +76,8 @@ class Runner:
             planned = source is not None
             if source is None:
                 source = await self.transports.download(job.src_url)
-            for index, rendition in enumerate(plan.outputs):
-                result = await self.pool.render(source, record.plan, output=index, planned=planned)
+            results = await self.pool.render(source, record.plan, planned=planned)
+            for rendition, result in zip(plan.outputs, results, strict=True):
                 target = destination_target(rendition.dst_url, job.form_field)
                 await self.transports.upload(target, result, rendition.plan.content_type)
         except errors.ImgserveError as exc:
