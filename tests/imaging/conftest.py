@@ -86,7 +86,7 @@ def run(limits: ImagingLimits) -> Run:
     ) -> tuple[planning.JobPlan, bytes]:
         use = limits_ or limits
         planned = planning.plan(job_for(operation, src, dst, **args), data, use)
-        return planned, planning.render(planned, data, use)
+        return planned, planning.render(planned, data, use)[0]
 
     return _run
 
