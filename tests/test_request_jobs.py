@@ -459,6 +459,14 @@ def test_decode_job_names_the_part() -> None:
     assert decode_job(b'{"outputs": []}', where="job") == {"outputs": []}
 
 
+def test_every_7xx_code_is_covered() -> None:
+    """The tables above exercise every POST /jobs code errors.py defines (708 is the API's)."""
+    defined = {cls.code for cls in errors.all_errors() if 700 <= cls.code <= 799}
+    covered = {row[2] for row in INVALID} | {row[3] for row in UPLOAD_INVALID}
+    assert defined - {700, 708} <= covered
+    assert {700, 708} <= defined  # 700: test_decode_job_*; 708: raised by api.py
+
+
 def test_api_side_errors_have_their_codes() -> None:
     """The errors the API raises itself: 707 for multipart parts, 708 (415) for the media type."""
     assert (errors.JobUploadInvalid.code, errors.JobUploadInvalid.status) == (707, 400)
