@@ -35,10 +35,10 @@ from imgserve.request import (
     MAX_SCALE,
     MAX_SIDE_PX,
     SOURCE_SCHEMES,
-    _check_text,
-    _positive_int,
-    _shown,
+    check_text,
     parse_body,
+    positive_int,
+    shown,
 )
 from imgserve.spec import FITS, RGBA, JobSpec, OutputRequest, source_name_of
 
@@ -137,7 +137,7 @@ def _refuse_unknown(prefix: str, obj: dict[str, Any], known: frozenset[str]) -> 
 
 def _name(key: str) -> str:
     """A field name fit for a path: bare when plain, else quoted and cut."""
-    return key if _PLAIN_NAME.fullmatch(key) else _shown(key)
+    return key if _PLAIN_NAME.fullmatch(key) else shown(key)
 
 
 def _uploaded_name(name: str) -> str:
@@ -145,9 +145,9 @@ def _uploaded_name(name: str) -> str:
     base = re.split(r"[/\\]", name)[-1]
     if not base.strip():
         raise errors.JobUploadInvalid(
-            f"source: the file part's file name {_shown(name)} is empty once its path is removed"
+            f"source: the file part's file name {shown(name)} is empty once its path is removed"
         )
-    _check_text("source: the file part's file name", base, errors.JobUploadInvalid)
+    check_text("source: the file part's file name", base, errors.JobUploadInvalid)
     return base
 
 
@@ -160,14 +160,14 @@ def _source_url(obj: dict[str, Any]) -> str:
 def _url(path: str, value: Any, schemes: frozenset[str]) -> str:
     """A URL string of one of ``schemes``, free of control characters."""
     if not isinstance(value, str):
-        raise errors.JobFieldInvalid(f"{path}: not a string (got {_shown(value)})")
+        raise errors.JobFieldInvalid(f"{path}: not a string (got {shown(value)})")
     if not value.strip():
         raise errors.JobURLInvalid(f"{path}: empty")
-    _check_text(f"{path}:", value, errors.JobURLInvalid)
+    check_text(f"{path}:", value, errors.JobURLInvalid)
     url_scheme = scheme(value)
     if url_scheme not in schemes:
         raise errors.JobURLInvalid(
-            f"{path}: scheme {_shown(url_scheme or '(none)')} is not one of "
+            f"{path}: scheme {shown(url_scheme or '(none)')} is not one of "
             f"{', '.join(sorted(schemes))}"
         )
     try:
@@ -182,7 +182,7 @@ def _outputs(obj: dict[str, Any], max_outputs: int) -> tuple[OutputRequest, ...]
         raise errors.JobFieldMissing("outputs: missing")
     outputs = obj["outputs"]
     if not isinstance(outputs, list):
-        raise errors.JobFieldInvalid(f"outputs: not a list (got {_shown(outputs)})")
+        raise errors.JobFieldInvalid(f"outputs: not a list (got {shown(outputs)})")
     if not outputs:
         raise errors.JobOutputsCount("outputs: empty, at least 1")
     if len(outputs) > max_outputs:
@@ -192,7 +192,7 @@ def _outputs(obj: dict[str, Any], max_outputs: int) -> tuple[OutputRequest, ...]
 
 def _output(path: str, out: Any) -> OutputRequest:
     if not isinstance(out, dict):
-        raise errors.JobFieldInvalid(f"{path}: not an object (got {_shown(out)})")
+        raise errors.JobFieldInvalid(f"{path}: not an object (got {shown(out)})")
     _refuse_unknown(f"{path}.", out, OUTPUT_FIELDS)
     if "url" not in out:
         raise errors.JobFieldMissing(f"{path}.url: missing")
@@ -200,7 +200,7 @@ def _output(path: str, out: Any) -> OutputRequest:
     for tag in TAG.findall(url):
         if tag not in TAGS:
             raise errors.JobURLInvalid(
-                f"{path}.url: unknown tag {_shown('{$' + tag + '}')}; "
+                f"{path}.url: unknown tag {shown('{$' + tag + '}')}; "
                 f"the tags are {', '.join(sorted(TAGS))}"
             )
     width = _side(out, path, "width")
@@ -229,11 +229,11 @@ def _side(out: dict[str, Any], path: str, key: str) -> int | None:
     if key not in out:
         return None
     value = out[key]
-    if not _positive_int(value):
-        raise errors.JobFieldInvalid(f"{path}.{key}: not a positive integer (got {_shown(value)})")
+    if not positive_int(value):
+        raise errors.JobFieldInvalid(f"{path}.{key}: not a positive integer (got {shown(value)})")
     if value > MAX_SIDE_PX:
         raise errors.JobFieldInvalid(
-            f"{path}.{key}: {_shown(value)} is over the largest side, {MAX_SIDE_PX} px"
+            f"{path}.{key}: {shown(value)} is over the largest side, {MAX_SIDE_PX} px"
         )
     return int(value)
 
@@ -243,14 +243,14 @@ def _scale(out: dict[str, Any], path: str, *, sized: bool) -> float | None:
         return None
     value = out["scale"]
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise errors.JobFieldInvalid(f"{path}.scale: not a positive number (got {_shown(value)})")
+        raise errors.JobFieldInvalid(f"{path}.scale: not a positive number (got {shown(value)})")
     if not math.isfinite(value):
-        raise errors.JobFieldInvalid(f"{path}.scale: not a finite number (got {_shown(value)})")
+        raise errors.JobFieldInvalid(f"{path}.scale: not a finite number (got {shown(value)})")
     if sized:
         raise errors.JobFieldInvalid(f"{path}.scale: give scale or width/height, not both")
     if value > MAX_SCALE:
         raise errors.JobFieldInvalid(
-            f"{path}.scale: {_shown(value)} is over {MAX_SCALE:g}: no result side can be that large"
+            f"{path}.scale: {shown(value)} is over {MAX_SCALE:g}: no result side can be that large"
         )
     return float(value)
 
@@ -271,7 +271,7 @@ def _choice(
     chosen = value.lower() if fold and isinstance(value, str) else value
     if not isinstance(chosen, str) or chosen not in choices:
         raise errors.JobFieldInvalid(
-            f"{path}.{key}: {_shown(value)} is not one of {', '.join(sorted(choices))}"
+            f"{path}.{key}: {shown(value)} is not one of {', '.join(sorted(choices))}"
         )
     return chosen
 
@@ -281,7 +281,7 @@ def _flag(obj: dict[str, Any], prefix: str, key: str, *, default: bool) -> bool:
         return default
     value = obj[key]
     if not isinstance(value, bool):
-        raise errors.JobFieldInvalid(f"{prefix}{key}: not true or false (got {_shown(value)})")
+        raise errors.JobFieldInvalid(f"{prefix}{key}: not true or false (got {shown(value)})")
     return value
 
 
@@ -292,13 +292,13 @@ def _format(out: dict[str, Any], path: str, url: str) -> Format | None:
         value = out["format"]
         if not isinstance(value, str) or value not in FORMATS:
             raise errors.JobFormatInvalid(
-                f"{path}.format: {_shown(value)} is not one of {', '.join(FORMATS)}"
+                f"{path}.format: {shown(value)} is not one of {', '.join(FORMATS)}"
             )
         return FORMATS[value]
     ext = template_extension(url)
     if "{$" not in ext and formats.output_format(ext) is None:
         raise errors.JobFormatInvalid(
-            f"{path}.format: missing, and the url's extension {_shown(ext or '(none)')} names "
+            f"{path}.format: missing, and the url's extension {shown(ext or '(none)')} names "
             f"no output format (the extensions are {', '.join(sorted(formats.OUTPUT_EXTENSIONS))})"
         )
     return None
@@ -308,9 +308,9 @@ def _quality(out: dict[str, Any], path: str) -> int | None:
     if "quality" not in out:
         return None
     value = out["quality"]
-    if not (_positive_int(value) and value <= 100):
+    if not (positive_int(value) and value <= 100):
         raise errors.JobFieldInvalid(
-            f"{path}.quality: not an integer from 1 to 100 (got {_shown(value)})"
+            f"{path}.quality: not an integer from 1 to 100 (got {shown(value)})"
         )
     return int(value)
 
@@ -323,7 +323,7 @@ def _background(out: dict[str, Any], path: str) -> RGBA | None:
     match = _HEX_COLOUR.fullmatch(value) if isinstance(value, str) else None
     if match is None:
         raise errors.JobFieldInvalid(
-            f"{path}.background: {_shown(value)} is not a colour #rgb, #rgba, #rrggbb or #rrggbbaa"
+            f"{path}.background: {shown(value)} is not a colour #rgb, #rgba, #rrggbb or #rrggbbaa"
         )
     digits = match[1]
     if len(digits) <= 4:
@@ -340,9 +340,9 @@ def _form_field(out: dict[str, Any], path: str, url: str) -> str | None:
     if "form_field" in out:
         if not isinstance(field, str) or not field:
             raise errors.JobFieldInvalid(
-                f"{path}.form_field: not a non-empty string (got {_shown(field)})"
+                f"{path}.form_field: not a non-empty string (got {shown(field)})"
             )
-        _check_text(f"{path}.form_field:", field, errors.JobFieldInvalid)
+        check_text(f"{path}.form_field:", field, errors.JobFieldInvalid)
     url_scheme = scheme(url)
     if url_scheme not in FORM_SCHEMES:
         if field is not None:
@@ -367,7 +367,7 @@ def _metadata(obj: dict[str, Any]) -> dict[str, Any]:
         return {}
     metadata = obj["metadata"]
     if not isinstance(metadata, dict):
-        raise errors.JobFieldInvalid(f"metadata: not a JSON object (got {_shown(metadata)})")
+        raise errors.JobFieldInvalid(f"metadata: not a JSON object (got {shown(metadata)})")
     try:
         text = json.dumps(metadata, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError, RecursionError) as exc:  # only when not from parse_body
