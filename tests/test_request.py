@@ -259,9 +259,9 @@ def test_job_round_trips_through_a_dict() -> None:
 )
 def test_source_basename_and_extension(src: str, basename: str, extension: str) -> None:
     """{$basename} is the file name without extension; {$extension} is lower-cased."""
-    job = Job(operation="resize", src_url=src, dst_template="file:///o.png", width=1)
-    assert job.src_basename == basename
-    assert job.src_extension == extension
+    spec = Job(operation="resize", src_url=src, dst_template="file:///o.png", width=1).to_spec()
+    assert spec.basename == basename
+    assert spec.extension == extension
 
 
 @pytest.mark.parametrize(

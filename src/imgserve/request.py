@@ -71,17 +71,6 @@ class Job:
     keep_metadata: bool = False
     form_field: str | None = None
 
-    @property
-    def src_basename(self) -> str:
-        """The source file name without its extension (raw, as in the URL)."""
-        name = urlsplit(self.src_url).path.rsplit("/", 1)[-1]
-        stem, dot, _ext = name.rpartition(".")
-        return stem if dot and stem else name
-
-    @property
-    def src_extension(self) -> str:
-        return formats.extension_of(urlsplit(self.src_url).path)
-
     def to_spec(self) -> JobSpec:
         """This request as a job with one output."""
         return spec.from_v02(self.to_dict())
