@@ -93,6 +93,6 @@ def test_fields_a_later_release_adds_are_ignored() -> None:
         source_url="http://h/a.jpg", source_name="a.jpg", outputs=(OutputRequest("file:///o.jpg"),)
     )
     stored: dict[str, Any] = spec.to_dict()
-    stored["webhook"] = "https://hooks.example/x"
+    stored["notify"] = {"email": "ops@example.com"}
     stored["outputs"][0]["blurhash"] = True
     assert JobSpec.from_dict(stored) == spec

@@ -278,7 +278,7 @@ async def test_sqlite_counts_follow_every_change_and_are_rebuilt_on_open(tmp_pat
     assert first is not None and second is not None
     await queue.complete(first.id)
     await queue.fail(second.id, 301, "gone")
-    expected = {"queued": 1, "running": 0, "done": 1, "failed": 1}
+    expected = {"queued": 1, "running": 0, "done": 1, "failed": 1, "cancelled": 0}
     assert await queue.counts() == expected
     await queue.close()
 
