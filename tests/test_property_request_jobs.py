@@ -64,6 +64,8 @@ valid_jobs = st.fixed_dictionaries(
     optional={
         "placeholder": st.booleans(),
         "metadata": st.dictionaries(texts, st.one_of(st.none(), st.integers(), texts), max_size=4),
+        "priority": st.sampled_from(["interactive", "batch"]),
+        "webhook": st.sampled_from(["https://hooks.example.com/imgserve", "http://h:8080/x"]),
     },
 )
 
@@ -92,6 +94,8 @@ near_misses: dict[str, st.SearchStrategy[Any]] = {
     "keep_metadata": st.sampled_from([1, None]),
     "background": st.sampled_from(["#12345", "red", "fff", "#ggg", "#١٢٣"]),
     "form_field": st.sampled_from(["", "f\n", 3]),
+    "priority": st.sampled_from(["Batch", "low", "", None]),
+    "webhook": st.one_of(urls(), st.sampled_from(["ftp://h/x", "http:///x", "https://h:99999/"])),
 }
 
 _DROP = object()

@@ -8,12 +8,22 @@ Intake is bounded before any work starts (as imgproxy's workers are): at most
 ``intake_max`` jobs are checked at once and at most ``intake_max_bytes`` of
 their sources held, else 503 (611) with Retry-After; all of a job's checking
 shares one deadline, ``reply_timeout_s`` (612).
+
+Job control (docs/api.md): an ``Idempotency-Key`` makes a POST answer once and
+replay that reply (the key is held in the queue, so across API nodes); ``DELETE
+/jobs/<id>`` cancels a queued job; ``GET /jobs`` lists jobs newest first;
+``GET /events`` streams the queue's change feed as Server-Sent Events (at most
+``max_streams`` at once, ended when the daemon drains); ``POST
+/jobs/<id>/webhook`` re-arms a job's latest webhook event.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import re
 import time
@@ -21,26 +31,50 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import BodyPartReader, web
+from aiohttp_sse import EventSourceResponse, sse_response
 
 from imgserve import __version__, errors
 from imgserve.config import Settings
 from imgserve.intake import Admission, Intake
 from imgserve.planner import Planner
 from imgserve.planning import JobPlan, targets
-from imgserve.queue.base import JobQueue, JobRecord
+from imgserve.queue.base import Change, Event, JobQueue, JobRecord
 from imgserve.request import parse_body, validate
-from imgserve.request_jobs import decode_job, validate_jobs
+from imgserve.request_jobs import (
+    cursor_param,
+    decode_job,
+    idempotency_key,
+    list_query,
+    validate_jobs,
+)
 from imgserve.spec import JobSpec
-from imgserve.transports import Transports
+from imgserve.transports import Transports, policy
 from imgserve.transports.base import Charge, Chunks, Target
+from imgserve.transports.http import PolicyResolver
 from imgserve.transports.outcomes import TooLarge
 from imgserve.urls import redact_url
 from imgserve.worker import Runner, upload_failure_images
 
 log = logging.getLogger("imgserve.jobs")
 RETRY_AFTER_S = 2
+
+KEY_POLL_S = 0.1
+"""How often a request waits on the reply of an earlier one holding its Idempotency-Key."""
+KEY_WAIT_SLACK_S = 5.0
+"""Waiting on an earlier request lasts its reply deadline plus this (then 409, 614)."""
+KEY_HOLD_SLACK_S = 30.0
+"""A key held by a request still being answered is freed after its reply deadline plus
+this, so one whose API node died does not block retries for the whole key TTL."""
+
+STREAM_POLL_S = 0.2
+"""How often an open ``GET /events`` stream reads the change feed."""
+STREAM_BATCH = 200
+STREAM_HEARTBEAT_S = 15.0
+"""A comment line this often keeps proxies from closing an idle stream."""
+MAX_STREAMS = 64
 
 
 @dataclass
@@ -60,6 +94,11 @@ class Service:
     """The jobs being checked now and the source bytes they hold."""
     started_at: float = field(default_factory=time.time)
     workers_alive: Callable[[], int] = lambda: 0
+    max_streams: int = MAX_STREAMS
+    """``GET /events`` streams served at once; past it, 503 (615)."""
+    streams: int = field(default=0, init=False)
+    closing: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    """Set when the HTTP server shuts down: open event streams end at once."""
 
     def __post_init__(self) -> None:
         server = self.settings.server
@@ -75,7 +114,8 @@ def error_reply(exc: errors.ImgserveError) -> web.Response:
     else:
         msg = "request invalid" if exc.status < 500 else exc.message
         body = {"msg": msg, "code": exc.code, "detail": redact_url(exc.detail)}
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 503 else None
+    busy = exc.status == 503 or isinstance(exc, errors.IdempotencyKeyBusy)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if busy else None
     return web.json_response(body, status=exc.status, headers=headers)
 
 
@@ -105,42 +145,153 @@ async def errors_middleware(
 async def submit(request: web.Request) -> web.Response:
     """0.2's ``POST /``: one output, 0.2's reply."""
     service: Service = request.app[SERVICE]
+    key = _idempotency_key(request)
     body = await request.read()
     if len(body) > service.settings.server.max_request_bytes:
         raise errors.RequestTooLarge()
     spec = validate(parse_body(body)).to_spec()
     _refuse_when_stopping(service)
-    with service.intake.admit() as admission:
-        record = await _accept(service, spec, admission, None)
-    return web.json_response({"dstURL": redact_url(record.dst_url), "jobId": record.id})
+
+    async def answer() -> Reply:
+        with service.intake.admit() as admission:
+            record = await _accept(service, spec, admission, None)
+        return Reply(200, {"dstURL": redact_url(record.dst_url), "jobId": record.id})
+
+    return await _answer_once(service, key, _fingerprint(b"POST /", body), answer)
 
 
 async def submit_jobs(request: web.Request) -> web.Response:
     """``POST /jobs``: a JSON job naming its source, or a multipart body carrying
     the source itself; 202 with every output's final URL and size."""
     service: Service = request.app[SERVICE]
+    key = _idempotency_key(request)
     max_outputs = service.settings.server.max_outputs
     if request.content_type == "multipart/form-data":
         _refuse_when_stopping(service)
         with service.intake.admit() as admission:
-            spec, data = await _read_upload(request, service, admission)
-            record = await _accept(service, spec, admission, data)
-    elif request.content_type in ("application/json", "application/octet-stream"):
+            spec, data, fingerprint = await _read_upload(request, service, admission)
+
+            async def accept_upload() -> Reply:
+                return _jobs_reply(await _accept(service, spec, admission, data))
+
+            return await _answer_once(service, key, fingerprint, accept_upload)
+    if request.content_type in ("application/json", "application/octet-stream"):
         # (aiohttp reports a request without Content-Type as application/octet-stream.)
         body = await request.read()
         if len(body) > service.settings.server.max_request_bytes:
             raise errors.RequestTooLarge()
         spec = validate_jobs(decode_job(body), max_outputs=max_outputs)
         _refuse_when_stopping(service)
-        with service.intake.admit() as admission:
-            record = await _accept(service, spec, admission, None)
-    else:
-        raise errors.JobMediaTypeUnsupported(
-            f"Content-Type {request.content_type!r}: send application/json, "
-            "or multipart/form-data with a job part and a source file part"
+
+        async def accept_json() -> Reply:
+            with service.intake.admit() as admission:
+                return _jobs_reply(await _accept(service, spec, admission, None))
+
+        return await _answer_once(service, key, _fingerprint(b"POST /jobs", body), accept_json)
+    raise errors.JobMediaTypeUnsupported(
+        f"Content-Type {request.content_type!r}: send application/json, "
+        "or multipart/form-data with a job part and a source file part"
+    )
+
+
+def _jobs_reply(record: JobRecord) -> Reply:
+    return Reply(
+        202,
+        {"jobId": record.id, "state": record.state.value, "outputs": _outputs_view(record)},
+        {"Location": f"/jobs/{record.id}"},
+    )
+
+
+# --- idempotency keys -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A successful POST reply, as an idempotency key keeps it for replays."""
+
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def response(self, *, replayed: bool = False) -> web.Response:
+        headers = {**self.headers, "Idempotent-Replayed": "true"} if replayed else self.headers
+        return web.json_response(self.body, status=self.status, headers=headers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "headers": self.headers, "body": self.body}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Reply:
+        return cls(int(data["status"]), dict(data["body"]), dict(data.get("headers") or {}))
+
+
+def _idempotency_key(request: web.Request) -> str | None:
+    value = request.headers.get("Idempotency-Key")
+    return None if value is None else idempotency_key(value)
+
+
+def _fingerprint(*parts: bytes) -> str:
+    """What makes two requests the same: each part length-prefixed, so no two
+    different sequences of parts hash alike."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.hexdigest()
+
+
+async def _answer_once(
+    service: Service, key: str | None, fingerprint: str, answer: Callable[[], Awaitable[Reply]]
+) -> web.Response:
+    """Answer a POST; with an Idempotency-Key, only once: a request that repeats the
+    key (and the request) gets the first reply. A request that is refused (an error
+    reply, or it never finished) frees the key, so a retry runs afresh."""
+    if key is None:
+        return (await answer()).response()
+    earlier = await _take_key(service, key, fingerprint)
+    if earlier is not None:
+        return earlier.response(replayed=True)
+    try:
+        reply = await answer()
+    except BaseException:
+        try:
+            await service.queue.release_key(key)
+        except errors.ImgserveError as exc:  # held until it expires (KEY_HOLD_SLACK_S)
+            log.warning("idempotency key of a refused request not freed: %s", exc.detail)
+        raise
+    try:
+        await service.queue.finish_key(
+            key, reply.to_dict(), service.settings.server.idempotency_ttl_s
         )
-    reply = {"jobId": record.id, "state": record.state.value, "outputs": _outputs_view(record)}
-    return web.json_response(reply, status=202, headers={"Location": f"/jobs/{record.id}"})
+    except errors.ImgserveError as exc:
+        # The job is accepted: say so. A retry with the key waits for the reply, then 614.
+        log.warning("reply of an accepted job not kept for its idempotency key: %s", exc.detail)
+    return reply.response()
+
+
+async def _take_key(service: Service, key: str, fingerprint: str) -> Reply | None:
+    """Hold ``key`` for this request (None), or the reply of the earlier request that
+    used it, waiting while that one is still being answered."""
+    server = service.settings.server
+    loop = asyncio.get_running_loop()
+    give_up_at = loop.time() + server.reply_timeout_s + KEY_WAIT_SLACK_S
+    hold_s = server.reply_timeout_s + KEY_HOLD_SLACK_S
+    while True:
+        entry = await service.queue.reserve_key(key, fingerprint, hold_s)
+        if entry is None:
+            return None
+        if entry.fingerprint != fingerprint:
+            raise errors.IdempotencyKeyReused(
+                "Idempotency-Key: first used with another request (endpoint or body); "
+                "send a new key for a new request"
+            )
+        if entry.reply is not None:
+            return Reply.from_dict(entry.reply)
+        if loop.time() >= give_up_at:
+            raise errors.IdempotencyKeyBusy(
+                "Idempotency-Key: the first request with it has not been answered yet"
+            )
+        await asyncio.sleep(KEY_POLL_S)
 
 
 def _refuse_when_stopping(service: Service) -> None:
@@ -152,15 +303,19 @@ def _refuse_when_stopping(service: Service) -> None:
 
 async def _read_upload(
     request: web.Request, service: Service, admission: Admission
-) -> tuple[JobSpec, bytes]:
+) -> tuple[JobSpec, bytes, str]:
     """Read a multipart POST /jobs: its ``job`` part (the job without ``source``)
     and its ``source`` file part, in either order; the source's bytes count
-    against the intake budget as they arrive."""
+    against the intake budget as they arrive. Also returns the request's
+    fingerprint for its Idempotency-Key: the job part, the file name and the
+    source bytes (not the multipart framing, whose boundary a client picks anew
+    on a retry)."""
     server, transport = service.settings.server, service.settings.transport
     limit = transport.max_download_bytes
     if service.queue.max_source_bytes is not None:
         limit = min(limit, service.queue.max_source_bytes)  # the queue keeps the only copy
     job: dict[str, Any] | None = None
+    job_bytes = b""
     data: bytes | None = None
     name: str | None = None
     try:
@@ -169,9 +324,8 @@ async def _read_upload(
             if not isinstance(part, BodyPartReader):
                 raise errors.JobUploadInvalid("a nested multipart part is not a job or source")
             if part.name == "job" and job is None:
-                job = decode_job(
-                    await _read_part(part, server.max_request_bytes, "job"), where="job"
-                )
+                job_bytes = await _read_part(part, server.max_request_bytes, "job")
+                job = decode_job(job_bytes, where="job")
             elif part.name == "source" and data is None:
                 if not part.filename:
                     raise errors.JobUploadInvalid(
@@ -190,7 +344,8 @@ async def _read_upload(
     if data is None or name is None:
         raise errors.JobUploadInvalid("source: missing (a file part holding the image)")
     spec = validate_jobs(job, max_outputs=server.max_outputs, uploaded_name=name)
-    return spec, data
+    fingerprint = _fingerprint(b"POST /jobs multipart", job_bytes, name.encode(), data)
+    return spec, data, fingerprint
 
 
 async def _read_part(
@@ -219,6 +374,8 @@ async def _accept(
     deadline = asyncio.timeout(server.reply_timeout_s)
     try:
         async with deadline:
+            if spec.webhook is not None:
+                await _check_webhook(service, spec.webhook)
             if uploaded is not None:
                 data = uploaded
             else:
@@ -233,6 +390,27 @@ async def _accept(
         ) from exc
     # Outside the deadline: once the commit starts, the job is accepted.
     return await _enqueue(service, spec, plan, data)
+
+
+async def _check_webhook(service: Service, url: str) -> None:
+    """Refuse a webhook URL whose host the outbound address policy refuses (as a
+    source's or destination's would be), before the job is accepted. A host that
+    does not resolve now is let through: delivery checks it again each time, and
+    a failed attempt shows in the job's view."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    net = service.settings.transport.policy
+    try:
+        if policy.check_host_literal(host, net) is None:
+            resolver = PolicyResolver(net)
+            try:
+                await resolver.resolve(host, parts.port or (443 if parts.scheme == "https" else 80))
+            finally:
+                await resolver.close()
+    except errors.AddressRefused as exc:
+        raise errors.AddressRefused(f"webhook: {exc.detail}") from exc
+    except OSError as exc:  # no address now (DNS): delivery decides
+        log.info("webhook host %s does not resolve now: %s", host, exc)
 
 
 async def _check(service: Service, spec: JobSpec, data: bytes) -> JobPlan:
@@ -280,7 +458,13 @@ async def _withdraw_placeholders(
 
 async def _enqueue(service: Service, spec: JobSpec, plan: JobPlan, data: bytes) -> JobRecord:
     job_id = uuid.uuid4().hex
-    record = JobRecord(id=job_id, job=spec.to_dict(), plan=plan.to_dict(), dst_url=plan.dst_url)
+    record = JobRecord(
+        id=job_id,
+        job=spec.to_dict(),
+        plan=plan.to_dict(),
+        dst_url=plan.dst_url,
+        priority=spec.priority,
+    )
     await service.queue.put(record, data, max_active=service.settings.server.queue_max)
     log.info(
         "job %s accepted %s %s -> %s %dx%d%s",
@@ -311,8 +495,9 @@ def _outputs_view(record: JobRecord) -> list[dict[str, Any]]:
     return views
 
 
-def job_view(record: JobRecord) -> dict[str, Any]:
-    """``GET /jobs/<id>``: 0.2's fields (about the first output), then every output."""
+def job_view(record: JobRecord, events: list[Event] | None = None) -> dict[str, Any]:
+    """``GET /jobs/<id>``: 0.2's fields (about the first output), then every output,
+    and the delivery of the job's latest webhook event (``events``, oldest first)."""
     spec = JobSpec.from_dict(record.job)
     first = JobPlan.from_dict(record.plan).first
     view: dict[str, Any] = {
@@ -330,7 +515,10 @@ def job_view(record: JobRecord) -> dict[str, Any]:
         "height": first.plan.result.height,
         "outputs": _outputs_view(record),
         "metadata": spec.metadata,
+        "priority": record.priority,
     }
+    if events:
+        view["webhook"] = webhook_view(events[-1])
     if record.error_code is not None:
         cls = errors.by_code(record.error_code)
         view["error"] = {
@@ -341,11 +529,33 @@ def job_view(record: JobRecord) -> dict[str, Any]:
     return view
 
 
+def webhook_view(event: Event) -> dict[str, Any]:
+    """A webhook event's delivery: where (redacted), what, and every attempt."""
+    return {
+        "url": redact_url(event.url),
+        "eventId": event.id,
+        "type": event.type,
+        "state": event.state,
+        "attempts": [
+            {
+                "at": attempt.get("at"),
+                "status": attempt.get("status"),
+                "error": redact_url(attempt["error"]) if attempt.get("error") else None,
+            }
+            for attempt in event.attempts
+        ],
+    }
+
+
+async def _full_view(service: Service, record: JobRecord) -> dict[str, Any]:
+    return job_view(record, await service.queue.job_events(record.id))
+
+
 _JOB_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex, as _accept makes them
 
 
-async def get_job(request: web.Request) -> web.Response:
-    service: Service = request.app[SERVICE]
+async def _record(service: Service, request: web.Request) -> JobRecord:
+    """The job the path names (605 when there is none)."""
     job_id = request.match_info["job_id"]
     if not _JOB_ID.fullmatch(job_id):
         # Cannot be a job: answered without a trip to the queue (or echoing a long id).
@@ -353,7 +563,128 @@ async def get_job(request: web.Request) -> web.Response:
     record = await service.queue.get(job_id)
     if record is None:
         raise errors.JobNotFound(f"no job {job_id!r} (unknown, or pruned after it finished)")
-    return web.json_response(job_view(record))
+    return record
+
+
+async def get_job(request: web.Request) -> web.Response:
+    service: Service = request.app[SERVICE]
+    record = await _record(service, request)
+    return web.json_response(await _full_view(service, record))
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    """``DELETE /jobs/<id>``: a queued job ends as cancelled, never runs; 613 for a
+    job running or ended."""
+    service: Service = request.app[SERVICE]
+    record = await _record(service, request)
+    record = await service.queue.cancel(record.id, _cancel_event(service, record))
+    log.info("job %s cancelled", record.id)
+    return web.json_response(await _full_view(service, record))
+
+
+def _cancel_event(service: Service, record: JobRecord) -> Event | None:
+    """The ``job.cancelled`` webhook event stored with the cancel (None: no webhook)."""
+    return None
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    """``GET /jobs?state=&limit=&cursor=``: jobs newest first, a page at a time."""
+    service: Service = request.app[SERVICE]
+    state, limit, cursor = list_query(_single_params(request))
+    records, next_cursor = await service.queue.list_jobs(state, limit, cursor)
+    views = await asyncio.gather(*(_full_view(service, record) for record in records))
+    return web.json_response({"jobs": list(views), "nextCursor": next_cursor})
+
+
+def _single_params(request: web.Request) -> dict[str, str]:
+    """The query as a dict; a parameter given twice is refused (which would count?)."""
+    params: dict[str, str] = {}
+    for name, value in request.query.items():
+        if name in params:
+            raise errors.JobFieldInvalid(f"{name[:40]}: given more than once")
+        params[name] = value
+    return params
+
+
+async def redeliver_webhook(request: web.Request) -> web.Response:
+    """``POST /jobs/<id>/webhook``: send the job's latest webhook event again (its
+    ``webhook-id`` stays the same), from now on its retry schedule."""
+    service: Service = request.app[SERVICE]
+    record = await _record(service, request)
+    events = await service.queue.job_events(record.id)
+    if not events:
+        raise errors.JobHasNoEvent(
+            f"job {record.id} has no webhook event: it has not ended, or no webhook URL was set"
+        )
+    event = events[-1]
+    event.state = "pending"
+    event.next_at = time.time()
+    await service.queue.save_event(event)
+    log.info("job %s: webhook event %s re-armed", record.id, event.id)
+    return web.json_response({"jobId": record.id, "webhook": webhook_view(event)}, status=202)
+
+
+# --- the change stream ----------------------------------------------------------------
+
+
+async def stream_events(request: web.Request) -> web.StreamResponse:
+    """``GET /events``: Server-Sent Events of job state changes, from the change
+    after ``Last-Event-ID`` (or ``?after=``), else from now on."""
+    service: Service = request.app[SERVICE]
+    params = _single_params(request)
+    unknown = sorted(set(params) - {"after"})
+    if unknown:
+        raise errors.JobFieldUnknown(f"{unknown[0][:40]}: unknown parameter; the one is after")
+    after = request.headers.get("Last-Event-ID") or params.get("after")
+    if after is not None:
+        after = cursor_param(
+            "Last-Event-ID" if "Last-Event-ID" in request.headers else "after", after
+        )
+    _refuse_when_stopping(service)
+    if service.streams >= service.max_streams:
+        raise errors.EventStreamsFull(f"{service.max_streams} event streams open")
+    if after is None:
+        after = await service.queue.change_cursor()
+    service.streams += 1
+    try:
+        async with sse_response(request, ping_interval=STREAM_HEARTBEAT_S) as stream:
+            await _send_changes(service, stream, after)
+    finally:
+        service.streams -= 1
+    return stream
+
+
+def _stream_open(service: Service, stream: EventSourceResponse) -> bool:
+    stopping = service.draining or service.degraded is not None or service.closing.is_set()
+    return not stopping and stream.is_connected()
+
+
+async def _send_changes(service: Service, stream: EventSourceResponse, after: str | None) -> None:
+    """Send each change after ``after`` as it is written, until the client goes or
+    the daemon drains (the stream ends; the client resumes with Last-Event-ID)."""
+    while _stream_open(service, stream):
+        try:
+            changes = await service.queue.changes(after, STREAM_BATCH)
+        except errors.ImgserveError as exc:  # the queue is down: end; the client resumes
+            log.warning("event stream ended: %s", exc.detail)
+            return
+        for change in changes:
+            try:
+                await stream.send(
+                    json.dumps(_change_data(change)),
+                    id=change.id,
+                    event=f"job.{change.state.value}",
+                )
+            except (ConnectionResetError, TimeoutError):  # gone, or stalled past send_timeout
+                return
+            after = change.id
+        if len(changes) < STREAM_BATCH:
+            with contextlib.suppress(TimeoutError):  # woken early only to end
+                await asyncio.wait_for(service.closing.wait(), STREAM_POLL_S)
+
+
+def _change_data(change: Change) -> dict[str, Any]:
+    return {"jobId": change.job_id, "state": change.state.value, "at": change.at}
 
 
 async def health(request: web.Request) -> web.Response:
@@ -389,6 +720,15 @@ def make_app(service: Service) -> web.Application:
     app[SERVICE] = service
     app.router.add_post("/", submit)
     app.router.add_post("/jobs", submit_jobs)
+    app.router.add_get("/jobs", list_jobs)
     app.router.add_get("/jobs/{job_id}", get_job)
+    app.router.add_delete("/jobs/{job_id}", cancel_job)
+    app.router.add_post("/jobs/{job_id}/webhook", redeliver_webhook)
+    app.router.add_get("/events", stream_events)
     app.router.add_get("/health", health)
+
+    async def end_streams(_app: web.Application) -> None:
+        service.closing.set()  # before aiohttp waits for the handlers still running
+
+    app.on_shutdown.append(end_streams)
     return app

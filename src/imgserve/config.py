@@ -118,6 +118,8 @@ class ServerSettings:
     """Outputs one ``POST /jobs`` job may ask for (code 704 past it)."""
     reply_timeout_s: float = 90.0
     """One deadline for checking a job before the reply (code 612)."""
+    idempotency_ttl_s: float = 24 * 3600.0
+    """How long an ``Idempotency-Key``'s reply is kept for replays."""
     shutdown_timeout_s: float = 30.0
     keep_finished_s: float = 7 * 24 * 3600.0
     queue_url: str | None = None

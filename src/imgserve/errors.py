@@ -183,6 +183,25 @@ class HTTPURLTooLong(HTTPProtocolError):
     message = "request URL too long"
 
 
+# --- idempotency keys (130-131) --------------------------------------------------------
+
+
+class IdempotencyKeyReused(ImgserveError):
+    """The ``Idempotency-Key`` was first used with another request (endpoint or body)."""
+
+    code = 130
+    status = 422
+    message = "Idempotency-Key already used with a different request"
+
+
+class IdempotencyKeyInvalid(ImgserveError):
+    """The ``Idempotency-Key`` header is empty, too long or not printable ASCII."""
+
+    code = 131
+    status = 400
+    message = "Idempotency-Key header invalid"
+
+
 # --- 0.2's source and destination codes ----------------------------------------------
 
 
@@ -450,6 +469,43 @@ class ReplyTimeout(ImgserveError):
     code = 612
     status = 504
     message = "the job could not be checked within the reply deadline"
+
+
+# --- job control (613-616) -------------------------------------------------------------
+
+
+class JobNotCancellable(ImgserveError):
+    """Only a queued job can be cancelled; this one is running or has ended."""
+
+    code = 613
+    status = 409
+    message = "the job is running or has ended and cannot be cancelled"
+
+
+class IdempotencyKeyBusy(ImgserveError):
+    """Another request holding the same ``Idempotency-Key`` was still being answered
+    when this one stopped waiting for its reply."""
+
+    code = 614
+    status = 409
+    message = "a request with this Idempotency-Key is still being answered"
+    retryable = True
+
+
+class EventStreamsFull(ImgserveError):
+    """As many ``GET /events`` streams are open as the daemon serves at once."""
+
+    code = 615
+    status = 503
+    message = "too many event streams open, retry later"
+
+
+class JobHasNoEvent(ImgserveError):
+    """``POST /jobs/<id>/webhook`` for a job that has no completion event (yet)."""
+
+    code = 616
+    status = 404
+    message = "the job has no webhook event"
 
 
 # --- POST /jobs validation (700-799): each detail starts with the field path -----------

@@ -9,6 +9,9 @@ by planning.py; so is ``scale`` against a raster source.
 0.2's rules are reused, not copied: request.py's control-character rule,
 value display and limits, destination.py's tags and ``URL:filename`` split,
 formats.py's extension table.
+
+The job control requests are checked here too: the ``Idempotency-Key`` header
+(13x) and ``GET /jobs``' query (703/702, naming the parameter).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from imgserve.destination import (
 )
 from imgserve.imaging import formats, geometry
 from imgserve.imaging.formats import Format
+from imgserve.queue.base import PRIORITIES, State
 from imgserve.request import (
     DEST_SCHEMES,
     MAX_SCALE,
@@ -45,7 +49,8 @@ from imgserve.spec import FITS, RGBA, JobSpec, OutputRequest, source_name_of
 METADATA_MAX_BYTES = 8 * 1024
 """The largest ``metadata`` a job may carry, as compact UTF-8 JSON."""
 
-JOB_FIELDS = frozenset({"source", "outputs", "placeholder", "metadata"})
+JOB_FIELDS = frozenset({"source", "outputs", "placeholder", "metadata", "webhook", "priority"})
+WEBHOOK_SCHEMES = frozenset({"http", "https"})
 OUTPUT_FIELDS = frozenset(
     {
         "url",
@@ -116,12 +121,15 @@ def validate_jobs(
     outputs = _outputs(obj, max_outputs)
     placeholder = _flag(obj, "", "placeholder", default=True)
     metadata = _metadata(obj)
+    webhook = _webhook(obj["webhook"]) if "webhook" in obj else None
     return JobSpec(
         source_url=source_url,
         source_name=source_name,
         outputs=outputs,
         placeholder=placeholder,
         metadata=metadata,
+        webhook=webhook,
+        priority=_choice(obj, "", "priority", PRIORITIES, default="interactive"),
     )
 
 
@@ -175,6 +183,20 @@ def _url(path: str, value: Any, schemes: frozenset[str]) -> str:
     except ValueError as exc:  # a broken IPv6 host
         raise errors.JobURLInvalid(f"{path}: malformed ({exc})") from exc
     return value
+
+
+def _webhook(value: Any) -> str:
+    """An http(s) URL with a host; its address is checked against the outbound
+    policy by the API, which resolves it."""
+    url = _url("webhook", value, WEBHOOK_SCHEMES)
+    parts = urlsplit(url)
+    if not parts.hostname:
+        raise errors.JobURLInvalid("webhook: the URL names no host")
+    try:
+        parts.port  # noqa: B018 - parsing it is the check
+    except ValueError as exc:
+        raise errors.JobURLInvalid(f"webhook: {exc}") from exc
+    return url
 
 
 def _outputs(obj: dict[str, Any], max_outputs: int) -> tuple[OutputRequest, ...]:
@@ -270,8 +292,9 @@ def _choice(
     value = out[key]
     chosen = value.lower() if fold and isinstance(value, str) else value
     if not isinstance(chosen, str) or chosen not in choices:
+        where = f"{path}.{key}" if path else key
         raise errors.JobFieldInvalid(
-            f"{path}.{key}: {shown(value)} is not one of {', '.join(sorted(choices))}"
+            f"{where}: {shown(value)} is not one of {', '.join(sorted(choices))}"
         )
     return chosen
 
@@ -379,3 +402,64 @@ def _metadata(obj: dict[str, Any]) -> dict[str, Any]:
             f"metadata: {size_bytes} bytes as JSON, at most {METADATA_MAX_BYTES}"
         )
     return metadata
+
+
+# --- job control requests -------------------------------------------------------------
+
+IDEMPOTENCY_KEY_MAX_CHARS = 255
+LIST_LIMIT_DEFAULT = 50
+LIST_LIMIT_MAX = 200
+LIST_PARAMS = frozenset({"state", "limit", "cursor"})
+CURSOR_MAX_CHARS = 200
+"""Longer than any cursor or change id a backend makes (they are opaque, not free text)."""
+
+# Printable ASCII, as HTTP header values are safest: no control character, no byte a
+# proxy could re-encode (a key that changed on the way would not match its replay).
+_PRINTABLE = re.compile(r"[\x20-\x7e]+")
+
+
+def idempotency_key(value: str) -> str:
+    """Check an ``Idempotency-Key`` header: 1-255 printable ASCII characters, not
+    only spaces (131 otherwise)."""
+    if not value.strip():
+        raise errors.IdempotencyKeyInvalid("Idempotency-Key: empty")
+    if len(value) > IDEMPOTENCY_KEY_MAX_CHARS:
+        raise errors.IdempotencyKeyInvalid(
+            f"Idempotency-Key: {len(value)} characters, at most {IDEMPOTENCY_KEY_MAX_CHARS}"
+        )
+    if not _PRINTABLE.fullmatch(value):
+        raise errors.IdempotencyKeyInvalid(
+            f"Idempotency-Key: {shown(value)} holds a character other than printable ASCII"
+        )
+    return value
+
+
+def cursor_param(name: str, value: str) -> str:
+    """An opaque cursor or event id handed back by the client (703 when it cannot be one)."""
+    if not value or len(value) > CURSOR_MAX_CHARS or not _PRINTABLE.fullmatch(value):
+        raise errors.JobFieldInvalid(f"{name}: {shown(value)} is not a cursor imgserve gave")
+    return value
+
+
+def list_query(params: dict[str, str]) -> tuple[State | None, int, str | None]:
+    """``GET /jobs``' query: (state or None for every state, limit 1-200, cursor)."""
+    _refuse_unknown("", params, LIST_PARAMS)
+    state: State | None = None
+    if "state" in params:
+        try:
+            state = State(params["state"])
+        except ValueError:
+            raise errors.JobFieldInvalid(
+                f"state: {shown(params['state'])} is not one of {', '.join(s.value for s in State)}"
+            ) from None
+    limit = LIST_LIMIT_DEFAULT
+    if "limit" in params:
+        text = params["limit"]
+        # Only ASCII digits: int() would take other scripts' digits, signs and spaces.
+        if not re.fullmatch(r"[0-9]{1,4}", text) or not 1 <= int(text) <= LIST_LIMIT_MAX:
+            raise errors.JobFieldInvalid(
+                f"limit: {shown(text)} is not an integer from 1 to {LIST_LIMIT_MAX}"
+            )
+        limit = int(text)
+    cursor = cursor_param("cursor", params["cursor"]) if "cursor" in params else None
+    return state, limit, cursor
