@@ -31,7 +31,7 @@ from imgserve.planner import Planner
 from imgserve.planning import JobPlan, targets
 from imgserve.queue.base import JobQueue, JobRecord
 from imgserve.request import parse_body, validate
-from imgserve.request_jobs import validate_jobs
+from imgserve.request_jobs import decode_job, validate_jobs
 from imgserve.spec import JobSpec
 from imgserve.transports import Transports
 from imgserve.transports.base import Charge, Chunks, Target
@@ -130,7 +130,7 @@ async def submit_jobs(request: web.Request) -> web.Response:
         body = await request.read()
         if len(body) > service.settings.server.max_request_bytes:
             raise errors.RequestTooLarge()
-        spec = validate_jobs(_job_object(body), max_outputs=max_outputs)
+        spec = validate_jobs(decode_job(body), max_outputs=max_outputs)
         _refuse_when_stopping(service)
         with service.intake.admit() as admission:
             record = await _accept(service, spec, admission, None)
@@ -141,14 +141,6 @@ async def submit_jobs(request: web.Request) -> web.Response:
         )
     reply = {"jobId": record.id, "state": record.state.value, "outputs": _outputs_view(record)}
     return web.json_response(reply, status=202, headers={"Location": f"/jobs/{record.id}"})
-
-
-def _job_object(body: bytes) -> dict[str, Any]:
-    """A POST /jobs body or job part as a JSON object (700 otherwise)."""
-    try:
-        return parse_body(body)
-    except errors.RequestParseError as exc:
-        raise errors.JobBodyInvalid(exc.detail) from exc
 
 
 def _refuse_when_stopping(service: Service) -> None:
@@ -177,7 +169,9 @@ async def _read_upload(
             if not isinstance(part, BodyPartReader):
                 raise errors.JobUploadInvalid("a nested multipart part is not a job or source")
             if part.name == "job" and job is None:
-                job = _job_object(await _read_part(part, server.max_request_bytes, "job"))
+                job = decode_job(
+                    await _read_part(part, server.max_request_bytes, "job"), where="job"
+                )
             elif part.name == "source" and data is None:
                 if not part.filename:
                     raise errors.JobUploadInvalid(

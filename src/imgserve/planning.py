@@ -12,7 +12,6 @@ Plans are made from a spec.JobSpec, whichever endpoint took the job; 0.2's
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +20,7 @@ from imgserve.config import ImagingLimits
 from imgserve.destination import destination_extension, destination_target, substitute
 from imgserve.imaging import formats, pipeline
 from imgserve.imaging.formats import Format
-from imgserve.imaging.geometry import Size
+from imgserve.imaging.geometry import Size, cover_size
 from imgserve.imaging.pipeline import OutputPlan, OutputSpec, SourceInfo
 from imgserve.spec import JobSpec, OutputRequest
 from imgserve.transports.base import Target
@@ -96,15 +95,7 @@ class JobPlan:
                 "pages": info.pages,
                 "svg_size": list(info.svg_size) if info.svg_size is not None else None,
             },
-            "outputs": [
-                {
-                    **vars(r.plan),
-                    "result": [r.plan.result.width, r.plan.result.height],
-                    "output": r.plan.output.value,
-                    "dst_url": r.dst_url,
-                }
-                for r in self.outputs
-            ],
+            "outputs": [{**r.plan.to_dict(), "dst_url": r.dst_url} for r in self.outputs],
         }
 
     @classmethod
@@ -122,39 +113,28 @@ class JobPlan:
             svg_size=(svg_size[0], svg_size[1]) if svg_size is not None else None,
         )
         outputs = tuple(
-            Rendition(
-                OutputPlan(
-                    **{
-                        **_known(OutputPlan, out),
-                        "result": Size(*out["result"]),
-                        "output": Format(out["output"]),
-                    }
-                ),
-                out["dst_url"],
-            )
-            for out in data["outputs"]
+            Rendition(OutputPlan.from_dict(out), out["dst_url"]) for out in data["outputs"]
         )
         return cls(data["operation"], info, outputs)
-
-
-def _known(cls: type[Any], data: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {key: value for key, value in data.items() if key in names}
 
 
 def _from_version_1(data: dict[str, Any]) -> JobPlan:
     """The first 0.3 release's flat ``Plan.to_dict()`` (jobs still in a queue at upgrade)."""
     info = SourceInfo(Format(data["source_format"]), Size(*data["source"]), data["pages"])
     output = Format(data["output"])
+    rasterize = data["operation"] == "rasterize"
+    result = Size(*data["result"])
     out = OutputPlan(
-        result=Size(*data["result"]),
+        result=result,
         output=output,
         gravity=data.get("gravity", "centre"),
         quality=data.get("quality"),
         keep_metadata=data.get("keep_metadata", False),
         svg_scale=data.get("svg_scale"),
-        animated=data["operation"] == "resize"
-        and pipeline.animates(info.format, info.pages, output),
+        animated=not rasterize and pipeline.animates(info.format, info.pages, output),
+        # As plan() makes them today: 0.2's resize covers the box, rasterize fits inside.
+        fit="inside" if rasterize else "cover",
+        scaled=result if rasterize else cover_size(info.size, result)[0],
     )
     return JobPlan(data["operation"], info, (Rendition(out, data["dst_url"]),))
 
@@ -234,9 +214,9 @@ def targets(spec: JobSpec, job_plan: JobPlan) -> list[Target]:
 
 
 def render(
-    job_plan: JobPlan, data: bytes, limits: ImagingLimits, *, output: int = 0, planned: bool = False
-) -> bytes:
-    """Output number ``output`` of the plan, from the source bytes (see pipeline.render)."""
-    return pipeline.render(
-        data, job_plan.source_info, job_plan.outputs[output].plan, limits, planned=planned
-    )
+    job_plan: JobPlan, data: bytes, limits: ImagingLimits, *, planned: bool = False
+) -> list[bytes]:
+    """Every output of the plan, in order, from one decode of the source bytes (see
+    pipeline.render)."""
+    outs = [rendition.plan for rendition in job_plan.outputs]
+    return pipeline.render(data, job_plan.source_info, outs, limits, planned=planned)

@@ -83,7 +83,7 @@ class RedisQueue(JobQueue):
         self.queue_name = f"{self.prefix}:queue"
         self.keep_finished_s = keep_finished_s
         self.job_deadline_s = job_deadline_s
-        self.max_source_bytes = max_source_bytes
+        self.max_source_bytes: int = max_source_bytes
         self._redis: ArqRedis | None = None
         self._retries: dict[str, float] = {}
         self._abandoned: set[str] = set()
