@@ -280,7 +280,7 @@ def test_placeholders_at_reply_time_then_replaced(
     """placeholder true: every output's placeholder (its size and format) is in place
     when the reply arrives, then replaced; placeholder false: nothing before the reply."""
     out = daemon.out_dir
-    src = serve(http_server, "ph/Slow.jpg", jpeg(800, 600, b"IMGSERVE-FAULT-DELAY=1.5"))
+    src = serve(http_server, "ph/Slow.jpg", jpeg(800, 600, b"IMGSERVE-FAULT-DELAY=1"))
 
     def job(tag: str, placeholder: bool) -> dict[str, Any]:
         return {"source": src, "placeholder": placeholder, "outputs": [
