@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp_sse import EventSourceResponse, sse_response
 
 from imgserve import __version__, errors
@@ -337,7 +338,7 @@ async def _read_upload(
                 raise errors.JobUploadInvalid(
                     f"unexpected part {part.name!r}: send one job part and one source part"
                 )
-    except ValueError as exc:  # aiohttp: not a well-formed multipart body
+    except (ValueError, BadHttpMessage) as exc:  # aiohttp: not a well-formed multipart body
         raise errors.JobUploadInvalid(f"not a well-formed multipart body: {exc}"[:200]) from exc
     if job is None:
         raise errors.JobUploadInvalid("job: missing (a part holding the job as JSON)")
