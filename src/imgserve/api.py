@@ -644,12 +644,16 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     _refuse_when_stopping(service)
     if service.streams >= service.max_streams:
         raise errors.EventStreamsFull(f"{service.max_streams} event streams open")
+    # Read before the stream starts, so a bad id (or a queue that is down) is a JSON reply.
+    first: list[Change] = []
     if after is None:
         after = await service.queue.change_cursor()
+    else:
+        first = await service.queue.changes(after, STREAM_BATCH)
     service.streams += 1
     try:
         async with sse_response(request, ping_interval=STREAM_HEARTBEAT_S) as stream:
-            await _send_changes(service, stream, after)
+            await _send_changes(service, stream, after, first)
     finally:
         service.streams -= 1
     return stream
@@ -660,15 +664,13 @@ def _stream_open(service: Service, stream: EventSourceResponse) -> bool:
     return not stopping and stream.is_connected()
 
 
-async def _send_changes(service: Service, stream: EventSourceResponse, after: str | None) -> None:
-    """Send each change after ``after`` as it is written, until the client goes or
-    the daemon drains (the stream ends; the client resumes with Last-Event-ID)."""
-    while _stream_open(service, stream):
-        try:
-            changes = await service.queue.changes(after, STREAM_BATCH)
-        except errors.ImgserveError as exc:  # the queue is down: end; the client resumes
-            log.warning("event stream ended: %s", exc.detail)
-            return
+async def _send_changes(
+    service: Service, stream: EventSourceResponse, after: str | None, changes: list[Change]
+) -> None:
+    """Send ``changes``, then each change after them as it is written, until the
+    client goes or the daemon drains (the stream ends; the client resumes with
+    Last-Event-ID)."""
+    while True:
         for change in changes:
             try:
                 await stream.send(
@@ -682,6 +684,13 @@ async def _send_changes(service: Service, stream: EventSourceResponse, after: st
         if len(changes) < STREAM_BATCH:
             with contextlib.suppress(TimeoutError):  # woken early only to end
                 await asyncio.wait_for(service.closing.wait(), STREAM_POLL_S)
+        if not _stream_open(service, stream):
+            return
+        try:
+            changes = await service.queue.changes(after, STREAM_BATCH)
+        except errors.ImgserveError as exc:  # the queue is down: end; the client resumes
+            log.warning("event stream ended: %s", exc.detail)
+            return
 
 
 def _change_data(change: Change) -> dict[str, Any]:

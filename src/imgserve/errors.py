@@ -471,41 +471,12 @@ class ReplyTimeout(ImgserveError):
     message = "the job could not be checked within the reply deadline"
 
 
-# --- job control (613-616) -------------------------------------------------------------
-
-
 class JobNotCancellable(ImgserveError):
-    """Only a queued job can be cancelled; this one is running or has ended."""
+    """Only a queued job can be cancelled; the detail says the job's state."""
 
     code = 613
     status = 409
-    message = "the job is running or has ended and cannot be cancelled"
-
-
-class IdempotencyKeyBusy(ImgserveError):
-    """Another request holding the same ``Idempotency-Key`` was still being answered
-    when this one stopped waiting for its reply."""
-
-    code = 614
-    status = 409
-    message = "a request with this Idempotency-Key is still being answered"
-    retryable = True
-
-
-class EventStreamsFull(ImgserveError):
-    """As many ``GET /events`` streams are open as the daemon serves at once."""
-
-    code = 615
-    status = 503
-    message = "too many event streams open, retry later"
-
-
-class JobHasNoEvent(ImgserveError):
-    """``POST /jobs/<id>/webhook`` for a job that has no completion event (yet)."""
-
-    code = 616
-    status = 404
-    message = "the job has no webhook event"
+    message = "job cannot be cancelled"
 
 
 # --- POST /jobs validation (700-799): each detail starts with the field path -----------
@@ -567,6 +538,35 @@ class JobMediaTypeUnsupported(RequestInvalid):
 class JobMetadataTooLarge(RequestInvalid):
     code = 709
     message = "job metadata over the size limit"
+
+
+# --- job control (614-616) -------------------------------------------------------------
+
+
+class IdempotencyKeyBusy(ImgserveError):
+    """Another request holding the same ``Idempotency-Key`` was still being answered
+    when this one stopped waiting for its reply."""
+
+    code = 614
+    status = 409
+    message = "a request with this Idempotency-Key is still being answered"
+    retryable = True
+
+
+class EventStreamsFull(ImgserveError):
+    """As many ``GET /events`` streams are open as the daemon serves at once."""
+
+    code = 615
+    status = 503
+    message = "too many event streams open, retry later"
+
+
+class JobHasNoEvent(ImgserveError):
+    """``POST /jobs/<id>/webhook`` for a job that has no completion event (yet)."""
+
+    code = 616
+    status = 404
+    message = "the job has no webhook event"
 
 
 def all_errors() -> list[type[ImgserveError]]:
