@@ -602,8 +602,8 @@ async def test_the_stream_shows_a_job_queued_running_done_and_resumes(
     start: Start, loopback: Loopback, open_stream: Callable[..., Awaitable[Stream]]
 ) -> None:
     """A stream opened before a job shows job.queued, job.running, job.done for it,
-    each with an id and {jobId, state, at}; a new stream with Last-Event-ID of the
-    first event gets exactly the two after it."""
+    each with an id and {jobId, state, at}; streams resumed with Last-Event-ID (or
+    ?after=) get exactly the events after that one, then new ones, none twice."""
     served = await start()
     stream = await open_stream(served.url)
     job_id = (await call(served.url, "POST", "/jobs", v2_job(loopback, "s"))).body["jobId"]
@@ -620,9 +620,16 @@ async def test_the_stream_shows_a_job_queued_running_done_and_resumes(
     assert all(abs(d["at"] - time.time()) < 60 for d in data)
     assert len({e["id"] for e in events}) == 3
     resumed = await open_stream(served.url, **{"Last-Event-ID": events[0]["id"]})
-    assert await resumed.take(2) == events[1:]
     by_query = await open_stream(served.url, f"?after={events[1]['id']}")
-    assert await by_query.take(1) == events[2:]
+    later = (await call(served.url, "POST", "/jobs", v2_job(loopback, "t"))).body["jobId"]
+    # Each stream's events after its resume point, then the later job's: none repeated.
+    resumed_events = await resumed.take(3)
+    assert resumed_events[:2] == events[1:]
+    query_events = await by_query.take(2)
+    assert query_events[0] == events[2]
+    (first_next,) = await stream.take(1)
+    for event in (resumed_events[2], query_events[1], first_next):
+        assert (event["event"], json.loads(event["data"])["jobId"]) == ("job.queued", later)
 
 
 async def test_a_new_stream_starts_from_now(
