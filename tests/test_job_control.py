@@ -23,7 +23,7 @@ import pytest
 import pyvips
 from aiohttp import web
 
-from imgserve import errors
+from imgserve import api, errors
 from imgserve.config import NetPolicy, ServerSettings, Settings, TransportSettings
 from imgserve.planner import Planner
 from imgserve.queue.base import Event, JobRecord, State
@@ -352,6 +352,27 @@ async def test_a_malformed_key_is_refused_before_any_work(start: Start, loopback
     ):
         answer = await call(served.url, "POST", path, job, **long_key)
         assert (answer.status, answer.body["code"]) == (400, 131)
+    assert (await served.service.queue.counts())["queued"] == 0
+
+
+async def test_a_key_held_by_a_request_that_never_answers_is_409_614(
+    start: Start, loopback: Loopback, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key taken by a request that never answered (its API node died mid-request):
+    a retry waits for the reply until the reply deadline plus the slack, then gets
+    409 (614) with Retry-After, and makes no job."""
+    monkeypatch.setattr(api, "KEY_WAIT_SLACK_S", 0.5)
+    served = await start(reply_timeout_s=1.0)
+    job = v2_job(loopback, "orphan")
+    body = json.dumps(job).encode()
+    fingerprint = api._fingerprint(b"POST /jobs", body)
+    assert await served.service.queue.reserve_key("k-orphan", fingerprint, 60.0) is None
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    answer = await call(served.url, "POST", "/jobs", body, **{"Idempotency-Key": "k-orphan"})
+    assert (answer.status, answer.body["code"]) == (409, 614)
+    assert 1.5 <= loop.time() - began < 10
+    assert int(answer.headers["Retry-After"]) > 0
     assert (await served.service.queue.counts())["queued"] == 0
 
 
