@@ -341,7 +341,9 @@ class JobQueue(abc.ABC):
 
     @abc.abstractmethod
     async def save_event(self, event: Event) -> None:
-        """Write back an event after an attempt (state, next_at, attempts)."""
+        """Write back an event after an attempt (state, next_at, attempts); a pending
+        one comes due again at ``next_at``. An event deleted meanwhile (pruned with
+        its job) is not written back."""
 
     @abc.abstractmethod
     async def job_events(self, job_id: str) -> list[Event]:
@@ -351,11 +353,13 @@ class JobQueue(abc.ABC):
     async def reserve_key(self, key: str, fingerprint: str, ttl_s: float) -> KeyEntry | None:
         """Take the idempotency ``key`` for a request with ``fingerprint``: None when it
         was free (the caller answers the request, then ``finish_key`` or
-        ``release_key``), else what the key holds. Atomic across API nodes."""
+        ``release_key``), else what the key holds. Atomic across API nodes. A key
+        held ``ttl_s`` without a ``finish_key`` (its node died) is free again."""
 
     @abc.abstractmethod
     async def finish_key(self, key: str, reply: dict[str, Any], ttl_s: float) -> None:
-        """Store the reply of the request that holds ``key``, for ``ttl_s``."""
+        """Store the reply of the request that holds ``key``, kept ``ttl_s`` from now
+        (nothing is stored when the key was released or expired meanwhile)."""
 
     @abc.abstractmethod
     async def release_key(self, key: str) -> None:
