@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_bench_smoke_measures_every_workload_with_all_jobs_done(tmp_path: Path) -> None:
-    """`python -m bench --smoke` yields ratios > 0 per workload and no failed or lost job."""
+    """`python -m bench --smoke` yields ratios > 0 per workload (renditions' POST /jobs
+    included) and no failed or lost job."""
     out = tmp_path / "results.json"
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke", "--out-dir", str(tmp_path / "out"),
@@ -45,8 +46,10 @@ def test_bench_smoke_measures_every_workload_with_all_jobs_done(tmp_path: Path) 
     for name in names:
         ratio = data["summary"]["ratios"][name]["imgserve/limit"]
         assert ratio is not None and ratio["median"] > 0, (name, done.stderr[-2000:])
-    phases = [p for p in data["phases"] if p["system"] == "imgserve"]
+    phases = [p for p in data["phases"] if p["system"].startswith("imgserve")]
     assert {p["workload"] for p in phases} == set(names)
+    # renditions is also measured without placeholders
+    assert {p["workload"] for p in phases if p["system"] == "imgserve-noph"} == {"renditions"}
     for phase in phases:
         assert phase["failed"] == 0 and phase["unfinished"] == 0, phase
         assert phase["completed"] > 0, phase
