@@ -223,3 +223,118 @@ def test_rasterize_needs_a_size() -> None:
 def test_round_half_up(value: float, expected: int) -> None:
     """Halves round up (Python's round() would round 2.5 to 2)."""
     assert geometry.round_half_up(value) == expected
+
+
+# (case id, source, width, height, fit, enlarge, scaled, result)
+WH = tuple[int, int]
+# Sizes as (width, height) to keep the table one case a line.
+FIT: list[tuple[str, WH, int | None, int | None, str, bool, WH, WH]] = [
+    ("cover crops to the box", (400, 200), 100, 100, "cover", False, (200, 100), (100, 100)),
+    ("contain pads to the box", (400, 200), 100, 100, "contain", False, (100, 50), (100, 100)),
+    ("fill stretches to the box", (400, 200), 100, 100, "fill", False, (200, 100), (100, 100)),
+    ("inside fits within", (400, 200), 100, 100, "inside", False, (100, 50), (100, 50)),
+    ("outside covers uncropped", (400, 200), 100, 100, "outside", False, (200, 100), (200, 100)),
+    ("tall cover", (200, 400), 100, 100, "cover", False, (100, 200), (100, 100)),
+    ("tall contain", (200, 400), 100, 100, "contain", False, (50, 100), (100, 100)),
+    ("small, cover keeps the source", (50, 40), 100, 100, "cover", False, (50, 40), (50, 40)),
+    ("small, contain still pads", (50, 40), 100, 100, "contain", False, (50, 40), (100, 100)),
+    ("small, fill capped per side", (50, 40), 100, 30, "fill", False, (50, 40), (50, 30)),
+    ("small, inside", (50, 40), 100, 100, "inside", False, (50, 40), (50, 40)),
+    ("small, outside", (50, 40), 100, 100, "outside", False, (50, 40), (50, 40)),
+    ("enlarged cover", (50, 40), 100, 100, "cover", True, (125, 100), (100, 100)),
+    ("enlarged contain", (50, 40), 100, 100, "contain", True, (100, 80), (100, 100)),
+    ("enlarged fill", (50, 40), 100, 100, "fill", True, (125, 100), (100, 100)),
+    ("enlarged inside", (50, 40), 100, 100, "inside", True, (100, 80), (100, 80)),
+    ("enlarged outside", (50, 40), 100, 100, "outside", True, (125, 100), (125, 100)),
+    ("taller, cover, covered part", (400, 200), 300, 300, "cover", False, (400, 200), (300, 200)),
+    ("taller, contain", (400, 200), 300, 300, "contain", False, (300, 150), (300, 300)),
+    ("taller, fill", (400, 200), 300, 300, "fill", False, (400, 200), (300, 200)),
+    ("taller, outside", (400, 200), 300, 300, "outside", False, (400, 200), (400, 200)),
+    ("width only ignores the fit", (400, 200), 100, None, "contain", False, (100, 50), (100, 50)),
+    ("height only ignores the fit", (400, 200), None, 50, "fill", False, (100, 50), (100, 50)),
+    ("width only, small kept", (400, 200), 800, None, "cover", False, (400, 200), (400, 200)),
+    ("width only, enlarged", (400, 200), 800, None, "cover", True, (800, 400), (800, 400)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("src", "width", "height", "fit", "enlarge", "scaled", "result"),
+    [
+        pytest.param(Size(*s), w, h, f, e, Size(*x), Size(*r), id=name)
+        for name, s, w, h, f, e, x, r in FIT
+    ],
+)
+def test_fit_size(
+    src: Size,
+    width: int | None,
+    height: int | None,
+    fit: str,
+    enlarge: bool,
+    scaled: Size,
+    result: Size,
+) -> None:
+    """Each fit mode scales (capped at 1 unless enlarging) and sizes the result as sharp does."""
+    assert geometry.fit_size(src, width, height, fit, enlarge) == geometry.Fitted(scaled, result)
+
+
+@pytest.mark.parametrize(("name", "src", "width", "height", "enlarge", "_x"), RESIZE)
+def test_fit_size_refusing_small_sources_is_resize_result(
+    name: str, src: Size, width: int | None, height: int | None, enlarge: bool, _x: Size
+) -> None:
+    """cover with refuse_small (0.2's POST /) gives resize_result's size for every case."""
+    fitted = geometry.fit_size(src, width, height, "cover", enlarge, refuse_small=True)
+    assert fitted.result == geometry.resize_result(src, width, height, enlarge), name
+
+
+def test_fit_size_refuse_small_is_203() -> None:
+    """refuse_small refuses a smaller source (203) where the default keeps its size."""
+    with pytest.raises(errors.EnlargeNotAllowed):
+        geometry.fit_size(Size(50, 40), 100, 100, "cover", False, refuse_small=True)
+    assert geometry.fit_size(Size(50, 40), 100, 100, "cover", False).result == Size(50, 40)
+    fitted = geometry.fit_size(Size(50, 40), 100, 100, "cover", True, refuse_small=True)
+    assert fitted.result == Size(100, 100)
+
+
+# (fit, scaled (the drawing rendered), result) for an 80x40 drawing in a 100x100 box
+SVG_FIT = [
+    ("cover", Size(200, 100), Size(100, 100), 2.5),
+    ("contain", Size(100, 50), Size(100, 100), 1.25),
+    ("fill", Size(200, 100), Size(100, 100), 2.5),
+    ("inside", Size(100, 50), Size(100, 50), 1.25),
+    ("outside", Size(200, 100), Size(200, 100), 2.5),
+]
+
+
+@pytest.mark.parametrize(("fit", "scaled", "result", "factor"), SVG_FIT)
+def test_svg_fit_size(fit: str, scaled: Size, result: Size, factor: float) -> None:
+    """A drawing renders at the fit's factor (larger for cover/outside/fill), then is cut
+    or padded to the box; enlarging never applies."""
+    fitted, got = geometry.svg_fit_size(80, 40, 100, 100, None, fit)
+    assert fitted == geometry.Fitted(scaled, result)
+    assert got == pytest.approx(factor)
+
+
+def test_svg_fit_size_keeps_rasterize_for_inside_and_scale() -> None:
+    """inside, one side and scale are 0.2's rasterize_result exactly."""
+    for args in ((100, 100, None), (100, None, None), (None, None, 2.5)):
+        result, factor = geometry.rasterize_result(80, 40, *args)
+        assert geometry.svg_fit_size(80, 40, *args, "inside") == (
+            geometry.Fitted(result, result),
+            factor,
+        )
+    assert geometry.svg_fit_size(80, 40, 100, None, None, "cover")[0].result == Size(100, 50)
+
+
+@pytest.mark.parametrize(
+    ("scaled", "box", "gravity", "offsets"),
+    [
+        (Size(100, 50), Size(100, 100), "centre", (0, 25)),
+        (Size(100, 50), Size(100, 100), "north", (0, 0)),
+        (Size(100, 50), Size(100, 100), "south", (0, 50)),
+        (Size(50, 100), Size(100, 100), "east", (50, 0)),
+        (Size(50, 100), Size(100, 100), "smart", (25, 0)),
+    ],
+)
+def test_pad_offsets(scaled: Size, box: Size, gravity: str, offsets: tuple[int, int]) -> None:
+    """contain places the image in its box by gravity (smart: centred)."""
+    assert geometry.pad_offsets(scaled, box, gravity) == offsets

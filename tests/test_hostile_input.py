@@ -237,4 +237,4 @@ def test_planning_a_hostile_drawing_is_a_limit_error(
     job = validate(_svg(**args))
     svg = f'<svg xmlns="http://www.w3.org/2000/svg" {declared[0]} {declared[1]}/>'.encode()
     with pytest.raises(errors.SVGRenderOverLimit):
-        planning.plan(job, svg, ImagingLimits())
+        planning.plan(job.to_spec(), svg, ImagingLimits())

@@ -1,7 +1,8 @@
 """Stored plans: jobs queued by the previous release still run after an upgrade.
 
-The literals below are ``pipeline.Plan.to_dict()`` exactly as imgserve 0.3's first
-release stored them in ``JobRecord.plan`` (made with that code, pasted here).
+The literals below are ``pipeline.Plan.to_dict()`` and ``request.Job.to_dict()``
+exactly as imgserve 0.3's first release stored them in ``JobRecord.plan`` and
+``JobRecord.job`` (made with that code, pasted here).
 """
 
 from __future__ import annotations
@@ -44,6 +45,21 @@ STORED_RASTERIZE: dict[str, Any] = {
     "keep_metadata": False,
     "svg_scale": 1.5,
 }
+# The request of the STORED_RESIZE job: request.Job.to_dict() as the previous
+# releases stored it in JobRecord.job.
+STORED_JOB: dict[str, Any] = {
+    "operation": "resize",
+    "src_url": "http://h/photos/beach.jpg",
+    "dst_template": "file:///o/{$basename}-{$width}x{$height}.{$ext}",
+    "width": 32,
+    "height": None,
+    "scale": None,
+    "gravity": "north",
+    "enlarge": False,
+    "quality": 80,
+    "keep_metadata": False,
+    "form_field": None,
+}
 RED_JPEG = pyvips.Image.black(64, 48, bands=3).new_from_image([200, 30, 30]).jpegsave_buffer()
 BLUE_SVG = (
     b'<svg xmlns="http://www.w3.org/2000/svg" width="40" height="20">'
@@ -65,7 +81,7 @@ def test_a_plan_stored_by_the_previous_release_still_renders(
 ) -> None:
     """A worker renders a job whose plan is the previous release's flat dict."""
     out = pyvips.Image.new_from_buffer(
-        pool._render(source, dict(stored), ImagingLimits(), planned), ""
+        pool._render(source, dict(stored), ImagingLimits(), planned)[0], ""
     )
     assert (out.width, out.height) == size
     assert out.get("vips-loader") == loader
@@ -74,7 +90,7 @@ def test_a_plan_stored_by_the_previous_release_still_renders(
 def test_job_view_reads_a_plan_stored_by_the_previous_release() -> None:
     """GET /jobs/<id> shows a previous release's job with its size and destination."""
     record = JobRecord(
-        id="0" * 32, job={}, plan=dict(STORED_RESIZE), dst_url=STORED_RESIZE["dst_url"]
+        id="0" * 32, job=STORED_JOB, plan=dict(STORED_RESIZE), dst_url=STORED_RESIZE["dst_url"]
     )
     view = api.job_view(record)
     assert (view["width"], view["height"], view["dstURL"]) == (32, 24, "file:///o/beach-32x24.jpg")
@@ -104,7 +120,7 @@ def test_a_version_1_plan_reads_as_the_plan_made_today(
 ) -> None:
     """The previous release's plan reads back as the plan this release makes for the
     same request, bar the SVG's float size, which only planning needs."""
-    today = planning.plan(validate(request_), source, ImagingLimits())
+    today = planning.plan(validate(request_).to_spec(), source, ImagingLimits())
     read = planning.JobPlan.from_dict(stored)
     assert read.outputs == today.outputs
     assert read.operation == today.operation
@@ -114,7 +130,7 @@ def test_a_version_1_plan_reads_as_the_plan_made_today(
 
 def test_a_plan_round_trips_through_its_versioned_dict() -> None:
     """JobPlan.to_dict carries the version, and from_dict gives the very plan back."""
-    plan = planning.plan(validate(RASTERIZE_JOB), BLUE_SVG, ImagingLimits())
+    plan = planning.plan(validate(RASTERIZE_JOB).to_spec(), BLUE_SVG, ImagingLimits())
     stored = plan.to_dict()
     assert stored["version"] == planning.VERSION == 2
     assert planning.JobPlan.from_dict(stored) == plan
@@ -123,12 +139,12 @@ def test_a_plan_round_trips_through_its_versioned_dict() -> None:
 
 def test_fields_a_later_release_adds_are_ignored() -> None:
     """A plan stored by a later release, with fields this one does not know, still renders."""
-    plan = planning.plan(validate(RESIZE_JOB), RED_JPEG, ImagingLimits())
+    plan = planning.plan(validate(RESIZE_JOB).to_spec(), RED_JPEG, ImagingLimits())
     stored = plan.to_dict()
     stored["version"] = 3
     stored["metadata"] = {"uploadId": "42"}
     stored["source"]["colourspace"] = "srgb"
     stored["outputs"][0]["fit"] = "cover"
     assert planning.JobPlan.from_dict(stored) == plan
-    out = pyvips.Image.new_from_buffer(pool._render(RED_JPEG, stored, ImagingLimits(), True), "")
+    out = pyvips.Image.new_from_buffer(pool._render(RED_JPEG, stored, ImagingLimits(), True)[0], "")
     assert (out.width, out.height) == (32, 24)

@@ -157,7 +157,11 @@ def test_invalid_requests_get_their_code(request_body: dict[str, Any], code: int
 
 def test_every_1xx_code_is_covered() -> None:
     """The table above exercises every request-validation code that errors.py defines."""
-    defined = {cls.code for cls in errors.all_errors() if issubclass(cls, errors.RequestInvalid)}
+    defined = {
+        cls.code
+        for cls in errors.all_errors()
+        if issubclass(cls, errors.RequestInvalid) and cls.code < 200  # 7xx: test_request_jobs.py
+    }
     defined.discard(125)  # body size: enforced by the HTTP edge before parsing
     assert defined <= {code for _name, _body, code in INVALID}
 
@@ -255,9 +259,9 @@ def test_job_round_trips_through_a_dict() -> None:
 )
 def test_source_basename_and_extension(src: str, basename: str, extension: str) -> None:
     """{$basename} is the file name without extension; {$extension} is lower-cased."""
-    job = Job(operation="resize", src_url=src, dst_template="file:///o.png", width=1)
-    assert job.src_basename == basename
-    assert job.src_extension == extension
+    spec = Job(operation="resize", src_url=src, dst_template="file:///o.png", width=1).to_spec()
+    assert spec.basename == basename
+    assert spec.extension == extension
 
 
 @pytest.mark.parametrize(

@@ -114,6 +114,8 @@ class ServerSettings:
     """Jobs being checked at once (download, plan, placeholder); past this, 503 (611)."""
     intake_max_bytes: int = 512 * MiB
     """Source bytes held by jobs being checked; once reached, new jobs get 503 (611)."""
+    max_outputs: int = 16
+    """Outputs one ``POST /jobs`` job may ask for (code 704 past it)."""
     reply_timeout_s: float = 90.0
     """One deadline for checking a job before the reply (code 612)."""
     shutdown_timeout_s: float = 30.0
@@ -168,6 +170,7 @@ _BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "server.port": (1, 65535),
     "server.queue_max": (1, None),
     "server.intake_max": (1, None),
+    "server.max_outputs": (1, 1000),
     "server.planners": (1, None),
     "transport.ftp_threads": (1, None),
     "transport.s3_threads": (1, None),

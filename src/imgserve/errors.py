@@ -452,6 +452,67 @@ class ReplyTimeout(ImgserveError):
     message = "the job could not be checked within the reply deadline"
 
 
+# --- POST /jobs validation (700-799): each detail starts with the field path -----------
+
+
+class JobBodyInvalid(RequestInvalid):
+    """The body (or the multipart ``job`` part) is not a JSON object.
+
+    Raised with a detail naming where: ``JobBodyInvalid("job: is not JSON: ...")``.
+    """
+
+    code = 700
+    message = "job body is not a JSON object"
+
+
+class JobFieldMissing(RequestInvalid):
+    code = 701
+    message = "a required job field is missing"
+
+
+class JobFieldUnknown(RequestInvalid):
+    code = 702
+    message = "unknown job field"
+
+
+class JobFieldInvalid(RequestInvalid):
+    code = 703
+    message = "a job field has the wrong type or value"
+
+
+class JobOutputsCount(RequestInvalid):
+    code = 704
+    message = "too few or too many outputs"
+
+
+class JobURLInvalid(RequestInvalid):
+    code = 705
+    message = "a job URL is malformed or not supported"
+
+
+class JobFormatInvalid(RequestInvalid):
+    code = 706
+    message = "output format unknown or not given"
+
+
+class JobUploadInvalid(RequestInvalid):
+    """The multipart body is not a ``job`` part and a ``source`` file part."""
+
+    code = 707
+    message = "multipart job body invalid"
+
+
+class JobMediaTypeUnsupported(RequestInvalid):
+    code = 708
+    status = 415
+    message = "Content-Type must be application/json or multipart/form-data"
+
+
+class JobMetadataTooLarge(RequestInvalid):
+    code = 709
+    message = "job metadata over the size limit"
+
+
 def all_errors() -> list[type[ImgserveError]]:
     """Every error class that defines its own code, in code order."""
     found: list[type[ImgserveError]] = []

@@ -33,7 +33,7 @@ from imgserve.imaging import pipeline
 from imgserve.imaging.formats import Format
 from imgserve.imaging.geometry import Size
 from imgserve.pool import FAULT_ENV, MALLOC_ENV
-from imgserve.request import Job
+from imgserve.spec import JobSpec
 from imgserve.supervised import NoAnswer, SupervisedPool, inject_fault
 
 log = logging.getLogger("imgserve.planner")
@@ -82,14 +82,17 @@ def _placeholder(width: int, height: int, output: Format) -> bytes:
 
 
 def _plan(
-    job: Job, data: bytes, limits: ImagingLimits
+    spec: JobSpec, data: bytes, limits: ImagingLimits
 ) -> tuple[planning.JobPlan, tuple[bytes, ...]]:
     """Planner-side entry point: check the source and size the results, then draw
-    each output's placeholder. Only imgserve errors leave: anything else may not
-    unpickle in the parent, and pebble treats an unpicklable reply as a broken pool."""
+    each output's placeholder (none when the job skips them). Only imgserve errors
+    leave: anything else may not unpickle in the parent, and pebble treats an
+    unpicklable reply as a broken pool."""
     try:
         _fault(data)
-        plan = planning.plan(job, data, limits)
+        plan = planning.plan(spec, data, limits)
+        if not spec.placeholder:
+            return plan, ()
         return plan, tuple(
             _placeholder(r.plan.result.width, r.plan.result.height, r.plan.output)
             for r in plan.outputs
@@ -124,10 +127,11 @@ class Planner:
         )
 
     async def plan(
-        self, job: Job, data: bytes, limits: ImagingLimits
+        self, spec: JobSpec, data: bytes, limits: ImagingLimits
     ) -> tuple[planning.JobPlan, tuple[bytes, ...]]:
-        """Check ``data`` against ``job`` and ``limits`` in a planner process; return
-        the plan and each output's placeholder bytes, in the plan's order.
+        """Check ``data`` against ``spec`` and ``limits`` in a planner process; return
+        the plan and each output's placeholder bytes, in the plan's order (none
+        when ``spec.placeholder`` is false).
 
         A broken pool is replaced and the request tried once more on the fresh one
         (a pool breaks when any planner dies at the wrong moment, this request's or
@@ -138,7 +142,7 @@ class Planner:
         for attempt in (1, 2):
             pool = processes.pebble
             try:
-                future, pool = processes.schedule(_plan, (job, data, limits))
+                future, pool = processes.schedule(_plan, (spec, data, limits))
                 return await processes.answer(future, pool)  # type: ignore[no-any-return]
             except (FutureTimeout, NoAnswer) as exc:  # pebble's deadline, or the outer one
                 raise errors.ProcessingTimeout(

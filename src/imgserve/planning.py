@@ -6,23 +6,24 @@ and fills in each destination's tags, which need the result's size. The plan
 is stored with the job (``JobPlan.to_dict``, versioned) and read back by the
 worker, whose ``render`` makes one output's bytes.
 
-0.2's ``POST /`` makes a plan with one output.
+Plans are made from a spec.JobSpec, whichever endpoint took the job; 0.2's
+``POST /`` makes one with one output.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from imgserve import errors
 from imgserve.config import ImagingLimits
-from imgserve.destination import destination_extension, substitute
+from imgserve.destination import destination_extension, destination_target, substitute
 from imgserve.imaging import formats, pipeline
 from imgserve.imaging.formats import Format
-from imgserve.imaging.geometry import Size
+from imgserve.imaging.geometry import Size, cover_size
 from imgserve.imaging.pipeline import OutputPlan, OutputSpec, SourceInfo
-from imgserve.request import Job
+from imgserve.spec import JobSpec, OutputRequest
+from imgserve.transports.base import Target
 
 VERSION = 2
 """The stored plan's shape. 1: the flat single-output dict of the first 0.3
@@ -94,15 +95,7 @@ class JobPlan:
                 "pages": info.pages,
                 "svg_size": list(info.svg_size) if info.svg_size is not None else None,
             },
-            "outputs": [
-                {
-                    **vars(r.plan),
-                    "result": [r.plan.result.width, r.plan.result.height],
-                    "output": r.plan.output.value,
-                    "dst_url": r.dst_url,
-                }
-                for r in self.outputs
-            ],
+            "outputs": [{**r.plan.to_dict(), "dst_url": r.dst_url} for r in self.outputs],
         }
 
     @classmethod
@@ -120,86 +113,110 @@ class JobPlan:
             svg_size=(svg_size[0], svg_size[1]) if svg_size is not None else None,
         )
         outputs = tuple(
-            Rendition(
-                OutputPlan(
-                    **{
-                        **_known(OutputPlan, out),
-                        "result": Size(*out["result"]),
-                        "output": Format(out["output"]),
-                    }
-                ),
-                out["dst_url"],
-            )
-            for out in data["outputs"]
+            Rendition(OutputPlan.from_dict(out), out["dst_url"]) for out in data["outputs"]
         )
         return cls(data["operation"], info, outputs)
-
-
-def _known(cls: type[Any], data: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {key: value for key, value in data.items() if key in names}
 
 
 def _from_version_1(data: dict[str, Any]) -> JobPlan:
     """The first 0.3 release's flat ``Plan.to_dict()`` (jobs still in a queue at upgrade)."""
     info = SourceInfo(Format(data["source_format"]), Size(*data["source"]), data["pages"])
     output = Format(data["output"])
+    rasterize = data["operation"] == "rasterize"
+    result = Size(*data["result"])
     out = OutputPlan(
-        result=Size(*data["result"]),
+        result=result,
         output=output,
         gravity=data.get("gravity", "centre"),
         quality=data.get("quality"),
         keep_metadata=data.get("keep_metadata", False),
         svg_scale=data.get("svg_scale"),
-        animated=data["operation"] == "resize"
-        and pipeline.animates(info.format, info.pages, output),
+        animated=not rasterize and pipeline.animates(info.format, info.pages, output),
+        # As plan() makes them today: 0.2's resize covers the box, rasterize fits inside.
+        fit="inside" if rasterize else "cover",
+        scaled=result if rasterize else cover_size(info.size, result)[0],
     )
     return JobPlan(data["operation"], info, (Rendition(out, data["dst_url"]),))
 
 
-def plan(job: Job, data: bytes, limits: ImagingLimits) -> JobPlan:
-    """Check the source against the job and the limits; size the result and fill in
-    its destination."""
-    info = pipeline.inspect(job.operation, data, limits)
+def plan(spec: JobSpec, data: bytes, limits: ImagingLimits) -> JobPlan:
+    """Check the source against the job and the limits; size every output and fill
+    in its destination.
+
+    A ``POST /jobs`` job's errors name the output they are about
+    (``outputs[2]: ...``); 0.2's single output keeps 0.2's details.
+    """
+    info = pipeline.inspect(spec.operation or "any", data, limits)
     # {$ext} names the source's extension; an SVG cannot be written, so a
-    # rasterize destination that keeps "the source's format" gets PNG.
+    # destination that keeps "the source's format" gets PNG.
     tag_extension = (
         formats.CANONICAL_EXTENSION[Format.PNG]
-        if job.operation == "rasterize"
-        else job.src_extension or formats.CANONICAL_EXTENSION[info.format]
+        if info.vector
+        else spec.extension or formats.CANONICAL_EXTENSION[info.format]
     )
-    extension = destination_extension(job.dst_template, tag_extension)
-    output = formats.output_format(extension)
+    named = spec.operation is None
+    renditions = []
+    for index, out in enumerate(spec.outputs):
+        try:
+            renditions.append(_plan_output(info, out, tag_extension, spec.basename, limits))
+        except errors.ImgserveError as exc:
+            if not named:
+                raise
+            raise type(exc)(f"outputs[{index}]: {exc.detail}") from exc
+    operation = spec.operation or ("rasterize" if info.vector else "resize")
+    return JobPlan(operation, info, tuple(renditions))
+
+
+def _plan_output(
+    info: SourceInfo, out: OutputRequest, tag_extension: str, basename: str, limits: ImagingLimits
+) -> Rendition:
+    output = out.format or formats.output_format(destination_extension(out.url, tag_extension))
     if output is None:
+        extension = destination_extension(out.url, tag_extension)
         raise errors.DstExtensionUnsupported(
             f"destination extension {extension or '(none)'!r} is not one of "
             f"{', '.join(sorted(formats.OUTPUT_EXTENSIONS))}"
         )
+    if out.scale is not None and not info.vector:
+        raise errors.JobFieldInvalid(
+            f"scale applies to SVG sources; this source is {info.format.value}"
+        )
     spec = OutputSpec(
         format=output,
-        width=job.width,
-        height=job.height,
-        scale=job.scale,
-        enlarge=job.enlarge,
-        gravity=job.gravity,
-        quality=job.quality,
-        keep_metadata=job.keep_metadata,
+        width=out.width,
+        height=out.height,
+        scale=out.scale,
+        fit=out.fit,
+        enlarge=out.enlarge,
+        refuse_small=out.refuse_small,
+        gravity=out.gravity,
+        background=out.background,
+        quality=out.quality,
+        keep_metadata=out.keep_metadata,
     )
-    out = pipeline.plan_output(info, spec, limits)
+    planned = pipeline.plan_output(info, spec, limits)
     dst_url = substitute(
-        job.dst_template,
-        width=out.result.width,
-        height=out.result.height,
-        basename=job.src_basename,
+        out.url,
+        width=planned.result.width,
+        height=planned.result.height,
+        basename=basename,
         extension=tag_extension,
     )
-    return JobPlan(job.operation, info, (Rendition(out, dst_url),))
+    return Rendition(planned, dst_url)
+
+
+def targets(spec: JobSpec, job_plan: JobPlan) -> list[Target]:
+    """Where each output of the plan uploads to, in the plan's order."""
+    return [
+        destination_target(rendition.dst_url, out.form_field)
+        for out, rendition in zip(spec.outputs, job_plan.outputs, strict=True)
+    ]
 
 
 def render(
-    job_plan: JobPlan, data: bytes, limits: ImagingLimits, *, output: int = 0, planned: bool = False
-) -> bytes:
-    """Output number ``output`` of the plan, from the source bytes (see pipeline.render)."""
-    return pipeline.render(
-        data, job_plan.source_info, job_plan.outputs[output].plan, limits, planned=planned
-    )
+    job_plan: JobPlan, data: bytes, limits: ImagingLimits, *, planned: bool = False
+) -> list[bytes]:
+    """Every output of the plan, in order, from one decode of the source bytes (see
+    pipeline.render)."""
+    outs = [rendition.plan for rendition in job_plan.outputs]
+    return pipeline.render(data, job_plan.source_info, outs, limits, planned=planned)

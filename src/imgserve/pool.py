@@ -73,11 +73,11 @@ def _fault(data: bytes) -> None:
 
 
 def _render(
-    source: bytes | str, plan: dict[str, Any], limits: ImagingLimits, planned: bool, output: int = 0
-) -> bytes:
-    """Worker-side entry point: render output number ``output`` of the stored plan
-    from the source bytes, or from a spooled file read here (libvips still decodes
-    from bytes only)."""
+    source: bytes | str, plan: dict[str, Any], limits: ImagingLimits, planned: bool
+) -> list[bytes]:
+    """Worker-side entry point: render every output of the stored plan (in order, from
+    one decode) from the source bytes, or from a spooled file read here (libvips
+    still decodes from bytes only)."""
     from imgserve import planning
 
     if isinstance(source, str):
@@ -88,7 +88,7 @@ def _render(
     try:
         _fault(data)
         job_plan = planning.JobPlan.from_dict(plan)
-        return planning.render(job_plan, data, limits, output=output, planned=planned)
+        return planning.render(job_plan, data, limits, planned=planned)
     except MemoryError as exc:
         raise errors.WorkerMemoryExceeded("the worker ran out of memory") from exc
     except errors.ImgserveError as exc:
@@ -126,17 +126,17 @@ class ImagePool:
         )
 
     async def render(
-        self, source: bytes | str, plan: dict[str, Any], *, output: int = 0, planned: bool = False
-    ) -> bytes:
-        """Render output number ``output`` of the stored ``plan`` (JobPlan.to_dict())
-        from ``source``: the bytes, or the path of a file holding them.
+        self, source: bytes | str, plan: dict[str, Any], *, planned: bool = False
+    ) -> list[bytes]:
+        """Render every output of the stored ``plan`` (JobPlan.to_dict()), in order, in
+        one task, from ``source``: the bytes, or the path of a file holding them.
 
         ``planned``: the source is the queue's copy of the bytes the plan checked.
         """
         processes = self.processes
         pool = processes.pebble
         try:
-            future, pool = processes.schedule(_render, (source, plan, self.limits, planned, output))
+            future, pool = processes.schedule(_render, (source, plan, self.limits, planned))
             return await processes.answer(future, pool)  # type: ignore[no-any-return]
         except FutureTimeout as exc:
             raise errors.ProcessingTimeout(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from imgserve import errors
+from imgserve import errors, spec
 from imgserve.destination import (
     FORM_SCHEMES,
     TAG,
@@ -24,6 +24,7 @@ from imgserve.destination import (
     template_extension,
 )
 from imgserve.imaging import formats, geometry
+from imgserve.spec import JobSpec
 
 REQUIRED_KEYS = frozenset({"operationType", "srcURL", "dstURL", "args"})
 OPERATIONS = frozenset({"resize", "rasterize"})
@@ -70,16 +71,9 @@ class Job:
     keep_metadata: bool = False
     form_field: str | None = None
 
-    @property
-    def src_basename(self) -> str:
-        """The source file name without its extension (raw, as in the URL)."""
-        name = urlsplit(self.src_url).path.rsplit("/", 1)[-1]
-        stem, dot, _ext = name.rpartition(".")
-        return stem if dot and stem else name
-
-    @property
-    def src_extension(self) -> str:
-        return formats.extension_of(urlsplit(self.src_url).path)
+    def to_spec(self) -> JobSpec:
+        """This request as a job with one output."""
+        return spec.from_v02(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))  # flat values: asdict's deep copy costs more than the job
@@ -129,20 +123,20 @@ def parse_body(body: bytes) -> dict[str, Any]:
     return obj
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     """``repr(value)`` cut to a length fit for an error detail."""
     text = repr(value) if not isinstance(value, int) or value.bit_length() < 256 else "(a huge int)"
     return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
 
 
-def _check_text(name: str, value: str, error: type[errors.RequestInvalid]) -> None:
+def check_text(name: str, value: str, error: type[errors.RequestInvalid]) -> None:
     """Refuse a control character or lone surrogate in a URL or name (before any I/O)."""
     m = _CONTROL.search(value)
     if m:
         raise error(f"{name} holds the control character U+{ord(m[0]):04X} at offset {m.start()}")
 
 
-def _positive_int(value: Any) -> bool:
+def positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
@@ -164,7 +158,7 @@ def validate(obj: dict[str, Any]) -> Job:
     operation = obj["operationType"]
     if not isinstance(operation, str) or operation not in OPERATIONS:
         raise errors.UnknownOperation(
-            f"operationType {_shown(operation)} is not one of {', '.join(sorted(OPERATIONS))}"
+            f"operationType {shown(operation)} is not one of {', '.join(sorted(OPERATIONS))}"
         )
     args = obj["args"]
     if not isinstance(args, dict):
@@ -174,32 +168,32 @@ def validate(obj: dict[str, Any]) -> Job:
         raise errors.EmptySrcURL("srcURL must be a non-empty string")
     if not isinstance(dst, str) or not dst.strip():
         raise errors.EmptyDstURL("dstURL must be a non-empty string")
-    _check_text("srcURL", src, errors.URLInvalid)
-    _check_text("dstURL", dst, errors.URLInvalid)
+    check_text("srcURL", src, errors.URLInvalid)
+    check_text("dstURL", dst, errors.URLInvalid)
 
     unknown_args = sorted(set(args) - _ARGS[operation])
     if unknown_args:
         raise errors.ArgInvalid(f"unknown args for {operation}: {', '.join(unknown_args)}")
     width, height = args.get("width"), args.get("height")
     scale = args.get("scale")
-    if width is not None and not _positive_int(width):
-        raise errors.WidthInvalid(f"width {_shown(width)} is not a positive integer")
-    if height is not None and not _positive_int(height):
-        raise errors.HeightInvalid(f"height {_shown(height)} is not a positive integer")
+    if width is not None and not positive_int(width):
+        raise errors.WidthInvalid(f"width {shown(width)} is not a positive integer")
+    if height is not None and not positive_int(height):
+        raise errors.HeightInvalid(f"height {shown(height)} is not a positive integer")
     over_limit = errors.SVGRenderOverLimit if operation == "rasterize" else errors.ResultOverLimit
     for side, value in (("width", width), ("height", height)):
         if value is not None and value > MAX_SIDE_PX:
-            raise over_limit(f"{side} {_shown(value)} is over the largest side, {MAX_SIDE_PX} px")
+            raise over_limit(f"{side} {shown(value)} is over the largest side, {MAX_SIDE_PX} px")
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0:
-            raise errors.ScaleInvalid(f"scale {_shown(scale)} is not a positive number")
+            raise errors.ScaleInvalid(f"scale {shown(scale)} is not a positive number")
         if not math.isfinite(scale):
-            raise errors.ScaleInvalid(f"scale {_shown(scale)} is not a finite number")
+            raise errors.ScaleInvalid(f"scale {shown(scale)} is not a finite number")
         if width is not None or height is not None:
             raise errors.ScaleInvalid("give scale or width/height, not both")
         if scale > MAX_SCALE:
             raise errors.SVGRenderOverLimit(
-                f"scale {_shown(scale)} is over {MAX_SCALE:g}: no result side can be that large"
+                f"scale {shown(scale)} is over {MAX_SCALE:g}: no result side can be that large"
             )
     if width is None and height is None and scale is None:
         raise errors.WidthInvalid(
@@ -252,11 +246,11 @@ def validate(obj: dict[str, Any]) -> Job:
     gravity = args.get("gravity", "centre")
     if not isinstance(gravity, str) or gravity.lower() not in geometry.GRAVITIES:
         raise errors.GravityInvalid(
-            f"gravity {_shown(gravity)} is not one of {', '.join(sorted(geometry.GRAVITIES))}"
+            f"gravity {shown(gravity)} is not one of {', '.join(sorted(geometry.GRAVITIES))}"
         )
     quality = args.get("quality")
-    if quality is not None and not (_positive_int(quality) and quality <= 100):
-        raise errors.QualityInvalid(f"quality {_shown(quality)} is not an integer from 1 to 100")
+    if quality is not None and not (positive_int(quality) and quality <= 100):
+        raise errors.QualityInvalid(f"quality {shown(quality)} is not an integer from 1 to 100")
     for flag in ("enlarge", "keep_metadata"):
         if flag in args and not isinstance(args[flag], bool):
             raise errors.ArgInvalid(f"args.{flag} must be true or false")
@@ -285,7 +279,7 @@ def _form_field(args: dict[str, Any]) -> str | None:
         raise errors.FormFieldNotString(f"args.{key} is {type(value).__name__}, not a string")
     if not value:
         raise errors.FormFieldMissing(f"args.{key} is empty")
-    _check_text(f"args.{key}", value, errors.FormFieldInvalid)
+    check_text(f"args.{key}", value, errors.FormFieldInvalid)
     return value
 
 

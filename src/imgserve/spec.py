@@ -85,6 +85,10 @@ class JobSpec:
     """Upload each output's placeholder before the reply."""
     metadata: dict[str, Any] = field(default_factory=dict)
     """The caller's own small JSON object, returned with the job."""
+    webhook: str | None = None
+    """Where the job's completion event goes (None: the daemon's ``webhook_url``)."""
+    priority: str = "interactive"
+    """queue.base.PRIORITIES: a batch job never delays a waiting interactive one."""
 
     @property
     def basename(self) -> str:
@@ -105,6 +109,8 @@ class JobSpec:
             "operation": self.operation,
             "placeholder": self.placeholder,
             "metadata": self.metadata,
+            "webhook": self.webhook,
+            "priority": self.priority,
         }
 
     @classmethod

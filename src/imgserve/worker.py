@@ -11,19 +11,48 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
 from imgserve import errors
 from imgserve.config import Settings
-from imgserve.destination import destination_target
 from imgserve.imaging import pipeline
-from imgserve.planning import JobPlan
+from imgserve.planning import JobPlan, targets
 from imgserve.pool import ImagePool
 from imgserve.queue.base import JobQueue, JobRecord
-from imgserve.request import Job
 from imgserve.retry import backoff_s
+from imgserve.spec import JobSpec
 from imgserve.transports import Transports
+from imgserve.transports.base import Target
 
 log = logging.getLogger("imgserve.jobs")
+
+Upload = tuple[Target, bytes, str]
+"""Where to, what, and its content type."""
+
+
+async def upload_all(transports: Transports, uploads: Sequence[Upload]) -> None:
+    """Upload every output at once; when any fails, raise the first failure (in
+    the outputs' order) once all have ended, so none is left half-sent."""
+    outcomes = await asyncio.gather(
+        *(transports.upload(target, data, content_type) for target, data, content_type in uploads),
+        return_exceptions=True,
+    )
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+
+
+async def upload_failure_images(
+    transports: Transports, plan: JobPlan, destinations: Sequence[Target]
+) -> None:
+    """Put the "Image processing failed" image at each of ``destinations`` (one per
+    output of ``plan``, in order); raise the first upload failure once all ended."""
+    uploads = []
+    for rendition, target in zip(plan.outputs, destinations, strict=True):
+        out = rendition.plan
+        image = await asyncio.to_thread(pipeline.failure_image, out.result, out.output)
+        uploads.append((target, image, out.content_type))
+    await upload_all(transports, uploads)
 
 
 class Runner:
@@ -67,27 +96,40 @@ class Runner:
             return
         log.debug("job %s running attempt=%d dst=%s", record.id, record.attempts, record.dst_url)
         try:
-            job = Job.from_dict(record.job)
+            spec = JobSpec.from_dict(record.job)
             plan = JobPlan.from_dict(record.plan)
-            # The queue's copy is the very source the plan checked; a new download is not.
-            source: bytes | str | None = await self.queue.source_file(record.id)
-            if source is None:
-                source = await self.queue.source(record.id)
-            planned = source is not None
-            if source is None:
-                source = await self.transports.download(job.src_url)
-            for index, rendition in enumerate(plan.outputs):
-                result = await self.pool.render(source, record.plan, output=index, planned=planned)
-                target = destination_target(rendition.dst_url, job.form_field)
-                await self.transports.upload(target, result, rendition.plan.content_type)
+            source, planned = await self._source(record, spec)
+            # One task renders every output from one decode of the source.
+            results = await self.pool.render(source, record.plan, planned=planned)
+            await upload_all(
+                self.transports,
+                [
+                    (target, result, rendition.plan.content_type)
+                    for target, result, rendition in zip(
+                        targets(spec, plan), results, plan.outputs, strict=True
+                    )
+                ],
+            )
         except errors.ImgserveError as exc:
             await self._failed(record, exc)
         except Exception as exc:  # a bug: record it, never lose the job silently
             log.exception("job %s: unexpected error", record.id)
             await self._failed(record, errors.InternalError(f"{type(exc).__name__}: {exc}"))
         else:
-            await self.queue.complete(record.id)
-            log.info("job %s done attempt=%d", record.id, record.attempts)
+            await self.queue.complete(record.id, [len(result) for result in results])
+            log.info("job %s done attempt=%d outputs=%d", record.id, record.attempts, len(results))
+
+    async def _source(self, record: JobRecord, spec: JobSpec) -> tuple[bytes | str, bool]:
+        """The source (its bytes or a file holding them), and whether it is the
+        queue's copy, the very bytes the plan checked (else downloaded again)."""
+        kept: bytes | str | None = await self.queue.source_file(record.id)
+        if kept is None:
+            kept = await self.queue.source(record.id)
+        if kept is not None:
+            return kept, True
+        if spec.source_url is None:
+            raise errors.SourceNotFound("the uploaded source is no longer stored in the queue")
+        return await self.transports.download(spec.source_url), False
 
     async def _failed(self, record: JobRecord, exc: errors.ImgserveError) -> None:
         attempts_left = record.attempts < self.settings.worker.max_attempts
@@ -120,12 +162,9 @@ class Runner:
 
     async def _upload_failure_image(self, record: JobRecord) -> None:
         try:
+            spec = JobSpec.from_dict(record.job)
             plan = JobPlan.from_dict(record.plan)
-            for rendition in plan.outputs:
-                out = rendition.plan
-                image = await asyncio.to_thread(pipeline.failure_image, out.result, out.output)
-                target = destination_target(rendition.dst_url, record.job.get("form_field"))
-                await self.transports.upload(target, image, out.content_type)
+            await upload_failure_images(self.transports, plan, targets(spec, plan))
         except errors.ImgserveError as exc:
             log.warning("job %s: failure image not uploaded: %s", record.id, exc.detail)
         except Exception as exc:  # a record we cannot read: the failure still counts

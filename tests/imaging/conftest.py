@@ -17,6 +17,7 @@ import pyvips
 from imgserve import planning
 from imgserve.config import ImagingLimits
 from imgserve.request import validate
+from imgserve.spec import JobSpec
 
 # Corpus files, picked small enough to keep the suite fast.
 WALLPAPER_JPEG = Path("/usr/share/wallpapers/Autumn/contents/images/640x480.jpg")
@@ -60,8 +61,11 @@ def animation(width: int, height: int, colours: list[tuple[int, int, int]]) -> p
     return strip
 
 
-def job_for(operation: str, src: str, dst: str, **args: Any) -> Any:
-    return validate({"operationType": operation, "srcURL": src, "dstURL": dst, "args": args})
+def job_for(operation: str, src: str, dst: str, **args: Any) -> JobSpec:
+    """0.2's request, as the job it plans as."""
+    return validate(
+        {"operationType": operation, "srcURL": src, "dstURL": dst, "args": args}
+    ).to_spec()
 
 
 Run = Callable[..., tuple[planning.JobPlan, bytes]]
@@ -86,7 +90,7 @@ def run(limits: ImagingLimits) -> Run:
     ) -> tuple[planning.JobPlan, bytes]:
         use = limits_ or limits
         planned = planning.plan(job_for(operation, src, dst, **args), data, use)
-        return planned, planning.render(planned, data, use)
+        return planned, planning.render(planned, data, use)[0]
 
     return _run
 

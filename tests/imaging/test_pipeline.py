@@ -445,7 +445,7 @@ def test_render_refuses_a_source_whose_size_changed_since_planning(
     assert f"{new_size[0]}x{new_size[1]}" in info.value.detail
     # The same size (other pixels) still renders to the promised result.
     again = quadrants(*planned_size).invert().pngsave_buffer()
-    out = decode(planning.render(plan, again, limits))
+    out = decode(planning.render(plan, again, limits)[0])
     assert (out.width, out.height) == (plan.result.width, plan.result.height)
 
 

@@ -102,6 +102,27 @@ async def test_put_consume_complete(queue: JobQueue) -> None:
     assert await queue.source(job.id) is None  # the copy goes once the job ends
 
 
+async def test_complete_keeps_each_output_s_size(queue: JobQueue) -> None:
+    """complete(outputs' sizes) is stored with the job and read back by get."""
+    job = record()
+    await queue.put(job, b"x", max_active=10)
+
+    async def handler(delivered: JobRecord) -> None:
+        await queue.complete(delivered.id, [1234, 56, 7])
+
+    stopping, task = await consuming(queue, handler)
+    done = await wait_state(queue, job.id, State.DONE)
+    await stop(stopping, task)
+    assert done.output_bytes == [1234, 56, 7]
+
+
+def test_a_record_with_fields_a_later_release_adds_still_reads() -> None:
+    """JobRecord.from_dict ignores fields it does not know (a newer node wrote them)."""
+    stored = record().to_dict()
+    stored["webhook_attempts"] = 3
+    assert JobRecord.from_dict(stored).id == stored["id"]
+
+
 async def test_order_is_first_in_first_out(queue: JobQueue) -> None:
     """With one job at a time, jobs run in the order they were accepted."""
     jobs = [record() for _ in range(3)]
@@ -257,7 +278,7 @@ async def test_sqlite_counts_follow_every_change_and_are_rebuilt_on_open(tmp_pat
     assert first is not None and second is not None
     await queue.complete(first.id)
     await queue.fail(second.id, 301, "gone")
-    expected = {"queued": 1, "running": 0, "done": 1, "failed": 1}
+    expected = {"queued": 1, "running": 0, "done": 1, "failed": 1, "cancelled": 0}
     assert await queue.counts() == expected
     await queue.close()
 

@@ -1,8 +1,10 @@
 """Result sizes and crop positions (pure arithmetic, no pyvips).
 
 Everything the daemon must know before processing lives here: the size of the
-result, so a placeholder of that size can be uploaded first, and where a crop
-keeps its window.
+result, so a placeholder of that size can be uploaded first, where a crop
+keeps its window and where padding puts the image. ``fit_size`` and
+``svg_fit_size`` size an output for each of sharp's fit modes (``FITS``);
+``resize_result`` and ``rasterize_result`` are 0.2's rules.
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ COMPASS = {
     "southwest": "south-west",
 }
 GRAVITIES = frozenset({*COMPASS, "smart"})
+
+FITS = ("cover", "contain", "fill", "inside", "outside")
+"""How an output given both sides fills its box (sharp's vocabulary): cover crops
+to the box, contain pads to it, fill stretches to it, inside fits within it,
+outside covers it without cropping."""
+# Fits that scale by the larger of the two factors (the image covers the box).
+_COVERING = frozenset({"cover", "outside", "fill"})
 
 
 @dataclass(frozen=True)
@@ -57,19 +66,82 @@ def resize_result(src: Size, width: int | None, height: int | None, enlarge: boo
     """
     if width is None and height is None:
         raise errors.WidthInvalid("resize needs width, height or both")
-    if not enlarge and (
-        (width is not None and src.width < width) or (height is not None and src.height < height)
-    ):
+    if not enlarge:
+        refuse_smaller(src, width, height)
+    if width is not None and height is not None:
+        return Size(width, height)
+    return proportional(src, width, height)
+
+
+def refuse_smaller(src: Size, width: int | None, height: int | None) -> None:
+    """0.2's rule: a source smaller than a requested side is refused (203)."""
+    if (width is not None and src.width < width) or (height is not None and src.height < height):
         raise errors.EnlargeNotAllowed(
             f"source is {src.width}x{src.height}, smaller than the requested "
             f"{width or '-'}x{height or '-'}; set args.enlarge to allow enlarging"
         )
-    if width is not None and height is not None:
-        return Size(width, height)
+
+
+def proportional(src: Size, width: int | None, height: int | None) -> Size:
+    """``src`` scaled to the one side given, the other following its aspect ratio."""
     if width is not None:
         return Size(width, max(1, round_half_up(src.height * width / src.width)))
     assert height is not None
     return Size(max(1, round_half_up(src.width * height / src.height)), height)
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """How one output is made from its source."""
+
+    scaled: Size
+    """The whole source scaled uniformly: what the decoder (or resizer) makes, before
+    any stretch, crop or padding."""
+    result: Size
+    """One frame of the output."""
+
+
+def fit_size(
+    src: Size,
+    width: int | None,
+    height: int | None,
+    fit: str = "cover",
+    enlarge: bool = False,
+    *,
+    refuse_small: bool = False,
+) -> Fitted:
+    """Size an output of a raster source (``src`` upright) for ``fit`` (one of FITS).
+
+    With one side the image scales proportionally whatever the fit. Without
+    ``enlarge`` the scale stops at 1 (sharp's withoutEnlargement): cover keeps
+    what of the box the source covers, contain still pads to the whole box,
+    fill caps each side at the source's, inside and outside stay within the
+    source. ``refuse_small`` is 0.2's rule instead: a source smaller than a
+    requested side is refused (203), as ``resize_result`` does.
+    """
+    if width is None and height is None:
+        raise errors.WidthInvalid("resize needs width, height or both")
+    if fit not in FITS:
+        raise ValueError(f"unknown fit {fit!r}")
+    if refuse_small and not enlarge:
+        refuse_smaller(src, width, height)
+    if width is None or height is None:
+        grows = width > src.width if width is not None else (height or 0) > src.height
+        scaled = src if grows and not enlarge else proportional(src, width, height)
+        return Fitted(scaled, scaled)
+    box = Size(width, height)
+    factors = (width / src.width, height / src.height)
+    if fit == "fill":
+        if not enlarge:
+            box = Size(min(width, src.width), min(height, src.height))
+        return Fitted(cover_size(src, box)[0], box)
+    if fit in _COVERING:
+        scaled = src if not enlarge and max(factors) > 1 else cover_size(src, box)[0]
+        if fit == "outside":
+            return Fitted(scaled, scaled)
+        return Fitted(scaled, Size(min(box.width, scaled.width), min(box.height, scaled.height)))
+    scaled = src if not enlarge and min(factors) > 1 else contain_size(src, box)
+    return Fitted(scaled, box if fit == "contain" else scaled)
 
 
 def cover_size(src: Size, box: Size) -> tuple[Size, bool]:
@@ -83,6 +155,16 @@ def cover_size(src: Size, box: Size) -> tuple[Size, bool]:
         return Size(box.width, other), True
     other = max(box.width, round_half_up(src.width * box.height / src.height))
     return Size(other, box.height), False
+
+
+def contain_size(src: Size, box: Size) -> Size:
+    """``src`` scaled to fit inside ``box``: the binding side equals the box, the
+    other is at most the box (and at least 1)."""
+    if box.width / src.width <= box.height / src.height:
+        other = min(box.height, max(1, round_half_up(src.height * box.width / src.width)))
+        return Size(box.width, other)
+    other = min(box.width, max(1, round_half_up(src.width * box.height / src.height)))
+    return Size(other, box.height)
 
 
 def crop_offsets(scaled: Size, box: Size, gravity: str) -> tuple[int, int]:
@@ -101,6 +183,17 @@ def crop_offsets(scaled: Size, box: Size, gravity: str) -> tuple[int, int]:
     elif "south" in direction:
         top = spare_y
     return left, top
+
+
+def width_drives(src: Size, scaled: Size) -> bool:
+    """Whether scaling ``src`` to ``scaled``'s width gives its height too (else the
+    height drives): which side a thumbnail box gives, the other left free."""
+    return max(1, round_half_up(src.height * scaled.width / src.width)) == scaled.height
+
+
+def pad_offsets(scaled: Size, box: Size, gravity: str) -> tuple[int, int]:
+    """Where an image of size ``scaled`` sits in the padded ``box`` (smart: centred)."""
+    return crop_offsets(box, scaled, "centre" if gravity == "smart" else gravity)
 
 
 def window_around(scaled: Size, box: Size, centre_x: int, centre_y: int) -> tuple[int, int]:
@@ -150,3 +243,36 @@ def rasterize_result(
     if height is not None and (width is None or out.height > height):
         out = Size(out.width, height) if abs(out.height - height) <= 1 else out
     return out, factor
+
+
+def svg_fit_size(
+    src_width: float,
+    src_height: float,
+    width: int | None,
+    height: int | None,
+    scale: float | None,
+    fit: str = "inside",
+) -> tuple[Fitted, float]:
+    """Size an output of a drawing, and the factor to render it at.
+
+    A drawing has no pixels to run out of, so ``enlarge`` does not apply. With
+    ``scale``, one side, or fit inside, this is 0.2's ``rasterize_result``.
+    Otherwise the drawing renders at the larger factor (cover, outside, fill)
+    or the smaller one (contain), with the binding side exact, and is then
+    cropped (cover), stretched (fill) or padded (contain) to the box.
+    """
+    if fit not in FITS:
+        raise ValueError(f"unknown fit {fit!r}")
+    if scale is not None or width is None or height is None or fit == "inside":
+        result, factor = rasterize_result(src_width, src_height, width, height, scale)
+        return Fitted(result, result), factor
+    by_width = width / src_width
+    by_height = height / src_height
+    binds_width = (by_width >= by_height) == (fit in _COVERING)
+    if binds_width:
+        scaled, factor = rasterize_result(src_width, src_height, width, None, None)
+    else:
+        scaled, factor = rasterize_result(src_width, src_height, None, height, None)
+    if fit == "outside":
+        return Fitted(scaled, scaled), factor
+    return Fitted(scaled, Size(width, height)), factor

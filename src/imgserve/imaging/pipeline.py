@@ -1,19 +1,27 @@
 """The one place that owns the order of the processing steps.
 
 ``inspect`` sniffs a source and reads its header (SourceInfo); ``plan_output``
-sizes one output from that and a small per-output spec (OutputPlan). Both run
-in a planner process before the reply. ``render`` runs on a worker process and
-turns the source bytes into one output's bytes: a shrink-on-load, then the
-steps of ``STEPS`` in order, then the encoder. ``placeholder`` and
-``failure_image`` draw the stand-ins the daemon uploads before and after.
+sizes one output from that and a small per-output spec (OutputPlan), for each
+fit mode (geometry.FITS). Both run in a planner process before the reply.
+``render`` runs on a worker process and turns the source bytes into every
+output's bytes. The source is decoded once, with a shrink-on-load for the
+largest output; each other output is derived from the smallest image already
+made that is still big enough. Then each runs the steps of ``STEPS`` in order
+and its encoder. Animated outputs and SVG sources are decoded for each output
+on its own (every frame kept; a drawing rendered at each output's own scale).
+``placeholder`` and ``failure_image`` draw the stand-ins the daemon uploads
+before and after.
 
 Nothing here knows the request contract or destinations (planning.py joins them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from imgserve import errors
 from imgserve.config import ImagingLimits
@@ -25,6 +33,11 @@ PLACEHOLDER_TEXT = "Image being processed"
 FAILURE_TEXT = "Image processing failed"
 # "No limit" for the free dimension of a thumbnail driven by the other one.
 _UNBOUNDED = 10_000_000
+
+RGBA = tuple[int, int, int, int]
+# contain's padding when no background is given: transparent where the format
+# holds alpha, white (the colour alpha is flattened onto) where it does not.
+_CLEAR = (255, 255, 255, 0)
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,13 @@ class OutputSpec:
     gravity: str = "centre"
     quality: int | None = None
     keep_metadata: bool = False
+    fit: str = "cover"
+    """One of geometry.FITS; applies when both width and height are given."""
+    background: RGBA | None = None
+    """contain's padding and the colour alpha is flattened onto (RGBA, 0-255); None:
+    transparent padding where the format holds alpha, else white."""
+    refuse_small: bool = False
+    """0.2's rule: a raster source smaller than a requested side is refused (203)."""
 
 
 @dataclass(frozen=True)
@@ -70,10 +90,40 @@ class OutputPlan:
     svg_scale: float | None = None
     animated: bool = False
     """Every frame is kept: an animated source written to an animated format."""
+    fit: str = "cover"
+    background: RGBA | None = None
+    scaled: Size | None = None
+    """The whole source scaled uniformly, before stretch, crop or padding (None in
+    plans of the previous release: the cover size of ``result``, see ``scaled_size``)."""
 
     @property
     def content_type(self) -> str:
         return formats.CONTENT_TYPES[self.output]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-plain fields (sizes as [width, height], the format as its value)."""
+        data = dict(vars(self))
+        data["result"] = [self.result.width, self.result.height]
+        data["output"] = self.output.value
+        data["background"] = list(self.background) if self.background is not None else None
+        data["scaled"] = [self.scaled.width, self.scaled.height] if self.scaled else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OutputPlan:
+        """Read ``to_dict``'s shape, or the previous release's (``vars(plan)`` with the
+        same sizes and format): fields it lacks take their defaults, fields a later
+        release added are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {key: value for key, value in data.items() if key in names}
+        values["result"] = Size(*data["result"])
+        values["output"] = Format(data["output"])
+        if values.get("background") is not None:
+            r, g, b, a = values["background"]
+            values["background"] = (r, g, b, a)
+        if values.get("scaled") is not None:
+            values["scaled"] = Size(*values["scaled"])
+        return cls(**values)
 
 
 def animates(source_format: Format, pages: int, output: Format) -> bool:
@@ -131,17 +181,31 @@ def plan_output(info: SourceInfo, spec: OutputSpec, limits: ImagingLimits) -> Ou
     animated = False
     if info.vector:
         assert info.svg_size is not None
-        result, scale = geometry.rasterize_result(
-            *info.svg_size, spec.width, spec.height, spec.scale
+        fitted, scale = geometry.svg_fit_size(
+            *info.svg_size, spec.width, spec.height, spec.scale, spec.fit
         )
-        if result.pixels > limits.max_result_pixels:
+        result = fitted.result
+        drawn = max(fitted.scaled, result, key=lambda size: size.pixels)
+        if drawn.pixels > limits.max_result_pixels:
             raise errors.SVGRenderOverLimit(
-                f"SVG would render at {result.width}x{result.height}, over the limit of "
+                f"SVG would render at {drawn.width}x{drawn.height}, over the limit of "
                 f"{limits.max_result_pixels} pixels"
             )
     else:
-        result = geometry.resize_result(info.size, spec.width, spec.height, spec.enlarge)
-        animated = animates(info.format, info.pages, spec.format)
+        fitted = geometry.fit_size(
+            info.size,
+            spec.width,
+            spec.height,
+            spec.fit,
+            spec.enlarge,
+            refuse_small=spec.refuse_small,
+        )
+        result = fitted.result
+        # Frames are cropped, never padded or stretched: an animation that would
+        # need either keeps its first frame only.
+        animated = animates(info.format, info.pages, spec.format) and (
+            spec.fit == "cover" or fitted.scaled == result
+        )
         frames = info.pages if animated else 1
         if result.pixels * frames > limits.max_result_pixels:
             raise errors.ResultOverLimit(
@@ -157,7 +221,19 @@ def plan_output(info: SourceInfo, spec: OutputSpec, limits: ImagingLimits) -> Ou
         keep_metadata=spec.keep_metadata,
         svg_scale=scale,
         animated=animated,
+        fit=spec.fit,
+        background=spec.background,
+        scaled=fitted.scaled,
     )
+
+
+def scaled_size(info: SourceInfo, out: OutputPlan) -> Size:
+    """The full-frame size an output is cut, stretched or padded from."""
+    if out.scaled is not None:
+        return out.scaled
+    # A plan of the previous release: an SVG rendered at its result, a raster
+    # source covering it.
+    return out.result if info.vector else geometry.cover_size(info.size, out.result)[0]
 
 
 def _recheck(data: bytes, info: SourceInfo, limits: ImagingLimits) -> None:
@@ -182,32 +258,88 @@ def _recheck(data: bytes, info: SourceInfo, limits: ImagingLimits) -> None:
 # --- the render's steps -------------------------------------------------------------
 
 
+def _smart(out: OutputPlan) -> bool:
+    """Whether the output's window is where libvips' attention strategy looks."""
+    return out.fit == "cover" and out.gravity == "smart" and not out.animated
+
+
+def _thumbnail_box(info: SourceInfo, out: OutputPlan) -> tuple[int, int]:
+    """The thumbnail box that makes ``scaled_size``: its binding side, the other free."""
+    if out.fit in ("cover", "fill"):
+        # 0.2's rule (cover is 0.2's resize): the result's cover size decides.
+        scaled, width_binds = geometry.cover_size(info.size, out.result)
+    else:
+        scaled = scaled_size(info, out)
+        width_binds = geometry.width_drives(info.size, scaled)
+    if width_binds:
+        return scaled.width, _UNBOUNDED
+    return _UNBOUNDED, scaled.height
+
+
 def _shrink_on_load(data: bytes, info: SourceInfo, out: OutputPlan) -> vips.Image:
-    """Decode at (about) the size needed: libvips shrinks JPEG/WebP while decoding."""
+    """Decode one output at (about) the size it needs: libvips shrinks JPEG/WebP while
+    decoding, and renders a drawing at the output's own scale."""
     box = out.result
     if info.vector:
         assert out.svg_scale is not None
-        return vips.load_svg(data, out.svg_scale)
-    if out.gravity == "smart" and not out.animated:
+        drawing = vips.load_svg(data, out.svg_scale)
+        return vips.attention_crop(drawing, box.width, box.height) if _smart(out) else drawing
+    if _smart(out):
         return vips.thumbnail(data, info.format, box.width, box.height, crop="attention")
-    cover, width_binds = geometry.cover_size(info.size, box)
-    return vips.thumbnail(
-        data,
-        info.format,
-        cover.width if width_binds else _UNBOUNDED,
-        _UNBOUNDED if width_binds else cover.height,
-        all_pages=out.animated,
-    )
+    return vips.thumbnail(data, info.format, *_thumbnail_box(info, out), all_pages=out.animated)
+
+
+def _derived(
+    data: bytes, info: SourceInfo, outs: Sequence[tuple[int, OutputPlan]]
+) -> Iterator[tuple[int, vips.Image]]:
+    """Each output's image from one decode, largest first: the decode is the shrink-on-load
+    of the largest; every other is resized from the smallest image already made that is
+    still big enough (kept in memory while a smaller output may start from it)."""
+    order = sorted(outs, key=lambda item: scaled_size(info, item[1]).pixels, reverse=True)
+    first = order[0][1]
+    decoded = vips.thumbnail(data, info.format, *_thumbnail_box(info, first))
+    bases = [vips.materialize(decoded, info.format)]
+    for position, (index, out) in enumerate(order):
+        need = scaled_size(info, out)
+        big_enough = [b for b in bases if b.width >= need.width and b.height >= need.height]
+        base = big_enough[-1] if big_enough else bases[0]
+        image = base
+        if (base.width, base.height) != (need.width, need.height):
+            image = vips.resize_to(base, need.width, need.height)
+            if position < len(order) - 1:
+                image = vips.materialize(image, info.format)
+                bases.append(image)
+        if _smart(out):
+            image = vips.attention_crop(image, out.result.width, out.result.height)
+        yield index, image
+
+
+def _round(image: vips.Image, info: SourceInfo, out: OutputPlan) -> vips.Image:
+    """Make the decoded image exactly ``scaled_size`` (a decoder may round a side
+    the other way). Cover's crop does this for itself."""
+    if out.fit == "cover" or out.animated:
+        return image
+    scaled = scaled_size(info, out)
+    return vips.fit_exact(image, scaled.width, scaled.height, "centre")
+
+
+def _stretch(image: vips.Image, info: SourceInfo, out: OutputPlan) -> vips.Image:
+    """fill: scale each side on its own to exactly the result."""
+    box = out.result
+    if out.fit != "fill" or (image.width, image.height) == (box.width, box.height):
+        return image
+    return vips.resize_to(image, box.width, box.height)
 
 
 def _crop(image: vips.Image, info: SourceInfo, out: OutputPlan) -> vips.Image:
     """Cut the cover-sized image to exactly the result, where the gravity says."""
     box = out.result
     if not out.animated:
-        # An SVG is drawn at the box's scale and a smart thumbnail already cropped
-        # around what draws the eye: only rounding is left, evenly on both sides.
-        centred = info.vector or out.gravity == "smart"
-        direction = "centre" if centred else geometry.COMPASS[out.gravity]
+        if out.fit != "cover":
+            return image
+        # A smart output was already cropped around what draws the eye: only
+        # rounding is left, evenly on both sides.
+        direction = "centre" if out.gravity == "smart" else geometry.COMPASS[out.gravity]
         return vips.fit_exact(image, box.width, box.height, direction)
     frame = Size(image.width, image.get("page-height"))
     if out.gravity == "smart":
@@ -225,9 +357,28 @@ def _to_srgb(image: vips.Image, info: SourceInfo, out: OutputPlan) -> vips.Image
     return vips.to_srgb(image)
 
 
+def _pad(image: vips.Image, info: SourceInfo, out: OutputPlan) -> vips.Image:
+    """contain: place the image in the box by its gravity, on the background."""
+    box = out.result
+    if out.fit != "contain" or (image.width, image.height) == (box.width, box.height):
+        return image
+    left, top = geometry.pad_offsets(Size(image.width, image.height), box, out.gravity)
+    return vips.pad(
+        image,
+        left,
+        top,
+        box.width,
+        box.height,
+        out.background or _CLEAR,
+        alpha=out.output in formats.ALPHA_FORMATS,
+    )
+
+
 def _flatten(image: vips.Image, info: SourceInfo, out: OutputPlan) -> vips.Image:
     """Drop alpha onto the background for a format that cannot hold it."""
-    return image if out.output in formats.ALPHA_FORMATS else vips.flatten(image)
+    if out.output in formats.ALPHA_FORMATS:
+        return image
+    return vips.flatten(image, (out.background or _CLEAR)[:3])
 
 
 def _materialize(image: vips.Image, info: SourceInfo, out: OutputPlan) -> vips.Image:
@@ -235,35 +386,54 @@ def _materialize(image: vips.Image, info: SourceInfo, out: OutputPlan) -> vips.I
 
 
 Step = Callable[[vips.Image, SourceInfo, OutputPlan], vips.Image]
-STEPS: tuple[Step, ...] = (_crop, _to_srgb, _flatten, _materialize)
-"""What happens between the shrink-on-load and the encoder, in order. A new
-operation is one more step here (a step that does not apply returns its image)."""
+STEPS: tuple[Step, ...] = (_round, _stretch, _crop, _to_srgb, _pad, _flatten, _materialize)
+"""What happens between the decode and the encoder, in order. A new operation is
+one more step here (a step that does not apply returns its image)."""
+
+
+def _decoded_alone(info: SourceInfo, out: OutputPlan) -> bool:
+    """Outputs decoded on their own: every frame, or a drawing at its own scale."""
+    return info.vector or out.animated
 
 
 def render(
     data: bytes,
     info: SourceInfo,
-    out: OutputPlan,
+    outs: Sequence[OutputPlan],
     limits: ImagingLimits,
     *,
     planned: bool = False,
-) -> bytes:
-    """Source bytes -> one output's bytes, exactly ``out.result`` in ``out.output``.
+) -> list[bytes]:
+    """Source bytes -> every output's bytes, in the order of ``outs``: each exactly its
+    ``result`` in its ``output`` format.
 
     ``planned`` says ``data`` are the very bytes ``info`` was read from (the
-    queue's copy); otherwise (downloaded again) every source check runs again first.
+    queue's copy); otherwise (downloaded again) every source check runs again
+    first, once for the job.
     """
     if not planned:
         _recheck(data, info, limits)
-    image = _shrink_on_load(data, info, out)
-    for step in STEPS:
-        image = step(image, info, out)
-    encoded = vips.save(image, out.output, out.quality, out.keep_metadata)
-    if len(encoded) > limits.max_result_bytes:
-        raise errors.ResultOverLimit(
-            f"result is {len(encoded)} bytes, over the limit of {limits.max_result_bytes}"
-        )
-    return encoded
+    shared = [(i, out) for i, out in enumerate(outs) if not _decoded_alone(info, out)]
+    if len(shared) < 2:  # one output decodes exactly as a single-output job always has
+        shared = []
+    together = {i for i, _out in shared}
+    alone = (
+        (i, _shrink_on_load(data, info, out)) for i, out in enumerate(outs) if i not in together
+    )
+    images = itertools.chain(alone, _derived(data, info, shared) if shared else ())
+    encoded: dict[int, bytes] = {}
+    for index, image in images:  # each encoded before the next is made
+        out = outs[index]
+        for step in STEPS:
+            image = step(image, info, out)
+        result = vips.save(image, out.output, out.quality, out.keep_metadata)
+        if len(result) > limits.max_result_bytes:
+            where = f"outputs[{index}]: " if len(outs) > 1 else ""
+            raise errors.ResultOverLimit(
+                f"{where}result is {len(result)} bytes, over the limit of {limits.max_result_bytes}"
+            )
+        encoded[index] = result
+    return [encoded[i] for i in range(len(outs))]
 
 
 def placeholder(size: Size, output: Format) -> bytes:

@@ -172,6 +172,54 @@ def fit_exact(image: pyvips.Image, width: int, height: int, direction: str) -> p
     return image.gravity(direction, width, height, extend="copy")
 
 
+def resize_to(image: pyvips.Image, width: int, height: int) -> pyvips.Image:
+    """``image`` (in memory, upright, sRGB) scaled to exactly width x height, alpha
+    premultiplied as thumbnail does, so transparent pixels do not bleed their colour."""
+    try:
+        if image.hasalpha():
+            unpremultiplied = image.format
+            scaled = image.premultiply().resize(width / image.width, vscale=height / image.height)
+            out = scaled.unpremultiply().cast(unpremultiplied)
+        else:
+            out = image.resize(width / image.width, vscale=height / image.height)
+        # resize rounds each side on its own; never leave a side one pixel off.
+        return fit_exact(out, width, height, "centre")
+    except pyvips.Error as exc:
+        raise errors.InternalError(f"resizing failed: {exc}") from exc
+
+
+def attention_crop(image: pyvips.Image, width: int, height: int) -> pyvips.Image:
+    """The ``width`` x ``height`` window of ``image`` libvips' attention strategy picks."""
+    return image.smartcrop(
+        min(width, image.width), min(height, image.height), interesting="attention"
+    )
+
+
+def pad(
+    image: pyvips.Image,
+    left: int,
+    top: int,
+    width: int,
+    height: int,
+    rgba: tuple[int, int, int, int],
+    *,
+    alpha: bool,
+) -> pyvips.Image:
+    """``image`` placed at (left, top) on a width x height canvas of ``rgba`` (0-255).
+
+    ``alpha``: the output holds alpha, so the canvas keeps ``rgba``'s; otherwise the
+    canvas is opaque (any alpha of the image is flattened later)."""
+    if image.bands < 3:
+        image = image.colourspace("srgb")  # a grey image on a coloured canvas
+    peak = 65535 if image.format == "ushort" else 255
+    colour = [channel * peak / 255 for channel in rgba[:3]]
+    if alpha and rgba[3] < 255 and not image.hasalpha():
+        image = image.bandjoin(peak)
+    if image.hasalpha():
+        colour.append((rgba[3] if alpha else 255) * peak / 255)
+    return image.embed(left, top, width, height, extend="background", background=colour)
+
+
 def first_frame(image: pyvips.Image) -> pyvips.Image:
     """The top frame of an animation strip."""
     return image.crop(0, 0, image.width, image.get("page-height"))
@@ -193,11 +241,17 @@ def to_srgb(image: pyvips.Image) -> pyvips.Image:
     return image
 
 
-def flatten(image: pyvips.Image) -> pyvips.Image:
-    """Drop alpha onto a white background (for formats that cannot hold it)."""
+def flatten(image: pyvips.Image, rgb: tuple[int, int, int] = (255, 255, 255)) -> pyvips.Image:
+    """Drop alpha onto a background (white unless given; 0-255) for formats that
+    cannot hold it."""
     if image.hasalpha():
-        white = 65535 if image.format == "ushort" else 255
-        return image.flatten(background=[white] * (image.bands - 1))
+        peak = 65535 if image.format == "ushort" else 255
+        colour = [channel * peak / 255 for channel in rgb]
+        if image.bands - 1 < 3:
+            colour = colour[:1] if len(set(rgb)) == 1 else colour
+            if len(colour) == 3:
+                image = image.colourspace("srgb")
+        return image.flatten(background=colour)
     return image
 
 

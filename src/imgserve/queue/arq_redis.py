@@ -83,7 +83,7 @@ class RedisQueue(JobQueue):
         self.queue_name = f"{self.prefix}:queue"
         self.keep_finished_s = keep_finished_s
         self.job_deadline_s = job_deadline_s
-        self.max_source_bytes = max_source_bytes
+        self.max_source_bytes: int = max_source_bytes
         self._redis: ArqRedis | None = None
         self._retries: dict[str, float] = {}
         self._abandoned: set[str] = set()
@@ -214,8 +214,8 @@ class RedisQueue(JobQueue):
                 await pipe.execute()
         return record
 
-    async def complete(self, job_id: str) -> None:
-        await self._update(job_id, lambda record: record.mark_done())
+    async def complete(self, job_id: str, output_bytes: list[int] | None = None) -> None:
+        await self._update(job_id, lambda record: record.mark_done(output_bytes))
 
     async def fail(self, job_id: str, code: int, detail: str) -> None:
         await self._update(job_id, lambda record: record.mark_failed(code, detail))

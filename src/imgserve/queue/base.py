@@ -30,6 +30,14 @@ class State(enum.StrEnum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ENDED = frozenset({State.DONE, State.FAILED, State.CANCELLED})
+"""The states a job never leaves."""
+
+PRIORITIES = ("interactive", "batch")
+"""Lanes: a queued interactive job is always delivered before any batch job."""
 
 
 NODE = f"{socket.gethostname()}:{os.getpid()}"
@@ -46,6 +54,7 @@ class JobRecord:
     plan: dict[str, Any]
     """What it produces (planning.JobPlan.to_dict(), versioned)."""
     dst_url: str
+    """The first output's destination (0.2's dstURL); the plan has every output's."""
     state: State = State.QUEUED
     attempts: int = 0
     created_at: float = field(default_factory=time.time)
@@ -56,10 +65,14 @@ class JobRecord:
     error_detail: str | None = None
     node: str | None = None
     """host:pid of the process that ran (or runs) the job."""
+    output_bytes: list[int] | None = None
+    """Once done: the size of each output as uploaded, in the plan's order."""
+    priority: str = "interactive"
+    """One of PRIORITIES."""
 
     @property
     def finished(self) -> bool:
-        return self.state in (State.DONE, State.FAILED)
+        return self.state in ENDED
 
     def mark_running(self, attempt: int) -> None:
         self.state = State.RUNNING
@@ -67,8 +80,9 @@ class JobRecord:
         self.started_at = time.time()
         self.node = NODE
 
-    def mark_done(self) -> None:
+    def mark_done(self, output_bytes: list[int] | None = None) -> None:
         self.state = State.DONE
+        self.output_bytes = output_bytes
         self.finished_at = time.time()
         self.error_code = self.error_detail = None
 
@@ -91,9 +105,64 @@ class JobRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobRecord:
-        values = dict(data)
+        """Read a stored record; fields a later release added are ignored."""
+        names = {f.name for f in fields(cls)}
+        values = {key: value for key, value in data.items() if key in names}
         values["state"] = State(values["state"])
         return cls(**values)
+
+
+@dataclass
+class Event:
+    """A job's completion event in the outbox. It is stored by the same write that
+    ends its job, so a job that ended always has its event, and it is delivered at
+    least once by webhooks.py."""
+
+    id: str
+    """The ``webhook-id``: the same on every attempt (``msg_`` + 32 hex digits)."""
+    job_id: str
+    url: str
+    type: str
+    """job.completed, job.failed or job.cancelled."""
+    payload: dict[str, Any]
+    """The body, as it is signed and sent on every attempt."""
+    created_at: float = field(default_factory=time.time)
+    state: str = "pending"
+    """pending (an attempt is due at ``next_at``), delivered, failed (gave up after
+    the schedule, or refused for good: 410, a refused address)."""
+    next_at: float = 0.0
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    """One ``{"at", "status", "error"}`` per attempt, oldest first (status None when
+    no HTTP answer came)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Event:
+        names = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in names})
+
+
+@dataclass(frozen=True)
+class Change:
+    """One job state change in the change feed (``GET /events``)."""
+
+    id: str
+    """Opaque, increasing: resume after it (SSE ``Last-Event-ID``)."""
+    job_id: str
+    state: State
+    at: float
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    """What an idempotency key holds: the request it was first used with and, once
+    that request was answered, its reply."""
+
+    fingerprint: str
+    reply: dict[str, Any] | None
+    """{"status", "headers", "body"}; None while the first request is being answered."""
 
 
 Handler = Callable[[JobRecord], Coroutine[Any, Any, None]]
@@ -128,6 +197,10 @@ def redelivery_delay_s(attempt: int) -> float:
 class JobQueue(abc.ABC):
     """A durable store of jobs with at-least-once delivery to runners."""
 
+    max_source_bytes: int | None = None
+    """The largest source ``put`` keeps a copy of (None: every one); a larger one
+    is downloaded again by the worker, so an uploaded source cannot be larger."""
+
     @abc.abstractmethod
     async def put(self, record: JobRecord, source: bytes, *, max_active: int) -> None:
         """Store a new job and its source durably; QueueFull when ``max_active`` are unfinished."""
@@ -158,9 +231,10 @@ class JobQueue(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def complete(self, job_id: str) -> None:
-        """Mark a running job done. A job that already ended keeps its first end
-        (a duplicate delivery finishing late changes nothing)."""
+    async def complete(self, job_id: str, output_bytes: list[int] | None = None) -> None:
+        """Mark a running job done, with the size of each output it uploaded. A job
+        that already ended keeps its first end (a duplicate delivery finishing late
+        changes nothing)."""
 
     @abc.abstractmethod
     async def fail(self, job_id: str, code: int, detail: str) -> None:
@@ -185,6 +259,62 @@ class JobQueue(abc.ABC):
     @abc.abstractmethod
     async def prune(self, older_than_s: float) -> int:
         """Delete finished jobs older than ``older_than_s``; return how many."""
+
+    # --- job control and the outbox (#13) -----------------------------------------------
+    # Interface first; each backend implements these (tests/queue/test_contract.py).
+    # complete() and fail() take ``event: Event | None = None`` too: the event is
+    # stored in the same write that ends the job, and only if that write ends it.
+
+    async def cancel(self, job_id: str, event: Event | None = None) -> JobRecord:
+        """End a queued job as cancelled (never delivered after this), storing its
+        event with it; JobNotFound, or JobNotCancellable for a job running or ended."""
+        raise NotImplementedError
+
+    async def list_jobs(
+        self, state: State | None, limit: int, cursor: str | None
+    ) -> tuple[list[JobRecord], str | None]:
+        """Jobs newest first (by created_at, then id), optionally in one state; at most
+        ``limit``, after ``cursor`` (opaque, from the previous page); the cursor of the
+        next page, or None on the last."""
+        raise NotImplementedError
+
+    async def changes(self, after: str | None, limit: int) -> list[Change]:
+        """State changes after the change ``after`` (oldest first, at most ``limit``);
+        ``after=None``: from the oldest kept. Every put and state change is one Change,
+        written with it. The feed keeps at least the last ``keep_changes`` changes."""
+        raise NotImplementedError
+
+    async def change_cursor(self) -> str | None:
+        """The id of the newest change (None when there is none): resume from it to
+        see only what happens from now on."""
+        raise NotImplementedError
+
+    async def claim_events(self, limit: int, lease_s: float) -> list[Event]:
+        """Pending events due now, at most ``limit``, each leased for ``lease_s`` (its
+        ``next_at`` moved on) so no other dispatcher takes it meanwhile."""
+        raise NotImplementedError
+
+    async def save_event(self, event: Event) -> None:
+        """Write back an event after an attempt (state, next_at, attempts)."""
+        raise NotImplementedError
+
+    async def job_events(self, job_id: str) -> list[Event]:
+        """A job's events, oldest first (kept as long as the job is)."""
+        raise NotImplementedError
+
+    async def reserve_key(self, key: str, fingerprint: str, ttl_s: float) -> KeyEntry | None:
+        """Take the idempotency ``key`` for a request with ``fingerprint``: None when it
+        was free (the caller answers the request, then ``finish_key`` or
+        ``release_key``), else what the key holds. Atomic across API nodes."""
+        raise NotImplementedError
+
+    async def finish_key(self, key: str, reply: dict[str, Any], ttl_s: float) -> None:
+        """Store the reply of the request that holds ``key``, for ``ttl_s``."""
+        raise NotImplementedError
+
+    async def release_key(self, key: str) -> None:
+        """Free ``key`` (its request was refused: a retry may try again)."""
+        raise NotImplementedError
 
     async def nodes(self) -> list[dict[str, Any]]:
         """Worker nodes seen recently (distributed backends), for /health."""

@@ -353,8 +353,8 @@ class SQLiteQueue(JobQueue):
 
         await self._run(op)
 
-    async def complete(self, job_id: str) -> None:
-        await self._update(job_id, lambda record: record.mark_done())
+    async def complete(self, job_id: str, output_bytes: list[int] | None = None) -> None:
+        await self._update(job_id, lambda record: record.mark_done(output_bytes))
 
     async def fail(self, job_id: str, code: int, detail: str) -> None:
         await self._update(job_id, lambda record: record.mark_failed(code, detail))
