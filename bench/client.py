@@ -38,6 +38,8 @@ class ClosedResult:
     failed: int = 0
     out_bytes: int = 0
     errors: list[str] = field(default_factory=list)
+    latencies_s: list[float] = field(default_factory=list)
+    """How long each job counted in the window took, from its start to its end."""
 
     @property
     def per_s(self) -> float:
@@ -86,6 +88,7 @@ async def closed_loop(
         while loop.time() < t1:
             index = next(counter)
             result.started += 1
+            began = loop.time()
             try:
                 size = await job(index)
             except Exception as exc:  # counted and reported, the run goes on
@@ -93,9 +96,11 @@ async def closed_loop(
                 _note(result.errors, exc)
                 continue
             result.finished += 1
-            if t0 <= loop.time() <= t1:
+            done = loop.time()
+            if t0 <= done <= t1:
                 result.completed += 1
                 result.out_bytes += size
+                result.latencies_s.append(done - began)
 
     tasks = [asyncio.create_task(lane()) for _ in range(lanes)]
     done, pending = await asyncio.wait(tasks, timeout=warmup_s + measure_s + drain_timeout_s)

@@ -137,8 +137,13 @@ _SMOKE_SVG = """<svg xmlns="http://www.w3.org/2000/svg"
 """
 
 
-def _smoke_raster(seed: int) -> pyvips.Image:
-    width, height = 1600, 1000
+# Smoke JPEGs are wider than renditions' largest output (2048 + spread) so that no
+# system is asked to enlarge; PNGs stay small, PNG decoding has no shrink-on-load.
+SMOKE_JPEG_SIZE = (2200, 1375)
+SMOKE_PNG_SIZE = (1600, 1000)
+
+
+def _smoke_raster(seed: int, width: int, height: int) -> pyvips.Image:
     xy = pyvips.Image.xyz(width, height)
     red = xy[0] * (255 / width)
     green = xy[1] * (255 / height)
@@ -153,13 +158,16 @@ def smoke(root: Path) -> SourceSet:
     root.mkdir(parents=True, exist_ok=True)
     sources = SourceSet(root)
     for seed in (1, 2):
-        image = _smoke_raster(seed)
+        # The size is in the name: files made by an older version are not reused.
+        image = _smoke_raster(seed, *SMOKE_JPEG_SIZE)
         for progressive in (False, True):
-            name = f"smoke-{seed}{'-progressive' if progressive else ''}.jpg"
+            kind = "-progressive" if progressive else ""
+            name = f"smoke-{seed}{kind}-{image.width}x{image.height}.jpg"
             if not (root / name).exists():
                 image.jpegsave(str(root / name), Q=90, interlace=progressive)
             _add(sources, "jpeg", name, "generated")
-        name = f"smoke-{seed}.png"
+        image = _smoke_raster(seed, *SMOKE_PNG_SIZE)
+        name = f"smoke-{seed}-{image.width}x{image.height}.png"
         if not (root / name).exists():
             image.pngsave(str(root / name))
         _add(sources, "png", name, "generated")

@@ -23,7 +23,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import aiohttp
 import pyvips
@@ -38,6 +37,9 @@ from bench.workloads import Workload
 BENCH_DIR = Path(__file__).resolve().parent
 THUMBOR_VENV = BENCH_DIR / ".venv-thumbor"
 SYSTEMS = ("limit", "imgserve", "thumbor")
+NO_PLACEHOLDER = "imgserve-noph"
+"""imgserve taking ``POST /jobs`` with ``"placeholder": false`` (several-output
+workloads only: placeholders cost one more image per output)."""
 # Foreign CPU (% of one core) above which a phase is flagged as disturbed.
 NOISY_PCT = 15.0
 LOAD_LEVELS = (0.5, 0.8)
@@ -72,9 +74,14 @@ class Phase:
     workload: str
     system: str
     per_s: float
+    """Requests (sources) finished per second; ``outputs_per_job`` times that many images."""
     completed: int
     window_s: float
     mode: str = ""
+    outputs_per_job: int = 1
+    latency_p50_ms: float | None = None
+    """Median time a request counted in the window took, start to last output."""
+    latency_p95_ms: float | None = None
     cpu_ms_per_job: float | None = None
     root_cpu_ms_per_job: float | None = None
     """CPU of the root process alone (imgserve: the API process, not the workers)."""
@@ -337,8 +344,9 @@ class Runner:
         o = self.o
         await self._warm(keep, fresh)
         for rnd in range(o.rounds):
-            order = SYSTEMS[rnd % 3 :] + SYSTEMS[: rnd % 3]
             for workload in o.workloads:
+                systems = systems_for(workload)
+                order = systems[rnd % len(systems) :] + systems[: rnd % len(systems)]
                 for system in order:
                     self._check_stop()
                     await self._phase(rnd, workload, system, keep, fresh)
@@ -374,12 +382,14 @@ class Runner:
     ) -> None:
         if system == "limit":
             self._limit_phase(rnd, workload)
-        elif system == "imgserve" and self.daemon is not None:
-            await self._imgserve_phase(rnd, workload, keep)
+        elif system in ("imgserve", NO_PLACEHOLDER) and self.daemon is not None:
+            await self._imgserve_phase(rnd, workload, system, keep)
         elif system == "thumbor" and self.thumbor is not None:
             await self._thumbor_phase(rnd, workload, fresh)
 
-    def _imgserve_client(self, workload: Workload, tag: str) -> imgserve_sys.Client:
+    def _imgserve_client(
+        self, workload: Workload, tag: str, placeholder: bool = True
+    ) -> imgserve_sys.Client:
         assert self.daemon is not None and self.arrivals is not None
         assert self.imgserve_http is not None
         return imgserve_sys.Client(
@@ -390,6 +400,7 @@ class Runner:
             self._names(workload),
             self._src_url(),
             tag,
+            placeholder,
         )
 
     async def _count_daemon_failures(
@@ -423,11 +434,12 @@ class Runner:
                 per_s=r.images / r.window_s, completed=r.images, window_s=r.window_s,
                 cpu_ms_per_job=1000 * r.cpu_s / r.all_images if r.all_images else None,
                 out_kb_per_job=r.out_bytes / r.images / 1024 if r.images else None,
-                foreign_cpu_pct=foreign,
+                foreign_cpu_pct=foreign, outputs_per_job=len(workload.outputs),
             )  # fmt: skip
+            _set_latency(phase, list(r.latencies_s))
             log(
-                f"r{rnd} {workload.name:18} limit/{mode:9} {phase.per_s:7.1f} img/s"
-                + _noisy(foreign)
+                f"r{rnd} {workload.name:18} limit/{mode:9} {phase.per_s:7.1f} "
+                f"{_unit(workload)}" + _noisy(foreign)
             )
             if best is None or phase.per_s > best.per_s:
                 best = phase
@@ -437,16 +449,17 @@ class Runner:
         self.results.phases.append(best)
 
     async def _imgserve_phase(
-        self, rnd: int, workload: Workload, http: aiohttp.ClientSession
+        self, rnd: int, workload: Workload, system: str, http: aiohttp.ClientSession
     ) -> None:
         assert self.daemon is not None
-        c = self._imgserve_client(workload, f"r{rnd}i")
+        placeholder = system != NO_PLACEHOLDER
+        c = self._imgserve_client(workload, f"r{rnd}{'i' if placeholder else 'n'}", placeholder)
         failed0 = await imgserve_sys.failed_jobs(http, self.daemon)
-        phase = await self._closed(rnd, workload, "imgserve", c.job)
+        phase = await self._closed(rnd, workload, system, c.job, tree="imgserve")
         await self._count_daemon_failures(http, failed0, phase)
         if rnd == 0:
-            for dst_url, req in c.sample_dst[:1]:
-                self._check_file(workload, req, urlparse(dst_url).path)
+            for path, out, req in c.sample_dst:
+                self._check_file(system, workload, out, req, path)
         self.results.phases.append(phase)
 
     async def _thumbor_phase(
@@ -459,8 +472,10 @@ class Runner:
         )
         phase = await self._closed(rnd, workload, "thumbor", c.job)
         if rnd == 0 and c.sample is not None:
-            body, req = c.sample
-            self._check_image("thumbor", workload, req, pyvips.Image.new_from_buffer(body, ""))
+            bodies, req = c.sample
+            for body, out in zip(bodies, req.outputs, strict=True):
+                image = pyvips.Image.new_from_buffer(body, "")
+                self._check_image("thumbor", workload, out, req, image)
         self.results.phases.append(phase)
 
     async def _closed(
@@ -469,18 +484,22 @@ class Runner:
         workload: Workload,
         system: str,
         job: client.Job,
+        tree: str | None = None,
     ) -> Phase:
+        """Closed-loop throughput of ``job``; ``tree`` is the process tree doing
+        the work (default: the one named ``system``)."""
         probes: dict[str, float] = {}
+        tree = tree or system
 
         def start() -> None:
-            probes["root0"] = self.monitor.root_cpu_s(system)
-            probes["cpu0"] = self.monitor.cpu_s(system)
+            probes["root0"] = self.monitor.root_cpu_s(tree)
+            probes["cpu0"] = self.monitor.cpu_s(tree)
             probes["client0"] = time.thread_time()
             probes["src0"] = self.monitor.cpu_s("srcserver")
 
         def end() -> None:
-            probes["root1"] = self.monitor.root_cpu_s(system)
-            probes["cpu1"] = self.monitor.cpu_s(system)
+            probes["root1"] = self.monitor.root_cpu_s(tree)
+            probes["cpu1"] = self.monitor.cpu_s(tree)
             probes["client1"] = time.thread_time()
             probes["src1"] = self.monitor.cpu_s("srcserver")
 
@@ -495,8 +514,9 @@ class Runner:
             round=rnd, workload=workload.name, system=system, per_s=r.per_s,
             completed=n, window_s=r.window_s, failed=r.failed,
             unfinished=r.started - r.finished - r.failed, errors=r.errors,
-            foreign_cpu_pct=foreign,
+            foreign_cpu_pct=foreign, outputs_per_job=len(workload.outputs),
         )  # fmt: skip
+        _set_latency(phase, r.latencies_s)
         if n and "cpu1" in probes:
             phase.cpu_ms_per_job = 1000 * (probes["cpu1"] - probes["cpu0"]) / n
             phase.root_cpu_ms_per_job = 1000 * (probes["root1"] - probes["root0"]) / n
@@ -506,7 +526,7 @@ class Runner:
             phase.out_kb_per_job = r.out_bytes / n / 1024
         extra = f", {r.failed} failed: {r.errors[:1]}" if r.failed or r.errors else ""
         extra += _noisy(foreign)
-        log(f"r{rnd} {workload.name:18} {system:15} {phase.per_s:7.1f} jobs/s{extra}")
+        log(f"r{rnd} {workload.name:18} {system:15} {phase.per_s:7.1f} {_unit(workload)}{extra}")
         return phase
 
     async def _latency(self, workload: Workload, load: float, http: aiohttp.ClientSession) -> None:
@@ -560,28 +580,58 @@ class Runner:
             with contextlib.suppress(OSError):
                 path.unlink()
 
-    def _check_file(self, workload: Workload, req: workloads.Request, path: str) -> None:
+    def _check_file(
+        self,
+        system: str,
+        workload: Workload,
+        out: workloads.Output,
+        req: workloads.Request,
+        path: str,
+    ) -> None:
         try:
             image = pyvips.Image.new_from_buffer(Path(path).read_bytes(), "")
         except (OSError, pyvips.Error) as exc:
-            self.results.checks.append(f"FAIL imgserve {workload.name}: cannot read {path}: {exc}")
+            self.results.checks.append(f"FAIL {system} {workload.name}: cannot read {path}: {exc}")
             return
-        self._check_image("imgserve", workload, req, image)
+        self._check_image(system, workload, out, req, image)
 
     def _check_image(
-        self, system: str, workload: Workload, req: workloads.Request, image: pyvips.Image
+        self,
+        system: str,
+        workload: Workload,
+        out: workloads.Output,
+        req: workloads.Request,
+        image: pyvips.Image,
     ) -> None:
         assert self.sources is not None
-        want = workloads.expected_size(workload, req, self.sources.sizes[req.source])
+        want = workloads.expected_size(out, self.sources.sizes[req.source])
         got = (image.width, image.height)
         loader = str(image.get("vips-loader")) if image.get_typeof("vips-loader") else "?"
-        fmt_ok = workload.out_ext.replace("jpg", "jpeg") in loader
+        fmt_ok = out.out_ext.replace("jpg", "jpeg") in loader
         size_ok = abs(got[0] - want[0]) <= 1 and abs(got[1] - want[1]) <= 1
         verdict = "ok  " if fmt_ok and size_ok else "FAIL"
         self.results.checks.append(
             f"{verdict} {system} {workload.name}: {got[0]}x{got[1]} {loader}, "
-            f"expected {want[0]}x{want[1]} {workload.out_ext}"
+            f"expected {want[0]}x{want[1]} {out.out_ext}"
         )
+
+
+def systems_for(workload: Workload) -> tuple[str, ...]:
+    """The systems measured on ``workload``, in round 0's order."""
+    if workload.renditions:
+        return (*SYSTEMS, NO_PLACEHOLDER)
+    return SYSTEMS
+
+
+def _unit(workload: Workload) -> str:
+    return f"sources/s ({len(workload.outputs)} outputs each)" if workload.renditions else "jobs/s"
+
+
+def _set_latency(phase: Phase, latencies_s: list[float]) -> None:
+    if latencies_s:
+        ms = [1000 * x for x in latencies_s]
+        phase.latency_p50_ms = client.percentile(ms, 50)
+        phase.latency_p95_ms = client.percentile(ms, 95)
 
 
 def _noisy(foreign_pct: float) -> str:

@@ -45,6 +45,7 @@ FLAGS = [
     (["--workers", "3"], "worker.workers", 3),
     (["--queue", "redis://h/0"], "server.queue_url", "redis://h/0"),
     (["--queue-max", "9"], "server.queue_max", 9),
+    (["--max-outputs", "4"], "server.max_outputs", 4),
     (["--allow-net", "10.0.0.0/8", "--allow-net", "::1/128"], "transport.policy.allow_nets",
      (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128"))),
     (["--allow-host", "A.Example"], "transport.policy.allow_hosts", ("a.example",)),

@@ -9,7 +9,8 @@ result after it, so a name's second arrival is its result. Watching the
 directory costs the daemon nothing, where polling ``GET /jobs/<id>`` would
 cost it a request per poll. Jobs that failed (their failure image also
 arrives) are counted from ``GET /health`` around each phase. Sources come from
-the benchmark's source server on loopback.
+the benchmark's source server on loopback. A several-output workload is one
+``POST /jobs`` per source, counted once every output's result has arrived.
 """
 
 from __future__ import annotations
@@ -264,10 +265,12 @@ class Client:
     """Submits jobs of one workload and waits for each result to be in place.
 
     ``http`` is the benchmark's pool of keep-alive connections to the daemon.
+    A one-output workload is 0.2's ``POST /`` (reply 200); a several-output one
+    is one ``POST /jobs`` per source (reply 202), done when every output's
+    result has arrived. ``placeholder`` (``POST /jobs`` only) asks for the
+    placeholders before the reply; without them each output arrives once.
     """
 
-    # The placeholder arrives before the reply, the result (or failure image) after.
-    ARRIVALS_PER_JOB = 2
     RESULT_TIMEOUT_S = 120.0
 
     def __init__(
@@ -279,6 +282,7 @@ class Client:
         sources: list[str],
         src_base_url: str,
         tag: str,
+        placeholder: bool = True,
     ) -> None:
         self.http = http
         self.daemon = daemon
@@ -287,34 +291,60 @@ class Client:
         self.sources = sources
         self.src_base_url = src_base_url
         self.tag = tag
-        self.sample_dst: list[tuple[str, workloads.Request]] = []
+        self.placeholder = placeholder or not workload.renditions
+        self.sample_dst: list[tuple[str, workloads.Output, workloads.Request]] = []
+        """(path of a result, the output it is, its request)"""
+
+    @property
+    def arrivals_per_output(self) -> int:
+        """The placeholder arrives before the reply, the result (or failure image) after."""
+        return 2 if self.placeholder else 1
 
     def body(self, index: int) -> tuple[dict[str, Any], workloads.Request]:
         req = workloads.request(self.workload, self.sources, index)
-        body = workloads.imgserve_body(
-            self.workload, req, self.src_base_url, str(self.daemon.out_dir), tag=self.tag
-        )
+        out_dir = str(self.daemon.out_dir)
+        if self.workload.renditions:
+            body = workloads.jobs_body(
+                self.workload, req, self.src_base_url, out_dir, self.tag, self.placeholder
+            )
+        else:
+            body = workloads.imgserve_body(
+                self.workload, req, self.src_base_url, out_dir, tag=self.tag
+            )
         return body, req
 
-    async def submit(self, index: int) -> tuple[str, str, workloads.Request]:
-        """POST one job; returns (job id, dstURL, request)."""
+    async def submit(self, index: int) -> tuple[str, list[str], workloads.Request]:
+        """POST one job; returns (job id, the paths of its outputs, request)."""
         body, req = self.body(index)
-        reply = await self.http.post("/", json.dumps(body).encode())
-        if reply.status != 200:
-            raise JobFailed(f"POST -> {reply.status}: {reply.body[:300].decode(errors='replace')}")
+        path, status = ("/jobs", 202) if self.workload.renditions else ("/", 200)
+        reply = await self.http.post(path, json.dumps(body).encode())
+        if reply.status != status:
+            raise JobFailed(
+                f"POST {path} -> {reply.status}: {reply.body[:300].decode(errors='replace')}"
+            )
         data = json.loads(reply.body)
-        return str(data["jobId"]), str(data.get("dstURL", "")), req
+        if self.workload.renditions:
+            dst_urls = [str(out["url"]) for out in body["outputs"]]
+        else:
+            dst_urls = [str(data.get("dstURL", ""))]
+        return str(data["jobId"]), [url.removeprefix("file://") for url in dst_urls], req
 
-    async def wait_done(self, submitted: tuple[str, str, workloads.Request]) -> None:
-        """Wait until the job's result is renamed into place (raises on timeout)."""
-        job_id, dst_url, req = submitted
-        name = dst_url.rsplit("/", 1)[-1]
+    async def wait_done(self, submitted: tuple[str, list[str], workloads.Request]) -> None:
+        """Wait until every output's result is renamed into place (raises on timeout)."""
+        job_id, paths, req = submitted
+        names = [path.rsplit("/", 1)[-1] for path in paths]
+        want = self.arrivals_per_output
         try:
-            await self.arrivals.wait(name, self.ARRIVALS_PER_JOB, self.RESULT_TIMEOUT_S)
+            if len(names) == 1:
+                await self.arrivals.wait(names[0], want, self.RESULT_TIMEOUT_S)
+            else:
+                await asyncio.gather(
+                    *(self.arrivals.wait(name, want, self.RESULT_TIMEOUT_S) for name in names)
+                )
         except TimeoutError as exc:
             raise JobFailed(f"job {job_id}: no result after {self.RESULT_TIMEOUT_S:g} s") from exc
-        if len(self.sample_dst) < 3:
-            self.sample_dst.append((dst_url, req))
+        if not self.sample_dst:
+            self.sample_dst = list(zip(paths, req.outputs, [req] * len(paths), strict=True))
 
     async def job(self, index: int) -> int:
         """One job end to end (for the closed loop); output size is not known here."""

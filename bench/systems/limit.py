@@ -1,9 +1,11 @@
 """The limit: a bare pyvips loop doing the same work as imgserve, with no service around it.
 
-Each image is loaded from bytes with ``thumbnail_buffer`` (shrink-on-load,
+Each output is made from the source bytes with ``thumbnail_buffer`` (shrink-on-load,
 cover-and-crop or attention crop in the same call), then saved to bytes with
 the encoder options imgserve uses (keep no metadata, Huffman-optimised
-non-progressive JPEG, Q 80; WebP Q 80; PNG compression 6). libvips' operation
+non-progressive JPEG, Q 80; WebP Q 80; PNG compression 6). A request with
+several outputs (``renditions``) makes each one so, one after the other: the
+way a per-output server works, without the server. libvips' operation
 cache is off, as in imgserve. The loop runs in as many processes as cores, or
 as many threads in this process; the caller keeps whichever is faster.
 """
@@ -40,6 +42,8 @@ class WindowResult:
     """Finished from the loop's start to its end (warm-up and tail included)."""
     cpu_s: float
     """CPU used from the loop's start to its end (for CPU per image)."""
+    latencies_s: tuple[float, ...] = ()
+    """Seconds each request counted in the window took (all its outputs)."""
 
 
 def _load_sources(root: str) -> None:
@@ -59,26 +63,32 @@ def _worker_ping(delay_s: float) -> int:
     return os.getpid()
 
 
-def process(workload: Workload, req: workloads.Request, data: bytes) -> bytes:
-    """One request, the bare way: thumbnail_buffer then save to bytes."""
-    kwargs: dict[str, Any] = {"height": req.height or UNBOUNDED, "size": "both"}
-    if workload.gravity == "smart":
+def render(out: workloads.Output, data: bytes) -> bytes:
+    """One output, the bare way: thumbnail_buffer then save to bytes."""
+    kwargs: dict[str, Any] = {"height": out.height or UNBOUNDED, "size": "both"}
+    if out.gravity == "smart":
         kwargs["crop"] = "attention"
-    elif workload.gravity == "centre":
+    elif out.gravity == "centre":
         kwargs["crop"] = "centre"
-    image = pyvips.Image.thumbnail_buffer(data, req.width, **kwargs)
-    if workload.out_ext == "jpg":
-        out = image.jpegsave_buffer(
+    image = pyvips.Image.thumbnail_buffer(data, out.width, **kwargs)
+    if out.out_ext == "jpg":
+        saved = image.jpegsave_buffer(
             keep="none",
             optimize_coding=True,
             interlace=workloads.PROGRESSIVE_JPEG,
             Q=workloads.JPEG_QUALITY,
         )
-    elif workload.out_ext == "webp":
-        out = image.webpsave_buffer(keep="none", Q=workloads.WEBP_QUALITY)
+    elif out.out_ext == "webp":
+        saved = image.webpsave_buffer(keep="none", Q=workloads.WEBP_QUALITY)
     else:
-        out = image.pngsave_buffer(keep="none", compression=workloads.PNG_COMPRESSION)
-    return bytes(out)
+        saved = image.pngsave_buffer(keep="none", compression=workloads.PNG_COMPRESSION)
+    return bytes(saved)
+
+
+def process(req: workloads.Request, data: bytes) -> int:
+    """One request: each output on its own, from the source bytes (as a service
+    making one output per request would); returns the output bytes in all."""
+    return sum(len(render(out, data)) for out in req.outputs)
 
 
 def run_window(
@@ -103,20 +113,23 @@ def run_window(
     t1 = t0 + measure_s
     index = first
     images = out_bytes = all_images = 0
+    latencies_s: list[float] = []
     cpu0 = time.process_time()
     while time.monotonic() < t1:
         req = workloads.request(workload, sources, index)
-        out = process(workload, req, _SOURCES[req.source])
+        began = time.monotonic()
+        size = process(req, _SOURCES[req.source])
         index += stride
         all_images += 1
         done = time.monotonic()
         if t0 <= done <= t1:
             images += 1
-            out_bytes += len(out)
+            out_bytes += size
+            latencies_s.append(done - began)
     # process_time covers libvips' own threads; in threads mode it covers the
     # other loops too, so the caller measures CPU itself there.
     cpu_s = time.process_time() - cpu0
-    return WindowResult(images, measure_s, out_bytes, all_images, cpu_s)
+    return WindowResult(images, measure_s, out_bytes, all_images, cpu_s, tuple(latencies_s))
 
 
 class Limit:
@@ -144,7 +157,7 @@ class Limit:
     def run(
         self, mode: str, workload: Workload, sources: list[str], warmup_s: float, measure_s: float
     ) -> WindowResult:
-        """Images/s of ``workload`` in ``mode`` ("processes" or "threads"), summed over loops."""
+        """Requests/s of ``workload`` in ``mode`` ("processes" or "threads"), summed over loops."""
         start_at = time.monotonic() + 0.2
         args = [
             (workload.name, sources, k, self.workers, start_at, warmup_s, measure_s)
@@ -164,6 +177,7 @@ class Limit:
             out_bytes=sum(r.out_bytes for r in results),
             all_images=sum(r.all_images for r in results),
             cpu_s=cpu_s,
+            latencies_s=tuple(t for r in results for t in r.latencies_s),
         )
 
     def _threads(self, args: list[tuple[Any, ...]]) -> tuple[list[WindowResult], float]:

@@ -11,6 +11,7 @@ connection per request (no keep-alive) to spread requests over them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -167,7 +168,12 @@ class Server:
 
 
 class Client:
-    """GETs unsafe thumbor URLs for one workload, a new connection each time."""
+    """GETs unsafe thumbor URLs for one workload, a new connection each time.
+
+    A request of a several-output workload is one GET per output, sent
+    together (as a web application wanting five sizes would); it is done when
+    the last body is read.
+    """
 
     def __init__(
         self,
@@ -184,17 +190,23 @@ class Client:
         self.sources = sources
         self.src_host = src_host
         self.tag = tag
-        self.sample: tuple[bytes, workloads.Request] | None = None
+        self.sample: tuple[list[bytes], workloads.Request] | None = None
 
-    async def job(self, index: int) -> int:
-        req = workloads.request(self.workload, self.sources, index)
-        url = self.server.base_url + workloads.thumbor_path(
-            self.workload, req, self.src_host, self.tag
-        )
+    async def _get(self, path: str) -> bytes:
+        url = self.server.base_url + path
         async with self.http.get(url) as reply:
             body = await reply.read()
             if reply.status != 200 or not body:
                 raise ThumborFailed(f"GET {url} -> {reply.status}: {body[:200]!r}")
+        return body
+
+    async def job(self, index: int) -> int:
+        req = workloads.request(self.workload, self.sources, index)
+        paths = workloads.thumbor_paths(self.workload, req, self.src_host, self.tag)
+        if len(paths) == 1:
+            bodies = [await self._get(paths[0])]
+        else:
+            bodies = list(await asyncio.gather(*(self._get(path) for path in paths)))
         if self.sample is None:
-            self.sample = (body, req)
-        return len(body)
+            self.sample = (bodies, req)
+        return sum(len(body) for body in bodies)

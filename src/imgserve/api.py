@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from imgserve import __version__, errors
 from imgserve.config import Settings
@@ -183,7 +184,7 @@ async def _read_upload(
                 raise errors.JobUploadInvalid(
                     f"unexpected part {part.name!r}: send one job part and one source part"
                 )
-    except ValueError as exc:  # aiohttp: not a well-formed multipart body
+    except (ValueError, BadHttpMessage) as exc:  # aiohttp: not a well-formed multipart body
         raise errors.JobUploadInvalid(f"not a well-formed multipart body: {exc}"[:200]) from exc
     if job is None:
         raise errors.JobUploadInvalid("job: missing (a part holding the job as JSON)")

@@ -29,6 +29,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     add("--workers", type=int, help="image worker processes (default: CPU count)")
     add("--queue", help="redis://host:port/db for distributed mode (default: embedded)")
     add("--queue-max", dest="queue_max", type=int, help="jobs waiting before 503")
+    add("--max-outputs", dest="max_outputs", type=int, help="outputs per POST /jobs job (16)")
     add("--allow-net", dest="allow_net", action="append", help="CIDR to allow (repeatable)")
     add("--allow-host", dest="allow_host", action="append", help="host name to allow")
     add("--file-root", dest="file_root", action="append", help="directory file:// may use")

@@ -452,6 +452,14 @@ class ReplyTimeout(ImgserveError):
     message = "the job could not be checked within the reply deadline"
 
 
+class JobNotCancellable(ImgserveError):
+    """Only a queued job can be cancelled; the detail says the job's state."""
+
+    code = 613
+    status = 409
+    message = "job cannot be cancelled"
+
+
 # --- POST /jobs validation (700-799): each detail starts with the field path -----------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -207,3 +208,76 @@ def serve(http_server: Any, name: str, data: bytes) -> str:
 
 def decode(data: bytes) -> pyvips.Image:
     return pyvips.Image.new_from_buffer(bytes(data), "")
+
+
+@pytest.fixture(scope="module")
+def start_module_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Like ``start_daemon``, but each daemon lives until the test module ends, so its
+    tests share one start; ``env`` adds variables to the daemon's environment."""
+    base = tmp_path_factory.mktemp("daemon")
+    started: list[Daemon] = []
+
+    def start(*extra: str, env: dict[str, str] | None = None) -> Daemon:
+        daemon = Daemon(base / f"state{len(started)}", base / "out", list(extra))
+        daemon.env.update(env or {})
+        daemon.out_dir.mkdir(exist_ok=True)
+        result = daemon.cli("start")
+        assert result.returncode == 0, result.stderr
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        if (daemon.state_dir / "imgserve.pid").exists():
+            tree = descendants(daemon.pid) | {daemon.pid}
+            daemon.cli("stop")
+            for p in tree:
+                if alive(p):
+                    os.kill(p, signal.SIGKILL)
+
+
+def png_bands(width: int, height: int) -> bytes:
+    """A lossless PNG in three vertical bands: the left quarter red, the middle half
+    green, the right quarter blue, so a crop or a stretch shows which part it kept."""
+    img = pyvips.Image.black(width, height, bands=3).new_from_image([0, 200, 0])
+    img = img.draw_rect([220, 0, 0], 0, 0, width // 4, height, fill=True)
+    img = img.draw_rect([0, 0, 220], width * 3 // 4, 0, width - width * 3 // 4, height, fill=True)
+    return bytes(img.pngsave_buffer())
+
+
+Part = tuple[str, str | None, bytes]
+"""One multipart part: its name, its file name (None: not a file part) and its bytes."""
+
+
+def multipart(parts: list[Part], boundary: str = "imgserve-test-boundary") -> tuple[bytes, str]:
+    """A multipart/form-data body written out by hand (so tests control every byte),
+    and its Content-Type."""
+    out = b""
+    for name, filename, data in parts:
+        disposition = f'form-data; name="{name}"'
+        if filename is not None:
+            disposition += f'; filename="{filename}"'
+        out += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode()
+        out += data + b"\r\n"
+    out += f"--{boundary}--\r\n".encode()
+    return out, f"multipart/form-data; boundary={boundary}"
+
+
+def send(
+    daemon: Daemon, path: str, body: bytes, content_type: str | None = "application/json"
+) -> Reply:
+    """POST ``body`` with ``content_type`` (None: no Content-Type header at all, which
+    urllib would not allow)."""
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=60)
+    try:
+        headers = {"Content-Type": content_type} if content_type is not None else {}
+        conn.request("POST", path, body, headers)
+        resp = conn.getresponse()
+        return Reply(resp.status, json.loads(resp.read()), dict(resp.getheaders()))
+    finally:
+        conn.close()
+
+
+def post_jobs(daemon: Daemon, job: dict[str, Any]) -> Reply:
+    """``POST /jobs`` with a JSON job."""
+    return send(daemon, "/jobs", json.dumps(job).encode())

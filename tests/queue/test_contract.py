@@ -15,7 +15,7 @@ import pytest
 
 from imgserve import errors
 from imgserve.queue import open_queue
-from imgserve.queue.base import JobQueue, JobRecord, State
+from imgserve.queue.base import Event, JobQueue, JobRecord, KeyEntry, State
 
 
 def record(**changes: Any) -> JobRecord:
@@ -487,3 +487,472 @@ async def test_sqlite_lease_is_renewed_while_the_handler_runs(tmp_path: Path) ->
         await owner.close()
         await other.close()
     assert runs == [("owner", 1)]
+
+
+# --- #13: the outbox, cancel, list, the change feed, idempotency keys, lanes -----------
+
+
+def event(job_id: str, type_: str = "job.completed", **changes: Any) -> Event:
+    values: dict[str, Any] = {
+        "id": f"msg_{uuid.uuid4().hex}",
+        "job_id": job_id,
+        "url": "http://127.0.0.1:9/hook",
+        "type": type_,
+        "payload": {"type": type_, "data": {"jobId": job_id, "outputs": []}},
+    }
+    values.update(changes)
+    return Event(**values)
+
+
+async def test_complete_and_fail_store_their_event_only_when_they_end_the_job(
+    queue: JobQueue,
+) -> None:
+    """The event given to complete/fail is in the outbox once the job ended; a late
+    duplicate end (with its own event) stores nothing."""
+    done, failed = record(), record()
+    for job in (done, failed):
+        await queue.put(job, b"x", max_active=10)
+    first = event(done.id)
+    await queue.complete(done.id, [3], event=first)
+    await queue.fail(done.id, 502, "late", event=event(done.id, "job.failed"))
+    await queue.complete(done.id, event=event(done.id))
+    assert [e.id for e in await queue.job_events(done.id)] == [first.id]
+    stored = (await queue.job_events(done.id))[0]
+    assert (stored.type, stored.payload, stored.state) == (
+        "job.completed",
+        first.payload,
+        "pending",
+    )
+
+    gone = event(failed.id, "job.failed")
+    await queue.fail(failed.id, 202, "truncated", event=gone)
+    assert [e.type for e in await queue.job_events(failed.id)] == ["job.failed"]
+    assert await queue.job_events("no-such-job") == []
+
+
+async def test_concurrent_ends_from_two_nodes_store_exactly_one_event(
+    make_queue: QueueFactory,
+) -> None:
+    """Ends racing on two queue objects of one store: one wins, and only its event is
+    stored (the read-modify-write is atomic: WATCH on Redis, one transaction in SQLite)."""
+    one, two = make_queue(), make_queue()
+    job = record()
+    await one.put(job, b"x", max_active=10)
+    ends = []
+    for i in range(10):
+        node = one if i % 2 else two
+        ends.append(node.complete(job.id, event=event(job.id, "job.completed")))
+        ends.append(node.fail(job.id, 202, "x", event=event(job.id, "job.failed")))
+    await asyncio.gather(*ends)
+    stored = await one.get(job.id)
+    events = await one.job_events(job.id)
+    assert stored is not None and len(events) == 1
+    assert events[0].type == {State.DONE: "job.completed", State.FAILED: "job.failed"}[stored.state]
+
+
+async def test_claim_events_leases_each_event_to_one_dispatcher(make_queue: QueueFactory) -> None:
+    """Two dispatchers on one store claiming at once never get the same event; a
+    leased event is not claimable until its lease runs out or it is saved due."""
+    one, two = make_queue(), make_queue()
+    made: list[Event] = []
+    for _ in range(20):
+        job = record()
+        await one.put(job, b"x", max_active=100)
+        made.append(event(job.id))
+        await one.complete(job.id, event=made[-1])
+    batches = await asyncio.gather(
+        *(node.claim_events(3, 60.0) for node in (one, two, one, two, one, two, one, two))
+    )
+    claimed = [e.id for batch in batches for e in batch]
+    assert len(claimed) == len(set(claimed)) == 20
+    assert {e.id for e in made} == set(claimed)
+    assert all(e.next_at > time.time() + 50 for batch in batches for e in batch)
+    assert await one.claim_events(10, 60.0) == []
+
+    first = batches[0][0]
+    first.attempts.append({"at": time.time(), "status": 500, "error": None})
+    first.next_at = time.time() - 1  # due again at once
+    await two.save_event(first)
+    again = await one.claim_events(10, 60.0)
+    assert [e.id for e in again] == [first.id]
+    assert again[0].attempts == first.attempts
+    again[0].state = "delivered"
+    await one.save_event(again[0])
+    stored = await two.job_events(first.job_id)
+    assert [(e.state, len(e.attempts)) for e in stored] == [("delivered", 1)]
+
+
+async def test_a_lease_that_runs_out_makes_the_event_claimable_again(queue: JobQueue) -> None:
+    """A dispatcher that claimed an event and died: once its lease ends, another takes it."""
+    job = record()
+    await queue.put(job, b"x", max_active=10)
+    await queue.complete(job.id, event=event(job.id))
+    (leased,) = await queue.claim_events(5, 0.2)
+    assert await queue.claim_events(5, 0.2) == []
+    deadline = time.monotonic() + 10
+    while not (again := await queue.claim_events(5, 0.2)):
+        assert time.monotonic() < deadline, "the lease never ran out"
+        await asyncio.sleep(0.02)
+    assert [e.id for e in again] == [leased.id]
+
+
+async def test_events_are_pruned_with_their_job(queue: JobQueue) -> None:
+    """prune deletes an ended job's events with it; save_event does not bring one back."""
+    job = record()
+    await queue.put(job, b"x", max_active=10)
+    stored = event(job.id)
+    await queue.complete(job.id, event=stored)
+    await asyncio.sleep(0.05)
+    assert await queue.prune(older_than_s=0.01) == 1
+    assert await queue.job_events(job.id) == []
+    await queue.save_event(stored)
+    assert await queue.claim_events(10, 1.0) == []
+    assert await queue.job_events(job.id) == []
+
+
+async def test_cancel_ends_a_queued_job_which_is_never_delivered(queue: JobQueue) -> None:
+    """cancel: queued -> cancelled (finished, counted, source gone, event stored); a
+    consumer then runs the next job but never the cancelled one."""
+    cancelled, after = record(), record()
+    await queue.put(cancelled, b"source", max_active=10)
+    await queue.put(after, b"source", max_active=10)
+    gone = event(cancelled.id, "job.cancelled")
+    ended = await queue.cancel(cancelled.id, event=gone)
+    assert ended.state is State.CANCELLED and ended.finished_at is not None
+    stored = await queue.get(cancelled.id)
+    assert stored is not None and stored.state is State.CANCELLED
+    assert (await queue.counts())["cancelled"] == 1
+    assert (await queue.counts())["queued"] == 1
+    assert await queue.source(cancelled.id) is None
+    assert [e.id for e in await queue.job_events(cancelled.id)] == [gone.id]
+    ran: list[str] = []
+
+    async def handler(delivered: JobRecord) -> None:
+        ran.append(delivered.id)
+        await queue.complete(delivered.id)
+
+    stopping, task = await consuming(queue, handler, concurrency=1)
+    await wait_state(queue, after.id, State.DONE)
+    await stop(stopping, task)
+    assert ran == [after.id]
+    assert (await queue.get(cancelled.id)).state is State.CANCELLED  # type: ignore[union-attr]
+
+
+async def test_cancel_of_a_job_waiting_for_its_retry_stops_it(queue: JobQueue) -> None:
+    """A job queued again for a retry can be cancelled, and is not delivered again."""
+    job, marker = record(), record()
+    await queue.put(job, b"x", max_active=10)
+    attempts: list[int] = []
+    retried = asyncio.Event()
+
+    async def handler(delivered: JobRecord) -> None:
+        if delivered.id == marker.id:
+            await queue.complete(delivered.id)
+            return
+        attempts.append(delivered.attempts)
+        await queue.retry(delivered.id, 0.3, 501, "upload failed")
+        retried.set()
+
+    stopping, task = await consuming(queue, handler, concurrency=1)
+    await asyncio.wait_for(retried.wait(), 10)
+    await wait_state(queue, job.id, State.QUEUED)
+    await queue.cancel(job.id)
+    await asyncio.sleep(0.6)  # past the retry's due time: it would have run by now
+    await queue.put(marker, b"x", max_active=10)
+    await wait_state(queue, marker.id, State.DONE)
+    await stop(stopping, task)
+    assert attempts == [1]
+    assert (await queue.get(job.id)).state is State.CANCELLED  # type: ignore[union-attr]
+
+
+async def test_cancel_refuses_running_ended_and_unknown_jobs(queue: JobQueue) -> None:
+    """A running or ended job is JobNotCancellable (its state in the detail); an
+    unknown one JobNotFound; the refused job is unchanged."""
+    running, done = record(), record()
+    await queue.put(running, b"x", max_active=10)
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def handler(delivered: JobRecord) -> None:
+        started.set()
+        await release.wait()
+        await queue.complete(delivered.id)
+
+    stopping, task = await consuming(queue, handler, concurrency=1)
+    await asyncio.wait_for(started.wait(), 10)
+    with pytest.raises(errors.JobNotCancellable, match="running"):
+        await queue.cancel(running.id)
+    release.set()
+    await wait_state(queue, running.id, State.DONE)
+    await stop(stopping, task)
+    with pytest.raises(errors.JobNotCancellable, match="done"):
+        await queue.cancel(running.id)
+    await queue.put(done, b"x", max_active=10)
+    await queue.cancel(done.id)
+    with pytest.raises(errors.JobNotCancellable, match="cancelled"):
+        await queue.cancel(done.id)
+    with pytest.raises(errors.JobNotFound):
+        await queue.cancel("missing")
+    assert errors.JobNotCancellable.code == 613 and errors.JobNotCancellable.status == 409
+
+
+async def test_list_jobs_pages_newest_first_with_a_state_filter(queue: JobQueue) -> None:
+    """list_jobs: newest first (created_at, then id on a tie), pages joined by the
+    cursor give every job once, a state filter, None as the last page's cursor."""
+    base = time.time()
+    jobs = [record(created_at=base + i) for i in range(7)]
+    twins = [record(id=f"{c}" * 32, created_at=base + 3) for c in "ab"]  # a tie on time
+    for job in jobs + twins:
+        await queue.put(job, b"x", max_active=100)
+    for job in jobs[1::2]:
+        await queue.fail(job.id, 202, "x")
+    expected = sorted(jobs + twins, key=lambda j: (j.created_at, j.id), reverse=True)
+
+    seen: list[str] = []
+    cursor: str | None = None
+    pages = 0
+    while True:
+        page, cursor = await queue.list_jobs(None, 2, cursor)
+        pages += 1
+        assert len(page) <= 2
+        seen += [job.id for job in page]
+        if cursor is None:
+            break
+    assert seen == [job.id for job in expected]
+    assert pages == 5
+
+    failed, cursor = await queue.list_jobs(State.FAILED, 2, None)
+    assert [j.id for j in failed] == [jobs[5].id, jobs[3].id] and cursor is not None
+    rest, cursor = await queue.list_jobs(State.FAILED, 2, cursor)
+    assert [j.id for j in rest] == [jobs[1].id] and cursor is None
+    assert all(j.state is State.FAILED for j in failed + rest)
+    assert await queue.list_jobs(State.RUNNING, 10, None) == ([], None)
+
+
+async def test_list_jobs_refuses_a_cursor_it_did_not_make(queue: JobQueue) -> None:
+    """A malformed cursor is JobFieldInvalid (703) naming the cursor, not a crash."""
+    for bad in ("%%%", "bm90IGEgY3Vyc29y", ""):
+        with pytest.raises(errors.JobFieldInvalid, match=r"^cursor: "):
+            await queue.list_jobs(None, 10, bad)
+
+
+async def test_list_jobs_forgets_pruned_jobs(queue: JobQueue) -> None:
+    """A pruned job leaves the listing (all jobs and its state's)."""
+    old, kept = record(), record()
+    await queue.put(old, b"x", max_active=10)
+    await queue.complete(old.id)
+    await asyncio.sleep(0.05)
+    await queue.put(kept, b"x", max_active=10)
+    assert await queue.prune(older_than_s=0.01) == 1
+    assert [j.id for j in (await queue.list_jobs(None, 10, None))[0]] == [kept.id]
+    assert await queue.list_jobs(State.DONE, 10, None) == ([], None)
+
+
+async def test_change_feed_has_every_put_and_state_change_in_order(queue: JobQueue) -> None:
+    """changes(): one Change per put and per state change, oldest first, resumable
+    after any id; change_cursor() is the newest id."""
+    assert await queue.change_cursor() is None
+    assert await queue.changes(None, 10) == []
+    job, other = record(), record()
+    await queue.put(job, b"x", max_active=10)
+
+    async def handler(delivered: JobRecord) -> None:
+        await queue.complete(delivered.id)
+
+    stopping, task = await consuming(queue, handler, concurrency=1)
+    await wait_state(queue, job.id, State.DONE)
+    await stop(stopping, task)
+    await queue.put(other, b"x", max_active=10)
+    await queue.cancel(other.id)
+
+    feed = await queue.changes(None, 100)
+    assert [(c.job_id, c.state) for c in feed] == [
+        (job.id, State.QUEUED),
+        (job.id, State.RUNNING),
+        (job.id, State.DONE),
+        (other.id, State.QUEUED),
+        (other.id, State.CANCELLED),
+    ]
+    assert all(abs(c.at - time.time()) < 60 for c in feed)
+    assert len({c.id for c in feed}) == 5
+    assert await queue.change_cursor() == feed[-1].id
+    assert [c.id for c in await queue.changes(feed[1].id, 2)] == [feed[2].id, feed[3].id]
+    assert await queue.changes(feed[-1].id, 10) == []
+
+
+async def test_change_feed_refuses_an_id_it_did_not_make(queue: JobQueue) -> None:
+    """A malformed Last-Event-ID is JobFieldInvalid naming the header."""
+    for bad in ("abc", "1-x", "-1", " 1"):
+        with pytest.raises(errors.JobFieldInvalid, match=r"^Last-Event-ID: "):
+            await queue.changes(bad, 10)
+
+
+async def test_change_feed_keeps_at_least_keep_changes(make_queue: QueueFactory) -> None:
+    """After prune the feed still holds (at least) the newest keep_changes changes."""
+    queue = make_queue(keep_changes=5)
+    for _ in range(30):
+        await queue.put(record(), b"x", max_active=100)
+    newest = await queue.change_cursor()
+    await queue.prune(older_than_s=3600)
+    feed = await queue.changes(None, 1000)
+    assert 5 <= len(feed) <= 30
+    assert feed[-1].id == newest
+
+
+async def test_sqlite_prune_trims_the_change_feed_to_keep_changes(tmp_path: Path) -> None:
+    """The embedded feed is trimmed to exactly keep_changes; ids keep counting up."""
+    from imgserve.queue.sqlite import SQLiteQueue
+
+    queue = SQLiteQueue(tmp_path / "jobs.db", keep_changes=5)
+    try:
+        for _ in range(12):
+            await queue.put(record(), b"x", max_active=100)
+        await queue.prune(older_than_s=3600)
+        feed = await queue.changes(None, 100)
+        assert [c.id for c in feed] == [str(n) for n in range(8, 13)]
+        await queue.put(record(), b"x", max_active=100)
+        assert await queue.change_cursor() == "13"
+    finally:
+        await queue.close()
+
+
+async def test_idempotency_key_reserve_finish_release(queue: JobQueue) -> None:
+    """reserve_key: None when free, then what the key holds (fingerprint, reply once
+    finished); release_key frees it."""
+    assert await queue.reserve_key("k1", "fp-a", 60.0) is None
+    assert await queue.reserve_key("k1", "fp-b", 60.0) == KeyEntry("fp-a", None)
+    reply = {"status": 200, "headers": {"Location": "/jobs/x"}, "body": {"id": "x", "a": []}}
+    await queue.finish_key("k1", reply, 60.0)
+    assert await queue.reserve_key("k1", "fp-a", 60.0) == KeyEntry("fp-a", reply)
+    assert await queue.reserve_key("k2", "fp-a", 60.0) is None
+    await queue.release_key("k2")
+    assert await queue.reserve_key("k2", "fp-c", 60.0) is None
+    assert await queue.reserve_key("k2", "fp-a", 60.0) == KeyEntry("fp-c", None)
+
+
+async def test_an_expired_idempotency_key_is_free_again(queue: JobQueue) -> None:
+    """A key past its ttl (reserved or finished) can be taken again; prune drops it."""
+    assert await queue.reserve_key("short", "fp-a", 0.2) is None
+    await queue.finish_key("short", {"status": 200, "headers": {}, "body": {}}, 0.2)
+    deadline = time.monotonic() + 10
+    while await queue.reserve_key("short", "fp-b", 60.0) is not None:
+        assert time.monotonic() < deadline, "the key never expired"
+        await asyncio.sleep(0.02)
+    assert await queue.reserve_key("short", "fp-c", 60.0) == KeyEntry("fp-b", None)
+
+
+async def test_concurrent_reserves_of_one_key_take_it_once(make_queue: QueueFactory) -> None:
+    """20 concurrent reserve_key calls for one key on four queue objects: exactly one
+    gets None, every other sees the winner's fingerprint."""
+    nodes = [make_queue() for _ in range(4)]
+    results = await asyncio.gather(
+        *(nodes[i % 4].reserve_key("same", f"fp-{i}", 60.0) for i in range(20))
+    )
+    winners = [i for i, found in enumerate(results) if found is None]
+    assert len(winners) == 1
+    assert {found.fingerprint for found in results if found is not None} == {f"fp-{winners[0]}"}
+
+
+async def test_interactive_jobs_run_before_batch_jobs_that_came_first(queue: JobQueue) -> None:
+    """With one job at a time, 5 batch jobs then 2 interactive: both interactive ones
+    run before the remaining batch ones (the first batch job may already be running),
+    each lane first in, first out."""
+    batch = [record(priority="batch") for _ in range(5)]
+    interactive = [record() for _ in range(2)]
+    order: list[str] = []
+    hold = asyncio.Event()
+
+    async def handler(delivered: JobRecord) -> None:
+        order.append(delivered.id)
+        await hold.wait()
+        await queue.complete(delivered.id)
+
+    stopping, task = await consuming(queue, handler, concurrency=1)
+    for job in batch + interactive:
+        await queue.put(job, b"x", max_active=100)
+        await asyncio.sleep(0.01)
+    hold.set()
+    await wait_state(queue, batch[-1].id, State.DONE)
+    await stop(stopping, task)
+    first = 1 if order[0] == batch[0].id else 0
+    assert order[first : first + 2] == [job.id for job in interactive]
+    assert [i for i in order if i not in {j.id for j in interactive}] == [j.id for j in batch]
+
+
+async def test_an_interactive_retry_keeps_its_lane(queue: JobQueue) -> None:
+    """An interactive job waiting for a retry, once due, runs before batch jobs
+    queued long before it."""
+    urgent = record()
+    batch = [record(priority="batch") for _ in range(3)]
+    order: list[tuple[str, int]] = []
+
+    async def handler(delivered: JobRecord) -> None:
+        order.append((delivered.id, delivered.attempts))
+        if delivered.id == urgent.id and delivered.attempts == 1:
+            await queue.retry(delivered.id, 0.2, 501, "upload failed")
+            return
+        if delivered.id != urgent.id:
+            await asyncio.sleep(0.5)  # a long batch job: the retry comes due meanwhile
+        await queue.complete(delivered.id)
+
+    await queue.put(urgent, b"x", max_active=100)
+    for job in batch:
+        await asyncio.sleep(0.01)
+        await queue.put(job, b"x", max_active=100)
+    stopping, task = await consuming(queue, handler, concurrency=1)
+    await wait_state(queue, batch[-1].id, State.DONE)
+    await stop(stopping, task)
+    assert order[:3] == [(urgent.id, 1), (batch[0].id, 1), (urgent.id, 2)]
+
+
+async def test_sqlite_database_of_the_previous_release_opens_and_works(tmp_path: Path) -> None:
+    """A jobs.db written by 0.3 before #13 (no priority column, no events, changes or
+    key tables) opens, keeps its queued job, and everything new works on it."""
+    import json
+    import sqlite3
+
+    from imgserve.queue.sqlite import SQLiteQueue
+
+    old = record()
+    with sqlite3.connect(tmp_path / "jobs.db") as db:
+        db.executescript(_PREVIOUS_SCHEMA)
+        stored = old.to_dict()
+        del stored["priority"]  # the previous release's record had none
+        db.execute(
+            "INSERT INTO jobs (id, state, record, run_at, created_at) VALUES (?,?,?,?,?)",
+            (old.id, "queued", json.dumps(stored), 0.0, old.created_at),
+        )
+    queue = SQLiteQueue(tmp_path / "jobs.db")
+    try:
+        assert (await queue.counts())["queued"] == 1
+        claimed = await queue.claim()
+        assert claimed is not None and claimed.id == old.id
+        assert claimed.priority == "interactive"
+        await queue.complete(old.id, event=event(old.id))
+        assert len(await queue.job_events(old.id)) == 1
+        assert [c.state for c in await queue.changes(None, 10)] == [State.RUNNING, State.DONE]
+        assert [j.id for j in (await queue.list_jobs(State.DONE, 5, None))[0]] == [old.id]
+        assert await queue.reserve_key("k", "fp", 60.0) is None
+    finally:
+        await queue.close()
+
+
+# The schema the release before #13 created (src/imgserve/queue/sqlite.py at 792575d).
+_PREVIOUS_SCHEMA = """
+CREATE TABLE jobs (
+    id TEXT PRIMARY KEY, state TEXT NOT NULL, record TEXT NOT NULL, run_at REAL NOT NULL,
+    created_at REAL NOT NULL, finished_at REAL, lease_until REAL
+);
+CREATE INDEX jobs_due ON jobs (state, run_at);
+CREATE INDEX jobs_finished ON jobs (finished_at);
+CREATE TABLE state_counts (state TEXT PRIMARY KEY, n INTEGER NOT NULL);
+CREATE TRIGGER jobs_insert AFTER INSERT ON jobs BEGIN
+    INSERT INTO state_counts VALUES (new.state, 1) ON CONFLICT (state) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER jobs_delete AFTER DELETE ON jobs BEGIN
+    UPDATE state_counts SET n = n - 1 WHERE state = old.state;
+END;
+CREATE TRIGGER jobs_state AFTER UPDATE OF state ON jobs WHEN old.state <> new.state BEGIN
+    UPDATE state_counts SET n = n - 1 WHERE state = old.state;
+    INSERT INTO state_counts VALUES (new.state, 1) ON CONFLICT (state) DO UPDATE SET n = n + 1;
+END;
+"""

@@ -20,16 +20,28 @@ def open_queue(
     keep_finished_s: float = 7 * 24 * 3600.0,
     job_deadline_s: float = 600.0,
     lease_s: float = 30.0,
+    keep_changes: int = 100_000,
 ) -> JobQueue:
     """The backend for ``url``. ``job_deadline_s``: the longest one delivery may
     run; ``lease_s``: the embedded queue's lease on a running job (renewed while
-    it runs; the Redis lease is arq's, derived from ``job_deadline_s``)."""
+    it runs; the Redis lease is arq's, derived from ``job_deadline_s``);
+    ``keep_changes``: the change feed keeps at least this many of the newest."""
     if not url:
         from imgserve.queue.sqlite import SQLiteQueue
 
-        return SQLiteQueue(data_dir / "jobs.db", lease_s=lease_s, job_deadline_s=job_deadline_s)
+        return SQLiteQueue(
+            data_dir / "jobs.db",
+            lease_s=lease_s,
+            job_deadline_s=job_deadline_s,
+            keep_changes=keep_changes,
+        )
     if url.startswith(("redis://", "rediss://", "unix://")):
         from imgserve.queue.arq_redis import RedisQueue
 
-        return RedisQueue(url, keep_finished_s=keep_finished_s, job_deadline_s=job_deadline_s)
+        return RedisQueue(
+            url,
+            keep_finished_s=keep_finished_s,
+            job_deadline_s=job_deadline_s,
+            keep_changes=keep_changes,
+        )
     raise errors.QueueUnavailable(f"unsupported queue URL {url!r} (use redis://host:port/db)")

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import base64
+import binascii
 import enum
 import os
 import socket
@@ -22,6 +24,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from imgserve import errors
 from imgserve.retry import backoff_s
 
 
@@ -96,6 +99,15 @@ class JobRecord:
         self.run_at = time.time() + delay_s
         self.error_code, self.error_detail = code, detail
 
+    def mark_cancelled(self) -> None:
+        self.state = State.CANCELLED
+        self.finished_at = time.time()
+
+    def check_cancellable(self) -> None:
+        """JobNotCancellable unless the job is queued (the only state cancel may end)."""
+        if self.state is not State.QUEUED:
+            raise errors.JobNotCancellable(f"job {self.id} is {self.state.value}")
+
     def to_dict(self) -> dict[str, Any]:
         # Shallow on purpose: job and plan are plain JSON dicts already (asdict would
         # deep-copy them on every state change).
@@ -165,6 +177,33 @@ class KeyEntry:
     """{"status", "headers", "body"}; None while the first request is being answered."""
 
 
+def encode_list_cursor(created_at: float, job_id: str) -> str:
+    """The ``list_jobs`` cursor after the job (``created_at``, ``job_id``): opaque to
+    clients (base64url of "created_at:id", the float written exactly)."""
+    text = f"{created_at!r}:{job_id}"
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def decode_list_cursor(cursor: str) -> tuple[float, str]:
+    """(created_at, id) of a ``list_jobs`` cursor; JobFieldInvalid("cursor: ...") when
+    it is not one this module made."""
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created, job_id = text.split(":", 1)
+        created_at = float(created)
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        raise errors.JobFieldInvalid(
+            f"cursor: not a cursor from a previous page ({cursor!r})"
+        ) from exc
+    if not job_id or created_at != created_at:  # NaN
+        raise errors.JobFieldInvalid(f"cursor: not a cursor from a previous page ({cursor!r})")
+    return created_at, job_id
+
+
+def bad_change_id(after: str) -> errors.JobFieldInvalid:
+    return errors.JobFieldInvalid(f"Last-Event-ID: not an event id from this stream ({after!r})")
+
+
 Handler = Callable[[JobRecord], Coroutine[Any, Any, None]]
 
 REDELIVERY_BASE_S = 1.0
@@ -231,14 +270,18 @@ class JobQueue(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def complete(self, job_id: str, output_bytes: list[int] | None = None) -> None:
-        """Mark a running job done, with the size of each output it uploaded. A job
-        that already ended keeps its first end (a duplicate delivery finishing late
-        changes nothing)."""
+    async def complete(
+        self, job_id: str, output_bytes: list[int] | None = None, event: Event | None = None
+    ) -> None:
+        """Mark a running job done, with the size of each output it uploaded, storing
+        ``event`` in the outbox in the same write. A job that already ended keeps its
+        first end and stores no event (a duplicate delivery finishing late changes
+        nothing)."""
 
     @abc.abstractmethod
-    async def fail(self, job_id: str, code: int, detail: str) -> None:
-        """Mark a job failed for good (no effect on a job that already ended)."""
+    async def fail(self, job_id: str, code: int, detail: str, event: Event | None = None) -> None:
+        """Mark a job failed for good, storing ``event`` in the same write (no effect,
+        and no event stored, on a job that already ended)."""
 
     @abc.abstractmethod
     async def retry(self, job_id: str, delay_s: float, code: int, detail: str) -> None:
@@ -258,63 +301,69 @@ class JobQueue(abc.ABC):
 
     @abc.abstractmethod
     async def prune(self, older_than_s: float) -> int:
-        """Delete finished jobs older than ``older_than_s``; return how many."""
+        """Delete ended jobs (done, failed, cancelled) older than ``older_than_s``, with
+        their events; trim the change feed to ``keep_changes``; drop expired
+        idempotency keys. Return how many jobs were deleted."""
 
     # --- job control and the outbox (#13) -----------------------------------------------
-    # Interface first; each backend implements these (tests/queue/test_contract.py).
-    # complete() and fail() take ``event: Event | None = None`` too: the event is
-    # stored in the same write that ends the job, and only if that write ends it.
+    # Every backend implements these (tests/queue/test_contract.py). complete() and
+    # fail() take ``event: Event | None = None`` too: the event is stored in the same
+    # write that ends the job, and only if that write ends it.
 
+    @abc.abstractmethod
     async def cancel(self, job_id: str, event: Event | None = None) -> JobRecord:
         """End a queued job as cancelled (never delivered after this), storing its
         event with it; JobNotFound, or JobNotCancellable for a job running or ended."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def list_jobs(
         self, state: State | None, limit: int, cursor: str | None
     ) -> tuple[list[JobRecord], str | None]:
         """Jobs newest first (by created_at, then id), optionally in one state; at most
         ``limit``, after ``cursor`` (opaque, from the previous page); the cursor of the
         next page, or None on the last."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def changes(self, after: str | None, limit: int) -> list[Change]:
         """State changes after the change ``after`` (oldest first, at most ``limit``);
         ``after=None``: from the oldest kept. Every put and state change is one Change,
         written with it. The feed keeps at least the last ``keep_changes`` changes."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def change_cursor(self) -> str | None:
         """The id of the newest change (None when there is none): resume from it to
         see only what happens from now on."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def claim_events(self, limit: int, lease_s: float) -> list[Event]:
         """Pending events due now, at most ``limit``, each leased for ``lease_s`` (its
         ``next_at`` moved on) so no other dispatcher takes it meanwhile."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def save_event(self, event: Event) -> None:
-        """Write back an event after an attempt (state, next_at, attempts)."""
-        raise NotImplementedError
+        """Write back an event after an attempt (state, next_at, attempts); a pending
+        one comes due again at ``next_at``. An event deleted meanwhile (pruned with
+        its job) is not written back."""
 
+    @abc.abstractmethod
     async def job_events(self, job_id: str) -> list[Event]:
         """A job's events, oldest first (kept as long as the job is)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def reserve_key(self, key: str, fingerprint: str, ttl_s: float) -> KeyEntry | None:
         """Take the idempotency ``key`` for a request with ``fingerprint``: None when it
         was free (the caller answers the request, then ``finish_key`` or
-        ``release_key``), else what the key holds. Atomic across API nodes."""
-        raise NotImplementedError
+        ``release_key``), else what the key holds. Atomic across API nodes. A key
+        held ``ttl_s`` without a ``finish_key`` (its node died) is free again."""
 
+    @abc.abstractmethod
     async def finish_key(self, key: str, reply: dict[str, Any], ttl_s: float) -> None:
-        """Store the reply of the request that holds ``key``, for ``ttl_s``."""
-        raise NotImplementedError
+        """Store the reply of the request that holds ``key``, kept ``ttl_s`` from now
+        (nothing is stored when the key was released or expired meanwhile)."""
 
+    @abc.abstractmethod
     async def release_key(self, key: str) -> None:
         """Free ``key`` (its request was refused: a retry may try again)."""
-        raise NotImplementedError
 
     async def nodes(self) -> list[dict[str, Any]]:
         """Worker nodes seen recently (distributed backends), for /health."""

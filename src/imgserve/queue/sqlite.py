@@ -8,6 +8,12 @@ dedicated thread, which serialises access and keeps SQLite off the event loop.
 The daemon that accepts the jobs also runs them, so ``put`` wakes ``consume``
 directly.
 
+Every write that changes a job is one transaction (``BEGIN IMMEDIATE``) that
+also holds what goes with it: the job's completion event in the outbox (the
+``events`` table) when it ends, and, by triggers, its per-state count and its
+entry in the change feed (the ``changes`` table, ``GET /events``).
+Idempotency keys live in the same file (``idem_keys``).
+
 A claimed job carries a lease (``lease_until``) that ``consume`` renews every
 ``lease_s / 3`` while its handler runs. A running job whose lease ran out (its
 handler ended without recording an end, or the process that held it died) is
@@ -22,17 +28,24 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 from imgserve import errors
 from imgserve.queue.base import (
+    PRIORITIES,
+    Change,
+    Event,
     Handler,
     JobQueue,
     JobRecord,
+    KeyEntry,
     State,
+    bad_change_id,
+    decode_list_cursor,
+    encode_list_cursor,
     redelivery_delay_s,
     run_delivery,
 )
@@ -70,7 +83,81 @@ WHEN old.state <> new.state BEGIN
     INSERT INTO state_counts VALUES (new.state, 1)
         ON CONFLICT (state) DO UPDATE SET n = n + 1;
 END;
+-- The outbox: a job's completion events, inserted by the write that ends the job.
+CREATE TABLE IF NOT EXISTS events (
+    id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    next_at REAL NOT NULL,
+    created_at REAL NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_due ON events (state, next_at);
+CREATE INDEX IF NOT EXISTS events_job ON events (job_id, created_at);
+CREATE TRIGGER IF NOT EXISTS jobs_delete_events AFTER DELETE ON jobs BEGIN
+    DELETE FROM events WHERE job_id = old.id;
+END;
+-- The change feed, written by triggers so no write can forget it. AUTOINCREMENT:
+-- a seq is never reused, even after prune deleted the newest rows' neighbours.
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS jobs_change_insert AFTER INSERT ON jobs BEGIN
+    INSERT INTO changes (job_id, state, at)
+        VALUES (new.id, new.state, (julianday('now') - 2440587.5) * 86400.0);
+END;
+CREATE TRIGGER IF NOT EXISTS jobs_change_state AFTER UPDATE OF state ON jobs
+WHEN old.state <> new.state BEGIN
+    INSERT INTO changes (job_id, state, at)
+        VALUES (new.id, new.state, (julianday('now') - 2440587.5) * 86400.0);
+END;
+CREATE TABLE IF NOT EXISTS idem_keys (
+    key TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    reply TEXT,
+    expires_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS idem_keys_expiry ON idem_keys (expires_at);
 """
+# Indexes on columns a migration may have just added (see _conn).
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_lane ON jobs (state, priority, run_at);
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at, id);
+CREATE INDEX IF NOT EXISTS jobs_state_created ON jobs (state, created_at, id);
+"""
+_ENDED_SQL = "('done', 'failed', 'cancelled')"
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction, taken at once (no deadlock upgrading a read lock)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def _insert_event(db: sqlite3.Connection, event: Event) -> None:
+    db.execute(
+        "INSERT INTO events (id, job_id, state, next_at, created_at, record) VALUES (?,?,?,?,?,?)",
+        (
+            event.id,
+            event.job_id,
+            event.state,
+            event.next_at,
+            event.created_at,
+            json.dumps(event.to_dict()),
+        ),
+    )
+
+
 _RECOUNT = """
 BEGIN IMMEDIATE;
 DELETE FROM state_counts;
@@ -80,8 +167,17 @@ COMMIT;
 
 
 class SQLiteQueue(JobQueue):
-    def __init__(self, path: Path, *, lease_s: float = 30.0, job_deadline_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        lease_s: float = 30.0,
+        job_deadline_s: float = 600.0,
+        keep_changes: int = 100_000,
+    ) -> None:
         self.path = path
+        self.keep_changes = keep_changes
+        """How many of the newest changes ``prune`` keeps in the change feed."""
         self.lease_s = lease_s
         """How long a claimed job is held without a renewal before it is queued again."""
         self.job_deadline_s = job_deadline_s
@@ -108,6 +204,9 @@ class SQLiteQueue(JobQueue):
             columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
             if "lease_until" not in columns:  # a database from before leases
                 db.execute("ALTER TABLE jobs ADD COLUMN lease_until REAL")
+            if "priority" not in columns:  # a database from before lanes (0.3)
+                db.execute("ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0")
+            db.executescript(_INDEXES)
             db.executescript(_RECOUNT)
             active = db.execute("SELECT id FROM jobs WHERE state IN ('queued', 'running')")
             self.spool.tidy({job_id for (job_id,) in active})
@@ -154,6 +253,8 @@ class SQLiteQueue(JobQueue):
         )
 
     async def put(self, record: JobRecord, source: bytes, *, max_active: int) -> None:
+        lane = PRIORITIES.index(record.priority)  # ValueError: a caller's bug
+
         def op(db: sqlite3.Connection) -> None:
             try:
                 self.spool.write(record.id, source)
@@ -166,27 +267,27 @@ class SQLiteQueue(JobQueue):
                 db.execute("PRAGMA synchronous=NORMAL")
 
         def insert(db: sqlite3.Connection) -> None:
-            db.execute("BEGIN IMMEDIATE")
             try:
-                (active,) = db.execute(
-                    "SELECT COALESCE(SUM(n), 0) FROM state_counts "
-                    "WHERE state IN ('queued', 'running')"
-                ).fetchone()
-                if active >= max_active:
-                    raise errors.QueueFull(f"{active} jobs waiting, the limit is {max_active}")
-                db.execute(
-                    "INSERT INTO jobs (id, state, record, run_at, created_at) VALUES (?,?,?,?,?)",
-                    (
-                        record.id,
-                        record.state.value,
-                        json.dumps(record.to_dict()),
-                        record.run_at,
-                        record.created_at,
-                    ),
-                )
-                db.execute("COMMIT")
+                with _transaction(db):
+                    (active,) = db.execute(
+                        "SELECT COALESCE(SUM(n), 0) FROM state_counts "
+                        "WHERE state IN ('queued', 'running')"
+                    ).fetchone()
+                    if active >= max_active:
+                        raise errors.QueueFull(f"{active} jobs waiting, the limit is {max_active}")
+                    db.execute(
+                        "INSERT INTO jobs (id, state, record, run_at, created_at, priority) "
+                        "VALUES (?,?,?,?,?,?)",
+                        (
+                            record.id,
+                            record.state.value,
+                            json.dumps(record.to_dict()),
+                            record.run_at,
+                            record.created_at,
+                            lane,
+                        ),
+                    )
             except BaseException:
-                db.execute("ROLLBACK")
                 self.spool.release(record.id)
                 raise
 
@@ -317,51 +418,192 @@ class SQLiteQueue(JobQueue):
     async def claim(self) -> JobRecord | None:
         def op(db: sqlite3.Connection) -> JobRecord | None:
             now = time.time()
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(db):
+                # Lanes first: a due interactive job goes before every batch job.
                 row = db.execute(
                     "SELECT record FROM jobs WHERE state='queued' AND run_at<=? "
-                    "ORDER BY run_at, created_at LIMIT 1",
+                    "ORDER BY priority, run_at, created_at LIMIT 1",
                     (now,),
                 ).fetchone()
                 if row is None:
-                    db.execute("COMMIT")
                     return None
                 record = self._load(row)
                 record.mark_running(record.attempts + 1)
                 self._save(db, record, lease_until=now + self.lease_s)
-                db.execute("COMMIT")
                 return record
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
 
         return await self._run(op)
 
-    async def _update(self, job_id: str, change: Callable[[JobRecord], None]) -> None:
-        def op(db: sqlite3.Connection) -> None:
-            row = db.execute("SELECT record FROM jobs WHERE id=?", (job_id,)).fetchone()
-            if row is None:
-                raise errors.JobNotFound(job_id)
-            record = self._load(row)
+    async def _update(
+        self,
+        job_id: str,
+        change: Callable[[JobRecord], None],
+        event: Event | None = None,
+        *,
+        cancelling: bool = False,
+    ) -> JobRecord:
+        """Read, change and write one job in one transaction, with its event when the
+        change ends it. An ended job is left as it is (a late duplicate: the first end
+        stands), except that ``cancelling`` refuses it (JobNotCancellable)."""
+
+        def op(db: sqlite3.Connection) -> JobRecord:
+            with _transaction(db):
+                row = db.execute("SELECT record FROM jobs WHERE id=?", (job_id,)).fetchone()
+                if row is None:
+                    raise errors.JobNotFound(job_id)
+                record = self._load(row)
+                if cancelling:
+                    record.check_cancellable()
+                elif record.finished:
+                    return record
+                change(record)
+                self._save(db, record)
+                if event is not None and record.finished:
+                    _insert_event(db, event)
             if record.finished:
-                return  # a late duplicate: the first end stands
-            change(record)
-            self._save(db, record)
-            if record.state in (State.DONE, State.FAILED):
                 self.spool.release(job_id)  # on this thread: no extra hop
+            return record
 
-        await self._run(op)
+        return await self._run(op)
 
-    async def complete(self, job_id: str, output_bytes: list[int] | None = None) -> None:
-        await self._update(job_id, lambda record: record.mark_done(output_bytes))
+    async def complete(
+        self, job_id: str, output_bytes: list[int] | None = None, event: Event | None = None
+    ) -> None:
+        await self._update(job_id, lambda record: record.mark_done(output_bytes), event)
 
-    async def fail(self, job_id: str, code: int, detail: str) -> None:
-        await self._update(job_id, lambda record: record.mark_failed(code, detail))
+    async def fail(self, job_id: str, code: int, detail: str, event: Event | None = None) -> None:
+        await self._update(job_id, lambda record: record.mark_failed(code, detail), event)
 
     async def retry(self, job_id: str, delay_s: float, code: int, detail: str) -> None:
         await self._update(job_id, lambda record: record.mark_retry(delay_s, code, detail))
         self._wakeup.set()
+
+    async def cancel(self, job_id: str, event: Event | None = None) -> JobRecord:
+        # claim only takes queued jobs, so a cancelled one is never delivered.
+        return await self._update(job_id, JobRecord.mark_cancelled, event, cancelling=True)
+
+    async def list_jobs(
+        self, state: State | None, limit: int, cursor: str | None
+    ) -> tuple[list[JobRecord], str | None]:
+        after = decode_list_cursor(cursor) if cursor is not None else None
+
+        def op(db: sqlite3.Connection) -> list[JobRecord]:
+            where: list[str] = []
+            args: list[str | float] = []
+            if state is not None:
+                where.append("state=?")
+                args.append(state.value)
+            if after is not None:
+                where.append("(created_at<? OR (created_at=? AND id<?))")
+                args += [after[0], after[0], after[1]]
+            sql = "SELECT record FROM jobs"
+            if where:
+                sql += " WHERE " + " AND ".join(where)
+            sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+            rows = db.execute(sql, (*args, limit + 1)).fetchall()
+            return [self._load(row) for row in rows]
+
+        found = await self._run(op, writes=False)
+        page = found[:limit]
+        more = len(found) > limit and bool(page)
+        return page, encode_list_cursor(page[-1].created_at, page[-1].id) if more else None
+
+    async def changes(self, after: str | None, limit: int) -> list[Change]:
+        if after is not None and not (after.isascii() and after.isdigit()):
+            raise bad_change_id(after)
+
+        def op(db: sqlite3.Connection) -> list[Any]:
+            return db.execute(
+                "SELECT seq, job_id, state, at FROM changes WHERE seq>? ORDER BY seq LIMIT ?",
+                (int(after or 0), limit),
+            ).fetchall()
+
+        rows = await self._run(op, writes=False)
+        return [Change(str(seq), job_id, State(state), at) for seq, job_id, state, at in rows]
+
+    async def change_cursor(self) -> str | None:
+        def op(db: sqlite3.Connection) -> int | None:
+            (seq,) = db.execute("SELECT MAX(seq) FROM changes").fetchone()
+            return None if seq is None else int(seq)
+
+        seq = await self._run(op, writes=False)
+        return None if seq is None else str(seq)
+
+    # --- the outbox ----------------------------------------------------------------------
+
+    async def claim_events(self, limit: int, lease_s: float) -> list[Event]:
+        def op(db: sqlite3.Connection) -> list[Event]:
+            now = time.time()
+            with _transaction(db):
+                rows = db.execute(
+                    "SELECT record FROM events WHERE state='pending' AND next_at<=? "
+                    "ORDER BY next_at, created_at LIMIT ?",
+                    (now, limit),
+                ).fetchall()
+                claimed = [Event.from_dict(json.loads(row[0])) for row in rows]
+                for event in claimed:
+                    event.next_at = now + lease_s
+                    db.execute(
+                        "UPDATE events SET next_at=?, record=? WHERE id=?",
+                        (event.next_at, json.dumps(event.to_dict()), event.id),
+                    )
+            return claimed
+
+        return await self._run(op, writes=False)
+
+    async def save_event(self, event: Event) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            # An UPDATE: an event pruned with its job meanwhile is not brought back.
+            db.execute(
+                "UPDATE events SET state=?, next_at=?, record=? WHERE id=?",
+                (event.state, event.next_at, json.dumps(event.to_dict()), event.id),
+            )
+
+        await self._run(op, writes=False)
+
+    async def job_events(self, job_id: str) -> list[Event]:
+        def op(db: sqlite3.Connection) -> list[Event]:
+            rows = db.execute(
+                "SELECT record FROM events WHERE job_id=? ORDER BY created_at, rowid", (job_id,)
+            ).fetchall()
+            return [Event.from_dict(json.loads(row[0])) for row in rows]
+
+        return await self._run(op, writes=False)
+
+    # --- idempotency keys ----------------------------------------------------------------
+
+    async def reserve_key(self, key: str, fingerprint: str, ttl_s: float) -> KeyEntry | None:
+        def op(db: sqlite3.Connection) -> KeyEntry | None:
+            now = time.time()
+            with _transaction(db):
+                db.execute("DELETE FROM idem_keys WHERE key=? AND expires_at<=?", (key, now))
+                taken = db.execute(
+                    "INSERT OR IGNORE INTO idem_keys VALUES (?,?,NULL,?)",
+                    (key, fingerprint, now + ttl_s),
+                ).rowcount
+                if taken == 1:
+                    return None
+                held, reply = db.execute(
+                    "SELECT fingerprint, reply FROM idem_keys WHERE key=?", (key,)
+                ).fetchone()
+            return KeyEntry(held, None if reply is None else json.loads(reply))
+
+        return await self._run(op, writes=False)
+
+    async def finish_key(self, key: str, reply: dict[str, Any], ttl_s: float) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE idem_keys SET reply=?, expires_at=? WHERE key=?",
+                (json.dumps(reply), time.time() + ttl_s, key),
+            )
+
+        await self._run(op, writes=False)
+
+    async def release_key(self, key: str) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM idem_keys WHERE key=?", (key,))
+
+        await self._run(op, writes=False)
 
     async def get(self, job_id: str) -> JobRecord | None:
         def op(db: sqlite3.Connection) -> JobRecord | None:
@@ -389,11 +631,19 @@ class SQLiteQueue(JobQueue):
 
     async def prune(self, older_than_s: float) -> int:
         def op(db: sqlite3.Connection) -> int:
-            cur = db.execute(
-                "DELETE FROM jobs WHERE state IN ('done', 'failed') AND finished_at<?",
-                (time.time() - older_than_s,),
-            )
-            return cur.rowcount
+            now = time.time()
+            with _transaction(db):
+                # Their events go with them (trigger jobs_delete_events).
+                removed = db.execute(
+                    f"DELETE FROM jobs WHERE state IN {_ENDED_SQL} AND finished_at<?",  # noqa: S608
+                    (now - older_than_s,),
+                ).rowcount
+                db.execute(
+                    "DELETE FROM changes WHERE seq <= (SELECT MAX(seq) FROM changes) - ?",
+                    (self.keep_changes,),
+                )
+                db.execute("DELETE FROM idem_keys WHERE expires_at<=?", (now,))
+            return removed
 
         return await self._run(op)
 
