@@ -4,9 +4,14 @@ the retry schedule, and the webhook settings."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+import ipaddress
 import json
 import time
+import uuid
+from collections.abc import AsyncIterator
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
@@ -15,13 +20,15 @@ import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from imgserve import config, errors, webhooks
-from imgserve.config import SettingsError, WebhookSettings
+from imgserve.config import NetPolicy, SettingsError, TransportSettings, WebhookSettings
 from imgserve.imaging.formats import Format
 from imgserve.imaging.geometry import Size
 from imgserve.imaging.pipeline import OutputPlan, SourceInfo
 from imgserve.planning import JobPlan, Rendition
 from imgserve.queue.base import Event, JobRecord
+from imgserve.queue.sqlite import SQLiteQueue
 from imgserve.spec import JobSpec, OutputRequest
+from tests.webhook_receiver import Receiver, Reply, receiver_fixture  # noqa: F401 - a fixture
 
 SECRET_A = "whsec_" + base64.b64encode(b"the first key, 32 bytes long!!!!").decode()
 SECRET_B = "whsec_" + base64.b64encode(b"the second key").decode()
@@ -315,6 +322,15 @@ def test_gone_or_refused_fails_at_once(answer: webhooks.Answer) -> None:
     assert made.state == "failed" and len(made.attempts) == 1
 
 
+def test_waits_count_from_the_answer() -> None:
+    """A slow answer: the next wait starts when it came, not when the attempt began."""
+    made = event()
+    webhooks.record_attempt(
+        made, webhooks.judge(503, 1.0), 0.0, SCHEDULE, fixed(0.5), answered_at=3.0
+    )
+    assert made.next_at == 13.0 and made.attempts[-1]["at"] == 0.0
+
+
 def test_retry_after_is_honoured_within_the_schedules_longest_wait() -> None:
     """Retry-After longer than the next wait is honoured, but never past the longest wait."""
     honoured = event()
@@ -420,3 +436,250 @@ def test_defaults_follow_the_spec() -> None:
     assert hooks.webhook_schedule_s == (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
     assert hooks.webhook_timeout_s == 15.0
     assert hooks.webhook_url is None and hooks.webhook_secrets == ()
+
+
+# --- delivery: the Dispatcher on a real SQLite queue, to a real receiver --------------------
+
+LOOPBACK = TransportSettings(policy=NetPolicy(allow_nets=(ipaddress.ip_network("127.0.0.0/8"),)))
+
+
+def hook_settings(**changes: Any) -> WebhookSettings:
+    values: dict[str, Any] = {
+        "webhook_secrets": (SECRET_A,),
+        "webhook_schedule_s": (0.0, 0.1, 0.1),
+        "webhook_timeout_s": 2.0,
+    }
+    return WebhookSettings(**(values | changes))
+
+
+@pytest.fixture
+async def queue(tmp_path: Path) -> AsyncIterator[SQLiteQueue]:
+    q = SQLiteQueue(tmp_path / "jobs.db")
+    yield q
+    await q.close()
+
+
+@contextlib.asynccontextmanager
+async def dispatching(
+    queue: SQLiteQueue,
+    settings: WebhookSettings,
+    transport: TransportSettings = LOOPBACK,
+    poll_s: float = 0.05,
+) -> AsyncIterator[webhooks.Dispatcher]:
+    dispatcher = webhooks.Dispatcher(queue, settings, transport, poll_s=poll_s)
+    task = asyncio.create_task(webhooks.supervise(dispatcher))
+    try:
+        yield dispatcher
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def end_job(
+    queue: SQLiteQueue,
+    url: str,
+    settings: WebhookSettings,
+    how: str = "job.completed",
+) -> Event:
+    """Put a job, deliver it, and end it with its event, as the worker does."""
+    rec = JobRecord(
+        id=uuid.uuid4().hex, job=spec(url).to_dict(), plan=plan().to_dict(), dst_url="x"
+    )
+    await queue.put(rec, b"", max_active=100)
+    error = errors.UploadRefused("HTTP 403") if how == "job.failed" else None
+    made = webhooks.event_for(
+        rec, spec(url), plan(), how, settings, output_bytes=[11, 22], error=error
+    )
+    assert made is not None
+    stopping = asyncio.Event()
+
+    async def handler(running: JobRecord) -> None:
+        if error is None:
+            await queue.complete(running.id, [11, 22], event=made)
+        else:
+            await queue.fail(running.id, error.code, error.detail, event=made)
+        stopping.set()
+
+    await queue.consume(handler, 1, stopping)
+    return made
+
+
+async def settled(queue: SQLiteQueue, job_id: str, timeout_s: float = 20.0) -> Event:
+    """The job's one event, once it is delivered or failed for good."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        events = await queue.job_events(job_id)
+        if events and events[0].state != "pending":
+            assert len(events) == 1
+            return events[0]
+        assert time.monotonic() < deadline, f"event still pending: {events}"
+        await asyncio.sleep(0.02)
+
+
+async def test_completed_event_delivered_and_verified(
+    queue: SQLiteQueue, receiver: Receiver
+) -> None:
+    """job.completed reaches the receiver signed, with jobId, state, outputs and metadata."""
+    settings = hook_settings()
+    async with dispatching(queue, settings):
+        made = await end_job(queue, receiver.url(), settings)
+        stored = await settled(queue, made.job_id)
+    assert stored.state == "delivered"
+    assert [a["status"] for a in stored.attempts] == [200]
+    (payload,) = receiver.verified(SECRET_A)
+    assert payload["type"] == "job.completed"
+    data = payload["data"]
+    assert (data["jobId"], data["state"], data["metadata"]) == (made.job_id, "done", {"post": 42})
+    assert [(o["width"], o["bytes"]) for o in data["outputs"]] == [(200, 11), (400, 22)]
+    (request,) = receiver.received()
+    assert request.headers["webhook-id"] == made.id
+    assert request.headers["Content-Type"] == "application/json"
+
+
+async def test_failed_event_carries_the_error(queue: SQLiteQueue, receiver: Receiver) -> None:
+    """job.failed reaches the receiver with the error's code and message."""
+    settings = hook_settings()
+    async with dispatching(queue, settings):
+        made = await end_job(queue, receiver.url(), settings, "job.failed")
+        assert (await settled(queue, made.job_id)).state == "delivered"
+    (payload,) = receiver.verified(SECRET_A)
+    assert payload["type"] == "job.failed"
+    assert payload["data"]["error"]["code"] == errors.UploadRefused.code
+
+
+async def test_rotation_receiver_with_only_the_old_secret_verifies(
+    queue: SQLiteQueue, receiver: Receiver
+) -> None:
+    """Signed with a new and an old secret: a receiver that knows only the second verifies."""
+    settings = hook_settings(webhook_secrets=(SECRET_B, SECRET_A))
+    async with dispatching(queue, settings):
+        made = await end_job(queue, receiver.url(), settings)
+        await settled(queue, made.job_id)
+    (payload,) = receiver.verified(SECRET_A)
+    assert payload["data"]["jobId"] == made.job_id
+
+
+async def test_receiver_failing_twice_then_recovering(
+    queue: SQLiteQueue, receiver: Receiver
+) -> None:
+    """500, 503, then 200: three attempts, the same webhook-id, each recorded."""
+    receiver.answer(Reply(500), Reply(503))
+    settings = hook_settings()
+    async with dispatching(queue, settings):
+        made = await end_job(queue, receiver.url(), settings)
+        stored = await settled(queue, made.job_id)
+    assert stored.state == "delivered"
+    assert [a["status"] for a in stored.attempts] == [500, 503, 200]
+    assert [a["error"] for a in stored.attempts] == ["HTTP 500", "HTTP 503", None]
+    assert {r.headers["webhook-id"] for r in receiver.received()} == {made.id}
+    assert len(receiver.verified(SECRET_A)) == 3
+
+
+async def test_receiver_always_failing_gets_the_whole_schedule(
+    queue: SQLiteQueue, receiver: Receiver
+) -> None:
+    """A receiver that always fails gets one attempt per schedule entry, then none."""
+    receiver.default = Reply(500)
+    settings = hook_settings()
+    async with dispatching(queue, settings):
+        made = await end_job(queue, receiver.url(), settings)
+        stored = await settled(queue, made.job_id)
+    assert stored.state == "failed" and len(stored.attempts) == 3
+    assert len(receiver.received()) == 3
+
+
+async def test_410_stops_for_good(queue: SQLiteQueue, receiver: Receiver) -> None:
+    """410 Gone: one attempt, the event failed, never tried again."""
+    receiver.answer(Reply(410))
+    settings = hook_settings()
+    async with dispatching(queue, settings) as dispatcher:
+        made = await end_job(queue, receiver.url(), settings)
+        stored = await settled(queue, made.job_id)
+        dispatcher.poke()
+        await asyncio.sleep(0.3)  # a window in which a wrong retry would show
+    assert stored.state == "failed" and [a["status"] for a in stored.attempts] == [410]
+    assert len(receiver.received()) == 1
+
+
+async def test_redirect_is_a_failure_never_followed(queue: SQLiteQueue, receiver: Receiver) -> None:
+    """302 to another path: counted as a failed attempt; the Location is never requested."""
+    moved = (("Location", receiver.url("/elsewhere")),)
+    receiver.answer(Reply(302, moved), Reply(302, moved))
+    settings = hook_settings()
+    async with dispatching(queue, settings):
+        made = await end_job(queue, receiver.url(), settings)
+        stored = await settled(queue, made.job_id)
+    assert [a["status"] for a in stored.attempts] == [302, 302, 200]
+    assert "redirects are not followed" in stored.attempts[0]["error"]
+    assert receiver.received("/elsewhere") == []
+
+
+async def test_retry_after_is_honoured(queue: SQLiteQueue, receiver: Receiver) -> None:
+    """503 with Retry-After: 1 when the schedule says 0.1 s: the next attempt waits 1 s."""
+    receiver.answer(Reply(503, (("Retry-After", "1"),)))
+    settings = hook_settings(webhook_schedule_s=(0.0, 0.1, 5.0))
+    async with dispatching(queue, settings):
+        made = await end_job(queue, receiver.url(), settings)
+        assert (await settled(queue, made.job_id)).state == "delivered"
+    first, second = receiver.received()
+    assert 0.95 <= second.at - first.at < 4.5
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+async def test_refused_address_is_never_contacted(
+    queue: SQLiteQueue, receiver: Receiver, host: str
+) -> None:
+    """A receiver on loopback without --allow-net: no request, the event failed at once."""
+    settings = hook_settings()
+    async with dispatching(queue, settings, TransportSettings()):
+        made = await end_job(queue, receiver.url(host=host), settings)
+        stored = await settled(queue, made.job_id)
+    assert stored.state == "failed" and len(stored.attempts) == 1
+    assert stored.attempts[0]["status"] is None
+    assert "loopback" in stored.attempts[0]["error"]
+    assert receiver.received() == []
+
+
+async def test_hanging_receiver_times_out_and_is_retried(
+    queue: SQLiteQueue, receiver: Receiver
+) -> None:
+    """A receiver that does not answer within webhook_timeout_s: a failed attempt, retried."""
+    receiver.answer(Reply(200, hold_s=5.0))
+    settings = hook_settings(webhook_timeout_s=0.5)
+    async with dispatching(queue, settings):
+        made = await end_job(queue, receiver.url(), settings)
+        stored = await settled(queue, made.job_id)
+    assert [a["status"] for a in stored.attempts] == [None, 200]
+    assert "no answer within 0.5 s" in stored.attempts[0]["error"]
+
+
+async def test_poke_wakes_the_dispatcher_at_once(queue: SQLiteQueue, receiver: Receiver) -> None:
+    """With a long poll interval, poke() after the job's end sends the event at once."""
+    settings = hook_settings()
+    async with dispatching(queue, settings, poll_s=60.0) as dispatcher:
+        await asyncio.sleep(0.1)  # the dispatcher is asleep in its poll
+        started = time.monotonic()
+        made = await end_job(queue, receiver.url(), settings)
+        dispatcher.poke()
+        await settled(queue, made.job_id)
+    assert time.monotonic() - started < 5.0
+
+
+async def test_redelivery_sends_again_with_the_same_id(
+    queue: SQLiteQueue, receiver: Receiver
+) -> None:
+    """redeliver() + save_event + poke: a delivered event is sent once more, same webhook-id."""
+    settings = hook_settings()
+    async with dispatching(queue, settings) as dispatcher:
+        made = await end_job(queue, receiver.url(), settings)
+        stored = await settled(queue, made.job_id)
+        await queue.save_event(webhooks.redeliver(stored))
+        dispatcher.poke()
+        deadline = time.monotonic() + 10
+        while len(receiver.received()) < 2:
+            assert time.monotonic() < deadline, "not sent again"
+            await asyncio.sleep(0.02)
+        again = await settled(queue, made.job_id)
+    assert again.state == "delivered" and len(again.attempts) == 2
+    assert [r.headers["webhook-id"] for r in receiver.received()] == [made.id, made.id]

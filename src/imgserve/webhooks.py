@@ -254,9 +254,13 @@ def record_attempt(
     at: float,
     schedule_s: Sequence[float],
     random: Callable[[], float] = _random.random,
+    *,
+    answered_at: float | None = None,
 ) -> None:
-    """Record an attempt made at ``at`` on ``event``: append it to ``attempts``, and
-    set ``state`` and ``next_at`` from the answer and the schedule."""
+    """Record an attempt made at ``at`` and answered (or given up) at ``answered_at``
+    on ``event``: append it to ``attempts``, and set ``state`` and ``next_at`` from
+    the answer and the schedule. Waits count from the answer, as Retry-After does."""
+    ended = at if answered_at is None else answered_at
     attempt: dict[str, Any] = {"at": at, "status": answer.status, "error": answer.error}
     delivered = answer.status is not None and 200 <= answer.status < 300
     tried = _round(event) + 1
@@ -270,7 +274,7 @@ def record_attempt(
             # Honoured, within the schedule's longest wait (a receiver cannot park
             # an event for a year).
             wait = max(wait, min(answer.retry_after_s, max(schedule_s)))
-        event.next_at = at + wait
+        event.next_at = ended + wait
     attempt["next_at"] = event.next_at if event.state == "pending" else None
     event.attempts.append(attempt)
 
@@ -363,8 +367,10 @@ class Dispatcher:
         self.sender: Sender = sender or HTTPSender(transport, settings.webhook_timeout_s)
         self.poll_s = poll_s
         self.random = random
-        # Long enough for one attempt to end and be saved: no one else takes it meanwhile.
-        self.lease_s = settings.webhook_timeout_s + 30.0
+        # Long enough for one attempt to end and be saved, so no one else takes it
+        # meanwhile; short enough that an attempt lost with its process (kill -9) is
+        # made again soon.
+        self.lease_s = 2 * settings.webhook_timeout_s + 5.0
         self._wake = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
 
@@ -419,7 +425,8 @@ class Dispatcher:
         body = body_of(event)
         headers = headers_for(event, body, self.settings.webhook_secrets, at)
         answer = await self.sender.post(event.url, headers, body)
-        record_attempt(event, answer, at, self.settings.webhook_schedule_s, self.random)
+        schedule = self.settings.webhook_schedule_s
+        record_attempt(event, answer, at, schedule, self.random, answered_at=time.time())
         shown = redact_url(event.url)
         if event.state == "delivered":
             log.info(
