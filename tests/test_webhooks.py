@@ -683,3 +683,30 @@ async def test_redelivery_sends_again_with_the_same_id(
         again = await settled(queue, made.job_id)
     assert again.state == "delivered" and len(again.attempts) == 2
     assert [r.headers["webhook-id"] for r in receiver.received()] == [made.id, made.id]
+
+
+class DiesOnce(webhooks.Dispatcher):
+    """A dispatcher with a bug that kills its first run (fault injection)."""
+
+    runs = 0
+
+    async def serve(self) -> None:
+        self.runs += 1
+        if self.runs == 1:
+            raise RuntimeError("injected bug")
+        await super().serve()
+
+
+async def test_a_dispatcher_that_dies_is_restarted(queue: SQLiteQueue, receiver: Receiver) -> None:
+    """supervise() logs a dead dispatcher and starts it again: the event is still delivered."""
+    settings = hook_settings()
+    dispatcher = DiesOnce(queue, settings, LOOPBACK, poll_s=0.05)
+    task = asyncio.create_task(webhooks.supervise(dispatcher, base_s=0.05))
+    try:
+        made = await end_job(queue, receiver.url(), settings)
+        assert (await settled(queue, made.job_id)).state == "delivered"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert dispatcher.runs == 2
