@@ -46,8 +46,32 @@ def value_at(settings: config.Settings, path: tuple[str, ...]) -> Any:
     return value
 
 
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+def _secrets_file(tmp_path: Path) -> tuple[Any, str, Any]:
+    (tmp_path / "secrets").write_text(SECRET + "\n")
+    return str(tmp_path / "secrets"), str(tmp_path / "secrets"), tmp_path / "secrets"
+
+
+# Fields whose values are checked beyond their type get samples that pass the check.
+CHECKED_SAMPLES: dict[str, Any] = {
+    "webhook.webhook_url": lambda _: (
+        "http://h.example/",
+        "http://h.example/",
+        "http://h.example/",
+    ),
+    "webhook.webhook_secrets": lambda _: ([SECRET], SECRET, (SECRET,)),
+    "webhook.webhook_secrets_file": _secrets_file,
+    "webhook.webhook_schedule_s": lambda _: ([0.0, 2.5], "0, 2.5", (0.0, 2.5)),
+}
+
+
 def sample(path: tuple[str, ...], hint: Any, tmp_path: Path) -> tuple[Any, str, Any]:
     """(TOML value, environment text, expected setting) differing from the default."""
+    if ".".join(path) in CHECKED_SAMPLES:
+        checked: tuple[Any, str, Any] = CHECKED_SAMPLES[".".join(path)](tmp_path)
+        return checked
     default = default_of(path)
     args = typing.get_args(hint)
     if typing.get_origin(hint) is tuple:

@@ -58,6 +58,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     add("--log-max-bytes", dest="log_max_bytes", type=int, help="rotate the log at this size")
     add("--log-backups", dest="log_backups", type=int, help="rotated logs kept (5)")
     add("--redact-param", dest="redact_param", action="append", help="query parameter to hide")
+    add("--webhook-url", dest="webhook_url", help="default completion-event URL for every job")
+    add("--webhook-secrets-file", dest="webhook_secrets_file", help="file of whsec_ secrets")
     add(
         "--set",
         dest="assignments",

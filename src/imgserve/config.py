@@ -8,13 +8,16 @@ nothing reaches for a global.
 The dataclasses are the one source of truth: every field is an option, named
 by its field name (plus the 0.2 / short aliases in ``_ALIASES``), settable as a
 flat TOML key or under its own section (``[server]``, ``[worker]``,
-``[transport]``, ``[transport.policy]``, ``[imaging]``), as
-``IMGSERVE_<NAME>`` and with ``--set NAME=VALUE``. Its type annotation says how
+``[transport]``, ``[transport.policy]``, ``[imaging]``, ``[webhook]``), as
+``IMGSERVE_<NAME>`` and with ``--set NAME=VALUE``. ``[webhook]`` holds the
+completion events' settings (docs/webhooks.md). Its type annotation says how
 a value is checked and converted, so a field added later needs no more code.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import dataclasses
 import ipaddress
@@ -137,6 +140,33 @@ class ServerSettings:
     built-in ones (signatures, tokens)."""
 
 
+WEBHOOK_SCHEDULE_S: tuple[float, ...] = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+"""The Standard Webhooks schedule: the wait before each attempt (immediately, 5 s,
+5 min, 30 min, 2 h, 5 h, 10 h, 10 h)."""
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    """Completion events: where they go, how they are signed and retried (docs/webhooks.md)."""
+
+    webhook_url: str | None = None
+    """Where every job's event goes unless the job names its own ``webhook``
+    (0.2 jobs included); None: only jobs that name one send events."""
+    webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
+    """Signing secrets (``whsec_`` + base64), newest first: every delivery is signed
+    with each, so receivers can move to a new secret without downtime."""
+    webhook_secrets_file: Path | None = None
+    """A file holding more secrets (whitespace- or comma-separated), read by ``load``:
+    keeps them out of argv, where any local user could read them."""
+    webhook_timeout_s: float = 15.0
+    """Deadline of one delivery attempt, connect to the last byte of the answer."""
+    webhook_schedule_s: tuple[float, ...] = WEBHOOK_SCHEDULE_S
+    """The wait before each attempt (the first is after the job ends); once every
+    entry is used up, the event fails for good. Each wait gets +-10 % jitter."""
+    webhook_concurrency: int = 8
+    """Deliveries in flight at once in one process."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything, grouped by subsystem."""
@@ -145,6 +175,7 @@ class Settings:
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     transport: TransportSettings = field(default_factory=TransportSettings)
     imaging: ImagingLimits = field(default_factory=ImagingLimits)
+    webhook: WebhookSettings = field(default_factory=WebhookSettings)
 
 
 class SettingsError(ValueError):
@@ -164,6 +195,7 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "transport.policy.allow_nets": ("allow_net",),
     "transport.policy.allow_hosts": ("allow_host",),
     "transport.file_roots": ("file_root",),
+    "webhook.webhook_secrets": ("webhook_secret",),
 }
 
 # Inclusive bounds where the type alone lets nonsense through. Besides these,
@@ -184,6 +216,9 @@ _BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "worker.nice": (-20, 19),
     "transport.upload_attempts": (1, None),
     "transport.max_redirects": (0, None),
+    "webhook.webhook_concurrency": (1, 1000),
+    "webhook.webhook_timeout_s": (0.1, 300),
+    "webhook.webhook_schedule_s": (0, 7 * 24 * 3600),
 }
 _UNIT_SUFFIXES = ("_s", "_bytes", "_pixels", "_mb")
 
@@ -363,6 +398,59 @@ def _check_bounds(option: Option, value: Any) -> None:
 _NORMALISE: dict[str, Any] = {
     "transport.policy.allow_hosts": lambda hosts: tuple(h.lower().rstrip(".") for h in hosts),
     "transport.file_roots": lambda roots: tuple(r.resolve() for r in roots),
+    "webhook.webhook_secrets": lambda secrets: split_secrets(" ".join(secrets)),
+}
+
+WEBHOOK_SECRET_PREFIX = "whsec_"  # noqa: S105 - the spec's prefix, not a secret
+MAX_WEBHOOK_ATTEMPTS = 20
+
+
+def split_secrets(text: str) -> tuple[str, ...]:
+    """Secrets separated by commas or whitespace (a file, an env variable, a list)."""
+    return tuple(text.replace(",", " ").split())
+
+
+def check_webhook_secret(secret: str) -> None:
+    """Raise ValueError unless ``secret`` is ``whsec_`` + base64 of a non-empty key.
+    The message never holds the secret."""
+    if not secret.startswith(WEBHOOK_SECRET_PREFIX):
+        raise ValueError(f"a webhook secret must start with {WEBHOOK_SECRET_PREFIX!r}")
+    encoded = secret[len(WEBHOOK_SECRET_PREFIX) :]
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except binascii.Error:
+        raise ValueError(f"a webhook secret is {WEBHOOK_SECRET_PREFIX!r} + base64") from None
+    if not key:
+        raise ValueError("a webhook secret's key is empty")
+
+
+def _check_webhook_url(url: str | None) -> None:
+    if url is None:
+        return
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("http", "https") or not rest.split("/", 1)[0]:
+        raise ValueError(f"expected an http(s) URL with a host, got {url!r}")
+
+
+def _check_schedule(schedule: tuple[float, ...]) -> None:
+    if not 1 <= len(schedule) <= MAX_WEBHOOK_ATTEMPTS:
+        raise ValueError(f"expected 1 to {MAX_WEBHOOK_ATTEMPTS} waits, got {len(schedule)}")
+
+
+def _check_secrets(secrets: tuple[str, ...]) -> None:
+    for index, secret in enumerate(secrets):
+        try:
+            check_webhook_secret(secret)
+        except ValueError as exc:
+            raise ValueError(f"secret {index + 1}: {exc}") from None
+
+
+# Checks of a whole value, after it is converted and normalised; each raises
+# ValueError saying what is wrong (never echoing a secret).
+_CHECKS: dict[str, Any] = {
+    "webhook.webhook_url": _check_webhook_url,
+    "webhook.webhook_schedule_s": _check_schedule,
+    "webhook.webhook_secrets": _check_secrets,
 }
 
 OPTIONS: dict[str, Option] = _build_options(Settings, _ALIASES)
@@ -412,9 +500,24 @@ class _Layer:
             else:
                 _check_bounds(option, converted)
         except ValueError as exc:
-            raise SettingsError(f"{option.key}: {exc} ({label})") from None
+            raise SettingsError(f"{option.key}: {_shown(option, exc)} ({label})") from None
         normalise = _NORMALISE.get(option.key)
-        self.values[option.key] = (normalise(converted) if normalise else converted, label)
+        value = normalise(converted) if normalise else converted
+        check = _CHECKS.get(option.key)
+        try:
+            if check is not None:
+                check(value)
+        except ValueError as exc:
+            raise SettingsError(f"{option.key}: {exc} ({label})") from None
+        self.values[option.key] = (value, label)
+
+
+def _shown(option: Option, exc: ValueError) -> str:
+    # A conversion error quotes the value: never for a secret.
+    return "expected a list of strings" if option.key in _SECRET_KEYS else str(exc)
+
+
+_SECRET_KEYS = frozenset({"webhook.webhook_secrets"})
 
 
 def _from_toml(data: Mapping[str, Any], path: Path) -> _Layer:
@@ -511,5 +614,23 @@ def load(
     values: dict[str, Any] = {}
     for layer in layers:
         values.update({key: value for key, (value, _) in layer.values.items()})
+    secrets_file = values.get("webhook.webhook_secrets_file")
+    if secrets_file is not None:
+        values["webhook.webhook_secrets"] = (
+            *values.get("webhook.webhook_secrets", ()),
+            *_read_secrets(secrets_file),
+        )
     result: Settings = _build(Settings, (), values)
     return result
+
+
+def _read_secrets(path: Path) -> tuple[str, ...]:
+    """The secrets in a ``webhook_secrets_file`` (whitespace- or comma-separated)."""
+    try:
+        secrets = split_secrets(path.read_text())
+        _check_secrets(secrets)
+    except ValueError as exc:  # UnicodeDecodeError too
+        raise SettingsError(f"webhook.webhook_secrets_file: {exc} ({path})") from None
+    if not secrets:
+        raise SettingsError(f"webhook.webhook_secrets_file: {path} holds no secret")
+    return secrets

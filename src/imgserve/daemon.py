@@ -27,11 +27,14 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imgserve import logs
 from imgserve.config import Settings
 from imgserve.urls import redact_url
+
+if TYPE_CHECKING:
+    from imgserve import webhooks
 
 log = logging.getLogger("imgserve.daemon")
 
@@ -211,6 +214,7 @@ async def _serve(settings: Settings, paths: Paths, *, linger_s: float = DEGRADED
             memory_limit_mb=settings.worker.memory_limit_mb,
         )
         stack.push_async_callback(asyncio.to_thread, planner.close)
+        dispatcher = _start_dispatcher(stack, queue, settings)
         # With a Redis queue this node only accepts jobs; `imgserve worker` nodes run them.
         runner: Runner | None = None
         pool: ImagePool | None = None
@@ -220,7 +224,7 @@ async def _serve(settings: Settings, paths: Paths, *, linger_s: float = DEGRADED
                 log.info("recovered %d unfinished jobs from the queue", recovered)
             pool = ImagePool(settings.worker, settings.imaging)
             stack.push_async_callback(asyncio.to_thread, pool.close)
-            runner = Runner(queue, transports, pool, settings)
+            runner = Runner(queue, transports, pool, settings, on_event=dispatcher.poke)
         service = api.Service(
             settings=settings,
             queue=queue,
@@ -266,6 +270,25 @@ async def _serve(settings: Settings, paths: Paths, *, linger_s: float = DEGRADED
             return EXIT_FAIL
     log.info("imgserve stopped")
     return EXIT_OK
+
+
+def _start_dispatcher(
+    stack: contextlib.AsyncExitStack, queue: Any, settings: Settings
+) -> webhooks.Dispatcher:
+    """Deliver completion events from the queue's outbox in this process, until the
+    stack closes (before the queue does). Every process that ends jobs runs one, and
+    the API node too (cancels, redeliveries); the queue's claim is atomic across
+    nodes. A dispatcher that dies is logged and restarted (webhooks.supervise): a
+    stalled outbox loses nothing, so it never takes the daemon down."""
+    from imgserve import webhooks
+
+    hooks = settings.webhook
+    if hooks.webhook_url is not None and not hooks.webhook_secrets:
+        log.warning("no webhook secret is set: completion events are sent unsigned")
+    dispatcher = webhooks.Dispatcher(queue, hooks, settings.transport)
+    task = asyncio.create_task(webhooks.supervise(dispatcher))
+    stack.push_async_callback(_cancel, task)
+    return dispatcher
 
 
 async def _run_jobs(
@@ -399,7 +422,8 @@ async def _worker(settings: Settings) -> int:
         stack.push_async_callback(asyncio.to_thread, pool.close)
         transports = Transports(settings.transport)
         stack.push_async_callback(transports.aclose)
-        runner = Runner(queue, transports, pool, settings)
+        dispatcher = _start_dispatcher(stack, queue, settings)
+        runner = Runner(queue, transports, pool, settings, on_event=dispatcher.poke)
         stop = _drain_on_signals()
 
         async def announce() -> None:

@@ -4,21 +4,24 @@ The queue backend delivers jobs to :meth:`Runner.run` (up to ``concurrency`` at
 once); network I/O stays on the event loop and pixels go to the process pool.
 Retryable failures go back to the queue with backoff until the attempts run
 out; a job that fails for good gets the failure image at its destination (when
-the destination still takes it) and its error recorded.
+the destination still takes it) and its error recorded. A job's end is recorded
+with its completion event (webhooks.event_for), in the same write.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from imgserve import errors
+from imgserve import errors, webhooks
 from imgserve.config import Settings
 from imgserve.imaging import pipeline
 from imgserve.planning import JobPlan, targets
 from imgserve.pool import ImagePool
-from imgserve.queue.base import JobQueue, JobRecord
+from imgserve.queue.base import Event, JobQueue, JobRecord
 from imgserve.retry import backoff_s
 from imgserve.spec import JobSpec
 from imgserve.transports import Transports
@@ -57,12 +60,20 @@ async def upload_failure_images(
 
 class Runner:
     def __init__(
-        self, queue: JobQueue, transports: Transports, pool: ImagePool, settings: Settings
+        self,
+        queue: JobQueue,
+        transports: Transports,
+        pool: ImagePool,
+        settings: Settings,
+        *,
+        on_event: Callable[[], None] | None = None,
     ) -> None:
         self.queue = queue
         self.transports = transports
         self.pool = pool
         self.settings = settings
+        self.on_event = on_event
+        """Called once a job's end is stored with an event (webhooks.Dispatcher.poke)."""
         # Downloads and uploads overlap with rendering: two jobs per worker process.
         self.concurrency = max(2, settings.worker.workers * 2)
         self.running = 0
@@ -116,7 +127,10 @@ class Runner:
             log.exception("job %s: unexpected error", record.id)
             await self._failed(record, errors.InternalError(f"{type(exc).__name__}: {exc}"))
         else:
-            await self.queue.complete(record.id, [len(result) for result in results])
+            sizes = [len(result) for result in results]
+            event = self._event(record, "job.completed", output_bytes=sizes)
+            await self.queue.complete(record.id, sizes, event=event)
+            self._announce(event)
             log.info("job %s done attempt=%d outputs=%d", record.id, record.attempts, len(results))
 
     async def _source(self, record: JobRecord, spec: JobSpec) -> tuple[bytes | str, bool]:
@@ -158,7 +172,23 @@ class Runner:
         )
         # The failure image goes first: once the job reads "failed", it is in place.
         await self._upload_failure_image(record)
-        await self.queue.fail(record.id, exc.code, exc.detail)
+        event = self._event(record, "job.failed", error=exc)
+        await self.queue.fail(record.id, exc.code, exc.detail, event=event)
+        self._announce(event)
+
+    def _event(self, record: JobRecord, type: str, **details: Any) -> Event | None:
+        """The job's completion event (None: it has no webhook). A record that cannot
+        be read still gets one, without outputs: its end is news too."""
+        spec = plan = None
+        with contextlib.suppress(Exception):
+            spec = JobSpec.from_dict(record.job)
+        with contextlib.suppress(Exception):
+            plan = JobPlan.from_dict(record.plan)
+        return webhooks.event_for(record, spec, plan, type, self.settings.webhook, **details)
+
+    def _announce(self, event: Event | None) -> None:
+        if event is not None and self.on_event is not None:
+            self.on_event()
 
     async def _upload_failure_image(self, record: JobRecord) -> None:
         try:

@@ -143,7 +143,7 @@ def _headers(auth: str | None, **extra: str) -> dict[str, str]:
     return headers
 
 
-def _parse(url: str | URL) -> tuple[URL, str | None]:
+def parse_url(url: str | URL) -> tuple[URL, str | None]:
     """Split credentials off an http(s) URL: (URL without userinfo, Authorization value)."""
     try:
         parsed = url if isinstance(url, URL) else URL(url)
@@ -164,6 +164,31 @@ def _origin(url: URL) -> tuple[str, str | None, int | None]:
     return (url.scheme, url.host, url.port)
 
 
+def policy_session(
+    settings: TransportSettings, user_agent: str = "imgserve/1.0"
+) -> aiohttp.ClientSession:
+    """A client session that connects only to addresses ``settings.policy`` allows
+    (names through PolicyResolver; call ``check_literal`` before each request, since
+    IP literals never reach a resolver), following nothing and keeping no cookies.
+    Also what webhooks.py delivers events with."""
+    connector = aiohttp.TCPConnector(
+        resolver=PolicyResolver(settings.policy), ssl=client_tls_context(settings.ca_file)
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None),  # deadlines are the caller's
+        auto_decompress=False,
+        trust_env=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        headers={"User-Agent": user_agent},
+    )
+
+
+def check_literal(url: URL, net_policy: NetPolicy) -> None:
+    """Check an IP-literal host against the policy (aiohttp does not resolve them)."""
+    policy.check_host_literal(url.host or "", net_policy)
+
+
 class HTTPTransport(Transport):
     """GET downloads; PUT or multipart-form POST uploads."""
 
@@ -172,26 +197,14 @@ class HTTPTransport(Transport):
     def __init__(self, settings: TransportSettings) -> None:
         super().__init__(settings)
         self._session: aiohttp.ClientSession | None = None
-        self._tls = client_tls_context(settings.ca_file)
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(
-                resolver=PolicyResolver(self.settings.policy), ssl=self._tls
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(total=None),  # deadlines are ours
-                auto_decompress=False,
-                trust_env=False,
-                cookie_jar=aiohttp.DummyCookieJar(),
-                headers={"User-Agent": "imgserve/1.0"},
-            )
+            self._session = policy_session(self.settings)
         return self._session
 
     def _check_literal(self, url: URL) -> None:
-        # aiohttp does not resolve IP literals, so the resolver never sees them.
-        policy.check_host_literal(url.host or "", self.settings.policy)
+        check_literal(url, self.settings.policy)
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -210,7 +223,7 @@ class HTTPTransport(Transport):
                 raise outcomes.Timeout(f"not downloaded within {timeout_s}s") from exc
 
     async def _download(self, url: str, charge: Charge | None) -> bytes:
-        current, auth = _parse(url)
+        current, auth = parse_url(url)
         for _hop in range(self.settings.max_redirects + 1):
             self._check_literal(current)
             with outcomes.translated(outcomes.DOWNLOAD, str(current)):
@@ -243,7 +256,7 @@ class HTTPTransport(Transport):
             raise RedirectSchemeRefused(
                 f"{current} redirected to a {target.scheme or 'relative'}: URL"
             )
-        next_url, next_auth = _parse(target)
+        next_url, next_auth = parse_url(target)
         # Credentials go only to the origin they were given for.
         if next_auth is None and _origin(next_url) == _origin(current):
             next_auth = auth
@@ -271,7 +284,7 @@ class HTTPTransport(Transport):
                 raise outcomes.Timeout(f"not uploaded within {timeout_s}s") from exc
 
     async def _upload(self, target: Target, data: bytes, content_type: str) -> None:
-        url, auth = _parse(target.url)
+        url, auth = parse_url(target.url)
         self._check_literal(url)
         if target.form_field:
             form = aiohttp.FormData()
