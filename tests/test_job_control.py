@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 import pyvips
 from aiohttp import web
+from standardwebhooks.webhooks import Webhook
 
 from imgserve import api, errors
 from imgserve.config import NetPolicy, ServerSettings, Settings, TransportSettings
@@ -29,6 +30,8 @@ from imgserve.planner import Planner
 from imgserve.queue.base import Event, JobRecord, State
 from imgserve.request_jobs import cursor_param, idempotency_key, list_query, validate_jobs
 from tests.inprocess import API, start_api
+from tests.test_webhooks import SECRET_A, dispatching, hook_settings
+from tests.webhook_receiver import Receiver, receiver_fixture  # noqa: F401 - a fixture
 
 
 def _jpeg(width: int = 64, height: int = 48) -> bytes:
@@ -760,3 +763,42 @@ async def test_redeliver_rearms_the_latest_event_and_the_view_shows_it(
     }
     unknown = await call(served.url, "POST", f"/jobs/{'f' * 32}/webhook")
     assert (unknown.status, unknown.body["code"]) == (404, 605)
+
+
+# --- cancel and redelivery reach the webhook receiver --------------------------------
+
+
+async def test_cancel_sends_a_signed_job_cancelled_event_and_redelivery_sends_it_again(
+    tmp_path: Path, shared_planner: Planner, loopback: Loopback, receiver: Receiver
+) -> None:
+    """DELETE stores a job.cancelled event with the cancel and wakes the dispatcher; the
+    receiver verifies it with standardwebhooks; POST /jobs/<id>/webhook sends the same
+    webhook-id again."""
+    hooks = hook_settings()
+    transport = TransportSettings(
+        policy=NetPolicy(allow_nets=(ipaddress.ip_network("127.0.0.0/8"),))
+    )
+    served = await start_api(
+        tmp_path / "q", shared_planner, Settings(transport=transport, webhook=hooks)
+    )
+    try:
+        # A long poll: only the API's poke can deliver the event promptly.
+        async with dispatching(served.service.queue, hooks, poll_s=30.0) as dispatcher:
+            served.service.on_event = dispatcher.poke
+            body = v2_job(loopback, "gone", webhook=receiver.url(), metadata={"upload": 7})
+            job_id = (await call(served.url, "POST", "/jobs", body)).body["jobId"]
+            assert (await call(served.url, "DELETE", f"/jobs/{job_id}")).status == 200
+            (first,) = await asyncio.to_thread(receiver.wait_for, 1, 10.0)
+            payload = Webhook(SECRET_A).verify(first.body, first.headers)
+            assert payload["type"] == "job.cancelled"
+            assert payload["data"]["jobId"] == job_id
+            assert payload["data"]["state"] == "cancelled"
+            assert payload["data"]["metadata"] == {"upload": 7}
+            again = await call(served.url, "POST", f"/jobs/{job_id}/webhook")
+            assert again.status == 202, again.body
+            second = (await asyncio.to_thread(receiver.wait_for, 2, 10.0))[1]
+            Webhook(SECRET_A).verify(second.body, second.headers)
+            assert second.headers["webhook-id"] == first.headers["webhook-id"]
+    finally:
+        await served.stop()
+    assert loopback.uploads == ["gone-32.jpg"]  # its placeholder; nothing after the cancel

@@ -37,7 +37,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp_sse import EventSourceResponse, sse_response
 
-from imgserve import __version__, errors
+from imgserve import __version__, errors, webhooks
 from imgserve.config import Settings
 from imgserve.intake import Admission, Intake
 from imgserve.planner import Planner
@@ -95,6 +95,8 @@ class Service:
     """The jobs being checked now and the source bytes they hold."""
     started_at: float = field(default_factory=time.time)
     workers_alive: Callable[[], int] = lambda: 0
+    on_event: Callable[[], None] = lambda: None
+    """Wakes this process's webhook dispatcher after an event was stored."""
     max_streams: int = MAX_STREAMS
     """``GET /events`` streams served at once; past it, 503 (615)."""
     streams: int = field(default=0, init=False)
@@ -481,19 +483,7 @@ async def _enqueue(service: Service, spec: JobSpec, plan: JobPlan, data: bytes) 
 
 
 def _outputs_view(record: JobRecord) -> list[dict[str, Any]]:
-    plan = JobPlan.from_dict(record.plan)
-    views = []
-    for index, rendition in enumerate(plan.outputs):
-        view: dict[str, Any] = {
-            "url": redact_url(rendition.dst_url),
-            "width": rendition.plan.result.width,
-            "height": rendition.plan.result.height,
-            "format": rendition.plan.output.value,
-        }
-        if record.output_bytes is not None and index < len(record.output_bytes):
-            view["bytes"] = record.output_bytes[index]
-        views.append(view)
-    return views
+    return webhooks.outputs_of(JobPlan.from_dict(record.plan), record.output_bytes)
 
 
 def job_view(record: JobRecord, events: list[Event] | None = None) -> dict[str, Any]:
@@ -578,14 +568,18 @@ async def cancel_job(request: web.Request) -> web.Response:
     job running or ended."""
     service: Service = request.app[SERVICE]
     record = await _record(service, request)
-    record = await service.queue.cancel(record.id, _cancel_event(service, record))
+    event = _cancel_event(service, record)
+    record = await service.queue.cancel(record.id, event)
+    if event is not None:
+        service.on_event()
     log.info("job %s cancelled", record.id)
     return web.json_response(await _full_view(service, record))
 
 
 def _cancel_event(service: Service, record: JobRecord) -> Event | None:
     """The ``job.cancelled`` webhook event stored with the cancel (None: no webhook)."""
-    return None
+    spec, plan = JobSpec.from_dict(record.job), JobPlan.from_dict(record.plan)
+    return webhooks.event_for(record, spec, plan, "job.cancelled", service.settings.webhook)
 
 
 async def list_jobs(request: web.Request) -> web.Response:
@@ -617,10 +611,9 @@ async def redeliver_webhook(request: web.Request) -> web.Response:
         raise errors.JobHasNoEvent(
             f"job {record.id} has no webhook event: it has not ended, or no webhook URL was set"
         )
-    event = events[-1]
-    event.state = "pending"
-    event.next_at = time.time()
+    event = webhooks.redeliver(events[-1], time.time())
     await service.queue.save_event(event)
+    service.on_event()
     log.info("job %s: webhook event %s re-armed", record.id, event.id)
     return web.json_response({"jobId": record.id, "webhook": webhook_view(event)}, status=202)
 

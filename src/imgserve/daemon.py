@@ -232,6 +232,7 @@ async def _serve(settings: Settings, paths: Paths, *, linger_s: float = DEGRADED
             runner=runner,
             workers_alive=pool.workers_alive if pool else (lambda: 0),
             planner=planner,
+            on_event=dispatcher.poke,
         )
         app_runner = protocol.make_runner(
             api.make_app(service), access_log=None, handle_signals=False

@@ -72,8 +72,8 @@ def webhook_url_for(spec: JobSpec | None, settings: WebhookSettings) -> str | No
 
 
 def outputs_of(plan: JobPlan | None, output_bytes: Sequence[int] | None) -> list[dict[str, Any]]:
-    """Each output as the job view shows it: links and sizes, never the image.
-    (The same shape as api._outputs_view, built from the plan alone.)"""
+    """Each output as the job view, the POST /jobs reply and the event show it:
+    links and sizes, never the image."""
     if plan is None:
         return []
     views = []
