@@ -16,11 +16,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+import pyvips
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imgserve import errors
-from imgserve.config import NetPolicy, ServerSettings, Settings, TransportSettings
+from imgserve.config import ImagingLimits, NetPolicy, ServerSettings, Settings, TransportSettings
 from imgserve.planner import Planner
 from tests.e2e.conftest import Part, decode, jpeg, multipart, serve
 from tests.inprocess import API, start_api
@@ -31,9 +32,16 @@ UNFETCHED = "http://127.0.0.1:9/never/Fetched.jpg"
 """A source URL for jobs refused before any download (port 9 answers nothing)."""
 
 
-def _settings(out: Path, *, server: ServerSettings | None = None, **transport: Any) -> Settings:
+def _settings(
+    out: Path,
+    *,
+    server: ServerSettings | None = None,
+    imaging: ImagingLimits | None = None,
+    **transport: Any,
+) -> Settings:
     return Settings(
         server=server or ServerSettings(),
+        imaging=imaging or ImagingLimits(),
         transport=TransportSettings(
             policy=NetPolicy(allow_nets=(ipaddress.ip_network("127.0.0.0/8"),)),
             file_roots=(out,),
@@ -56,7 +64,7 @@ async def start(tmp_path: Path, out: Path, shared_planner: Planner) -> AsyncIter
     started: list[API] = []
 
     async def start(**overrides: Any) -> API:
-        served = await start_api(
+        served = await start_api(  # (keyword overrides: TransportSettings, server=, imaging=)
             tmp_path / f"q{len(started)}", shared_planner, _settings(out, **overrides)
         )
         started.append(served)
@@ -258,7 +266,7 @@ async def test_plan_time_refusals_name_the_output(
     good = {"url": f"file://{out}/plan.png", "width": 10}
     reply = await post(api, {"source": src, "outputs": [good, {"url": good["url"], "scale": 2}]})
     assert (reply.status, reply.body["code"]) == (400, 703), reply.body
-    assert reply.body["detail"].startswith("outputs[1]: scale applies to SVG sources")
+    assert reply.body["detail"].startswith("outputs[1].scale: applies to SVG sources")
 
     raw = serve(http_server, "api/plan/Photo.raw", jpeg(300, 200))
     reply = await post(
@@ -482,3 +490,98 @@ def test_hostile_multipart_never_answers_5xx(
     finally:
         loop.run_until_complete(served.stop())
         loop.close()
+
+
+# --- bounds on what one job may cost (review of #12) ------------------------------------
+
+
+def _png(width: int, height: int) -> bytes:
+    return bytes(pyvips.Image.black(width, height, bands=3).pngsave_buffer())
+
+
+async def test_an_output_whose_scaled_source_is_over_the_limit_is_303(
+    start: Any, out: Path, http_server: HTTPTestServer
+) -> None:
+    """A 4000x4 source stretched (fill, enlarge) to 4x4000 would first be scaled to
+    4000000x4000: refused before the reply (303, naming the output), not left to
+    spin in a worker."""
+    api = await start()
+    src = serve(http_server, "api/thin/Thin.png", _png(4000, 4))
+    reply = await post(api, _job(
+        _out(url=f"file://{out}/thin.png", width=4, height=4000, fit="fill", enlarge=True),
+        source=src,
+    ))  # fmt: skip
+    assert (reply.status, reply.body["code"]) == (422, 303), reply.body
+    assert reply.body["detail"].startswith("outputs[0]: the source scaled"), reply.body
+    assert not (out / "thin.png").exists()
+
+
+async def test_outputs_over_the_job_pixel_limit_together_are_303(
+    start: Any, out: Path, http_server: HTTPTestServer
+) -> None:
+    """Each output within the result limit, all of them together over max_job_pixels:
+    refused before the reply with 303 naming `outputs`; one output alone is fine."""
+    api = await start(imaging=ImagingLimits(max_job_pixels=100_000))
+    src = serve(http_server, "api/budget/Big.jpg", jpeg(400, 200))
+    outputs = [_out(url=f"file://{out}/b{i}.jpg", width=400) for i in range(2)]
+    reply = await post(api, _job(*outputs, source=src))
+    assert (reply.status, reply.body["code"]) == (422, 303), reply.body
+    assert reply.body["detail"].startswith("outputs: 2 outputs of 160000 pixels"), reply.body
+    assert (await post(api, _job(outputs[0], source=src))).status == 202
+
+
+async def test_a_trickled_upload_is_cut_at_the_download_timeout(start: Any, out: Path) -> None:
+    """A multipart upload that stops arriving is refused after download_timeout_s
+    (305), as a download would be, and gives its intake slot back."""
+    api = await start(download_timeout_s=1.0)
+    body, content_type = multipart(
+        [("job", None, _upload_job(out)), ("source", "slow.jpg", jpeg(64, 64))]
+    )
+    cut = body.index(b"\xff\xd8") + 2  # the job part and two bytes of the source
+
+    async def trickle() -> Any:
+        yield body[:cut]
+        await asyncio.sleep(30)  # never sends the rest
+
+    async with aiohttp.ClientSession() as session:
+        request = session.post(
+            api.url + "/jobs", data=trickle(), headers={"Content-Type": content_type}
+        )
+        async with asyncio.timeout(15), request as resp:
+            status, answer = resp.status, await resp.json()
+    assert (status, answer["code"]) == (422, 305), answer
+    assert answer["detail"].startswith("source: the upload did not arrive")
+    assert (api.service.intake.jobs, api.service.intake.bytes) == (0, 0)
+
+
+async def test_a_reply_deadline_during_placeholders_withdraws_the_ones_up(
+    start: Any, out: Path, http_server: HTTPTestServer, ftp_slow_server: Any
+) -> None:
+    """The reply deadline strikes while one placeholder still crawls to a slow FTP
+    server: 504 (612), and the output whose placeholder did go up gets the failure
+    image, not a "being processed" placeholder forever."""
+    api = await start(server=ServerSettings(reply_timeout_s=2.0))
+    src = serve(http_server, "api/deadline/D.jpg", jpeg(1200, 800))
+    reply = await post(api, _job(
+        _out(url=f"file://{out}/quick.png", width=300),
+        _out(url=ftp_slow_server.url("deadline/slow.png"), width=1200),
+        source=src,
+    ))  # fmt: skip
+    assert (reply.status, reply.body["code"]) == (504, 612), reply.body
+    image = decode((out / "quick.png").read_bytes())
+    corner = image(1, 1)
+    assert corner[0] > corner[1] + 5  # the failure canvas (reddish), not the grey placeholder
+    assert (await api.service.queue.counts())["queued"] == 0
+
+
+async def test_an_uploaded_file_name_is_a_url_path_segment(start: Any, out: Path) -> None:
+    """{$basename} of an uploaded "Sea #1?.jpeg" is percent-encoded, as a source URL's
+    name is: the destination is one file, not a path cut at '#' or '?'."""
+    api = await start()
+    body, content_type = multipart(
+        [("job", None, _upload_job(out)), ("source", "Sea #1?.jpeg", jpeg(60, 40))]
+    )
+    reply = await post(api, body, content_type)
+    assert reply.status == 202, reply.body
+    assert reply.body["outputs"][0]["url"] == f"file://{out}/up/Sea%20%231%3F.jpeg"
+    assert (out / "up" / "Sea #1?.jpeg").exists()

@@ -132,6 +132,9 @@ async def errors_middleware(
         return error_reply(exc)
     except web.HTTPRequestEntityTooLarge:
         return error_reply(errors.RequestTooLarge())
+    except ConnectionResetError:  # the client went away mid-body: nobody reads the reply
+        log.info("client closed the connection during %s %s", request.method, request.path)
+        return error_reply(errors.HTTPRequestMalformed("request body: the connection closed"))
     except web.RequestPayloadError as exc:  # a body that does not match its encoding
         return error_reply(errors.HTTPRequestMalformed(f"request body: {exc}"[:200]))
     except web.HTTPMethodNotAllowed as exc:
@@ -172,7 +175,7 @@ async def submit_jobs(request: web.Request) -> web.Response:
     if request.content_type == "multipart/form-data":
         _refuse_when_stopping(service)
         with service.intake.admit() as admission:
-            spec, data, fingerprint = await _read_upload(request, service, admission)
+            spec, data, fingerprint = await _read_upload_within(request, service, admission)
 
             async def accept_upload() -> Reply:
                 return _jobs_reply(await _accept(service, spec, admission, data))
@@ -304,6 +307,21 @@ def _refuse_when_stopping(service: Service) -> None:
         raise errors.ShuttingDown()
 
 
+async def _read_upload_within(
+    request: web.Request, service: Service, admission: Admission
+) -> tuple[JobSpec, bytes, str]:
+    """``_read_upload`` within ``download_timeout_s``, as a download would be: a
+    client trickling its upload does not hold an intake slot for longer (305)."""
+    timeout_s = service.settings.transport.download_timeout_s
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read_upload(request, service, admission)
+    except TimeoutError as exc:
+        raise errors.DownloadTimeout(
+            f"source: the upload did not arrive within {timeout_s:g} s"
+        ) from exc
+
+
 async def _read_upload(
     request: web.Request, service: Service, admission: Admission
 ) -> tuple[JobSpec, bytes, str]:
@@ -375,6 +393,7 @@ async def _accept(
     if counts["queued"] + counts["running"] + service.intake.jobs > server.queue_max:
         raise errors.QueueFull(f"{server.queue_max} jobs waiting or being checked")
     deadline = asyncio.timeout(server.reply_timeout_s)
+    placed = _Placed()
     try:
         async with deadline:
             if spec.webhook is not None:
@@ -384,13 +403,16 @@ async def _accept(
             else:
                 assert spec.source_url is not None
                 data = await service.transports.download(spec.source_url, admission.charge)
-            plan = await _check(service, spec, data)
-    except TimeoutError as exc:
-        if not deadline.expired():
-            raise
-        raise errors.ReplyTimeout(
-            f"not checked within {server.reply_timeout_s:g} s (download, plan, placeholders)"
-        ) from exc
+            plan = await _check(service, spec, data, placed)
+    except Exception as exc:
+        # Outside the deadline, which may be what ended the check: a refused job
+        # leaves no "being processed" placeholder behind.
+        await _withdraw_placeholders(service, placed)
+        if isinstance(exc, TimeoutError) and deadline.expired():
+            raise errors.ReplyTimeout(
+                f"not checked within {server.reply_timeout_s:g} s (download, plan, placeholders)"
+            ) from exc
+        raise
     # Outside the deadline: once the commit starts, the job is accepted.
     return await _enqueue(service, spec, plan, data)
 
@@ -416,47 +438,64 @@ async def _check_webhook(service: Service, url: str) -> None:
         log.info("webhook host %s does not resolve now: %s", host, exc)
 
 
-async def _check(service: Service, spec: JobSpec, data: bytes) -> JobPlan:
+@dataclass
+class _Placed:
+    """The placeholders of a job being checked that are up, in case it is refused."""
+
+    plan: JobPlan | None = None
+    destinations: list[Target] = field(default_factory=list)
+    outputs: list[int] = field(default_factory=list)
+
+
+async def _check(service: Service, spec: JobSpec, data: bytes, placed: _Placed) -> JobPlan:
     """Plan the job and put each output's placeholder at its destination.
 
     Placeholders go up at once. When one is refused, the job is refused (205,
-    naming the output) and each output whose placeholder did go up gets the
-    failure image instead, so nothing is left saying "being processed".
+    naming the output); the caller then gives each output whose placeholder did
+    go up the failure image instead (``_withdraw_placeholders``).
     """
     plan, images = await service.planner.plan(spec, data, service.settings.imaging)
     if not spec.placeholder:
         return plan
     # Not forced to disk: after a power cut the stored job runs again and writes the result.
-    destinations = [dataclasses.replace(t, durable=False) for t in targets(spec, plan)]
+    placed.plan = plan
+    placed.destinations = [dataclasses.replace(t, durable=False) for t in targets(spec, plan)]
+
+    async def put(index: int, image: bytes) -> None:
+        target, content_type = placed.destinations[index], plan.outputs[index].plan.content_type
+        await service.transports.upload(target, image, content_type)
+        placed.outputs.append(index)
+
     outcomes = await asyncio.gather(
-        *(
-            service.transports.upload(target, image, rendition.plan.content_type)
-            for target, image, rendition in zip(destinations, images, plan.outputs, strict=True)
-        ),
-        return_exceptions=True,
+        *(put(index, image) for index, image in enumerate(images)), return_exceptions=True
     )
-    failed = [(i, o) for i, o in enumerate(outcomes) if isinstance(o, BaseException)]
-    if not failed:
-        return plan
-    index, exc = failed[0]
-    placed = [i for i, o in enumerate(outcomes) if not isinstance(o, BaseException)]
-    if placed:
-        await _withdraw_placeholders(service, plan, destinations, placed)
-    if isinstance(exc, errors.UploadFailed | errors.UploadRefused):
-        named = f"outputs[{index}]: " if spec.operation is None else ""
-        raise errors.PlaceholderUploadFailed(named + exc.detail) from exc
-    raise exc
+    for index, outcome in enumerate(outcomes):
+        if isinstance(outcome, errors.UploadFailed | errors.UploadRefused):
+            named = f"outputs[{index}]: " if spec.operation is None else ""
+            raise errors.PlaceholderUploadFailed(named + outcome.detail) from outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return plan
 
 
-async def _withdraw_placeholders(
-    service: Service, plan: JobPlan, destinations: list[Target], placed: list[int]
-) -> None:
+WITHDRAW_TIMEOUT_S = 10.0
+"""How long a refused job's reply waits for its placeholders to be replaced."""
+
+
+async def _withdraw_placeholders(service: Service, placed: _Placed) -> None:
     """Replace the placeholders of a refused job with the failure image (best effort)."""
-    sub_plan = dataclasses.replace(plan, outputs=tuple(plan.outputs[i] for i in placed))
+    if placed.plan is None or not placed.outputs:
+        return
+    up = sorted(placed.outputs)
+    sub_plan = dataclasses.replace(placed.plan, outputs=tuple(placed.plan.outputs[i] for i in up))
     try:
-        await upload_failure_images(service.transports, sub_plan, [destinations[i] for i in placed])
-    except errors.ImgserveError as exc:
-        log.warning("placeholder of a refused job left in place: %s", redact_url(exc.detail))
+        async with asyncio.timeout(WITHDRAW_TIMEOUT_S):
+            await upload_failure_images(
+                service.transports, sub_plan, [placed.destinations[i] for i in up]
+            )
+    except (errors.ImgserveError, TimeoutError) as exc:
+        detail = exc.detail if isinstance(exc, errors.ImgserveError) else "timed out"
+        log.warning("placeholder of a refused job left in place: %s", redact_url(detail))
 
 
 async def _enqueue(service: Service, spec: JobSpec, plan: JobPlan, data: bytes) -> JobRecord:
@@ -489,12 +528,12 @@ def _outputs_view(record: JobRecord) -> list[dict[str, Any]]:
 def job_view(record: JobRecord, events: list[Event] | None = None) -> dict[str, Any]:
     """``GET /jobs/<id>``: 0.2's fields (about the first output), then every output,
     and the delivery of the job's latest webhook event (``events``, oldest first)."""
-    spec = JobSpec.from_dict(record.job)
-    first = JobPlan.from_dict(record.plan).first
+    spec, plan = JobSpec.from_dict(record.job), JobPlan.from_dict(record.plan)
+    first = plan.first
     view: dict[str, Any] = {
         "jobId": record.id,
         "state": record.state.value,
-        "operationType": spec.operation or JobPlan.from_dict(record.plan).operation,
+        "operationType": spec.operation or plan.operation,
         "srcURL": redact_url(spec.source_url) if spec.source_url is not None else None,
         "dstURL": redact_url(record.dst_url),
         "attempts": record.attempts,
@@ -504,7 +543,7 @@ def job_view(record: JobRecord, events: list[Event] | None = None) -> dict[str, 
         "node": record.node,
         "width": first.plan.result.width,
         "height": first.plan.result.height,
-        "outputs": _outputs_view(record),
+        "outputs": webhooks.outputs_of(plan, record.output_bytes),
         "metadata": spec.metadata,
         "priority": record.priority,
     }

@@ -43,6 +43,9 @@ class ImagingLimits:
     max_result_pixels: int = 50_000_000
     """Largest result (and largest SVG render) produced."""
     max_result_bytes: int = 64 * MiB
+    max_job_pixels: int = 200_000_000
+    """All outputs of one ``POST /jobs`` job together (each whole-frame image it is
+    cut from counted too): what one worker task renders and the planner draws."""
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,8 @@ class Planner:
                 return await processes.answer(future, pool)  # type: ignore[no-any-return]
             except (FutureTimeout, NoAnswer) as exc:  # pebble's deadline, or the outer one
                 raise errors.ProcessingTimeout(
-                    f"reading the source header took longer than {self.timeout_s:g} s"
+                    f"reading the source header and drawing the placeholders took longer than "
+                    f"{self.timeout_s:g} s"
                 ) from exc
             except pebble.ProcessExpired as exc:
                 raise errors.LoaderCrashed(

@@ -4,7 +4,7 @@
 the source once (pipeline.inspect), sizes each output (pipeline.plan_output)
 and fills in each destination's tags, which need the result's size. The plan
 is stored with the job (``JobPlan.to_dict``, versioned) and read back by the
-worker, whose ``render`` makes one output's bytes.
+worker, whose ``render`` makes every output's bytes from one decode.
 
 Plans are made from a spec.JobSpec, whichever endpoint took the job; 0.2's
 ``POST /`` makes one with one output.
@@ -157,18 +157,38 @@ def plan(spec: JobSpec, data: bytes, limits: ImagingLimits) -> JobPlan:
     named = spec.operation is None
     renditions = []
     for index, out in enumerate(spec.outputs):
+        path = f"outputs[{index}]"
         try:
-            renditions.append(_plan_output(info, out, tag_extension, spec.basename, limits))
+            renditions.append(_plan_output(info, out, tag_extension, spec.basename, limits, path))
         except errors.ImgserveError as exc:
-            if not named:
+            if not named or exc.detail.startswith(path):
                 raise
-            raise type(exc)(f"outputs[{index}]: {exc.detail}") from exc
+            raise type(exc)(f"{path}: {exc.detail}") from exc
+    if len(renditions) > 1:
+        _check_job_pixels(renditions, info, limits)
     operation = spec.operation or ("rasterize" if info.vector else "resize")
     return JobPlan(operation, info, tuple(renditions))
 
 
+def _check_job_pixels(renditions: list[Rendition], info: SourceInfo, limits: ImagingLimits) -> None:
+    """Refuse a job whose outputs together are more than one worker task should make."""
+    total = sum(
+        max(r.plan.result.pixels, pipeline.scaled_size(info, r.plan).pixels) for r in renditions
+    )
+    if total > limits.max_job_pixels:
+        raise errors.ResultOverLimit(
+            f"outputs: {len(renditions)} outputs of {total} pixels together, over the "
+            f"limit of {limits.max_job_pixels} for one job"
+        )
+
+
 def _plan_output(
-    info: SourceInfo, out: OutputRequest, tag_extension: str, basename: str, limits: ImagingLimits
+    info: SourceInfo,
+    out: OutputRequest,
+    tag_extension: str,
+    basename: str,
+    limits: ImagingLimits,
+    path: str,
 ) -> Rendition:
     output = out.format or formats.output_format(destination_extension(out.url, tag_extension))
     if output is None:
@@ -179,7 +199,7 @@ def _plan_output(
         )
     if out.scale is not None and not info.vector:
         raise errors.JobFieldInvalid(
-            f"scale applies to SVG sources; this source is {info.format.value}"
+            f"{path}.scale: applies to SVG sources; this source is {info.format.value}"
         )
     spec = OutputSpec(
         format=output,

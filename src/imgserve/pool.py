@@ -92,10 +92,13 @@ def _render(
     except MemoryError as exc:
         raise errors.WorkerMemoryExceeded("the worker ran out of memory") from exc
     except errors.ImgserveError as exc:
-        if "out of memory" in exc.detail or "memory allocation" in exc.detail:
+        if any(sign in exc.detail for sign in _OUT_OF_MEMORY):
             raise errors.WorkerMemoryExceeded(exc.detail) from exc
         raise
 
+
+# How libvips and its loaders say they ran out of memory (under RLIMIT_AS).
+_OUT_OF_MEMORY = ("out of memory", "memory allocation", "Insufficient memory")
 
 ANSWER_GRACE_S = 5.0
 """How long past the job timeout a running render waits for pebble (kill, report)."""

@@ -20,7 +20,7 @@ import json
 import math
 import re
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from imgserve import errors
 from imgserve.destination import (
@@ -149,14 +149,16 @@ def _name(key: str) -> str:
 
 
 def _uploaded_name(name: str) -> str:
-    """The multipart file name without the path a browser may send with it."""
+    """The multipart file name without the path a browser may send with it,
+    percent-encoded as a URL path segment (a source URL's name already is): in a
+    destination, ``{$basename}`` of ``a#b?.jpg`` is ``a%23b%3F``, not a fragment."""
     base = re.split(r"[/\\]", name)[-1]
     if not base.strip():
         raise errors.JobUploadInvalid(
             f"source: the file part's file name {shown(name)} is empty once its path is removed"
         )
     check_text("source: the file part's file name", base, errors.JobUploadInvalid)
-    return base
+    return quote(base, safe="")
 
 
 def _source_url(obj: dict[str, Any]) -> str:

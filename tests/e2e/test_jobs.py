@@ -365,7 +365,7 @@ def test_error_codes_name_the_field(daemon: Daemon, http_server: HTTPTestServer)
         post_jobs(daemon, {"source": src, "outputs": [good, {"url": good["url"], "scale": 2}]})
     )
     assert (status, code) == (400, 703), detail
-    assert detail.startswith("outputs[1]: scale applies to SVG sources"), detail
+    assert detail.startswith("outputs[1].scale: applies to SVG sources"), detail
     reply = send(daemon, "/jobs", json.dumps({"source": src, "outputs": [good]}).encode(),
                  "text/plain")  # fmt: skip
     assert (reply.status, reply.body["code"]) == (415, 708)

@@ -213,6 +213,15 @@ def plan_output(info: SourceInfo, spec: OutputSpec, limits: ImagingLimits) -> Ou
                 + (f" x {frames} frames" if frames > 1 else "")
                 + f" is over the limit of {limits.max_result_pixels} pixels"
             )
+        # The whole source scaled (before the crop, stretch or pad) is an image too:
+        # a 4000x4 source covering 4x4000 would be 4000000x4000. 0.2's single
+        # output crops it lazily and keeps 0.2's rule (the result only).
+        scaled = fitted.scaled
+        if not spec.refuse_small and scaled.pixels * frames > limits.max_result_pixels:
+            raise errors.ResultOverLimit(
+                f"the source scaled for this output is {scaled.width}x{scaled.height}, "
+                f"over the limit of {limits.max_result_pixels} pixels"
+            )
     return OutputPlan(
         result,
         spec.format,
@@ -293,22 +302,23 @@ def _derived(
     data: bytes, info: SourceInfo, outs: Sequence[tuple[int, OutputPlan]]
 ) -> Iterator[tuple[int, vips.Image]]:
     """Each output's image from one decode, largest first: the decode is the shrink-on-load
-    of the largest; every other is resized from the smallest image already made that is
-    still big enough (kept in memory while a smaller output may start from it)."""
+    of the largest; every other is resized from the smallest image already made."""
     order = sorted(outs, key=lambda item: scaled_size(info, item[1]).pixels, reverse=True)
     first = order[0][1]
     decoded = vips.thumbnail(data, info.format, *_thumbnail_box(info, first))
-    bases = [vips.materialize(decoded, info.format)]
+    # Every base has the source's aspect ratio and each is smaller than the last,
+    # so the newest one is the smallest still big enough (bar a pixel of rounding,
+    # which the resize absorbs): only it is kept, and memory stays at the decode,
+    # one base and the output being made, however many outputs the job has.
+    base = vips.materialize(decoded, info.format)
     for position, (index, out) in enumerate(order):
         need = scaled_size(info, out)
-        big_enough = [b for b in bases if b.width >= need.width and b.height >= need.height]
-        base = big_enough[-1] if big_enough else bases[0]
         image = base
         if (base.width, base.height) != (need.width, need.height):
             image = vips.resize_to(base, need.width, need.height)
             if position < len(order) - 1:
                 image = vips.materialize(image, info.format)
-                bases.append(image)
+                base = image
         if _smart(out):
             image = vips.attention_crop(image, out.result.width, out.result.height)
         yield index, image
