@@ -232,3 +232,24 @@ def test_worker_without_redis_extra_says_which_extra(run: Any, tmp_path: Path) -
     assert result.returncode == 1
     assert "pip install 'imgserve[redis]'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--webhook-secret", "whsec_c2VjcmV0LWtleS1ieXRlcw=="],
+        ["--webhook-secret=whsec_c2VjcmV0LWtleS1ieXRlcw=="],
+        ["--webhook-secre", "whsec_c2VjcmV0LWtleS1ieXRlcw=="],  # not a prefix of another flag
+    ],
+)
+def test_a_webhook_secret_on_the_command_line_is_refused_unseen(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A secret in argv (visible in ps) is refused with exit 2, and the error never
+    shows it; a prefix is not taken for --webhook-secrets-file."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["start", *argv])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "c2VjcmV0" not in err
+    assert "secrets-file" in err or "unrecognized" in err

@@ -8,13 +8,41 @@ Flags take 0.2's single-dash form (``-host``, ``-port``, ``-pid``, ``-logdir``,
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from imgserve import __version__, config, daemon, urls
 
 COMMANDS = ("start", "stop", "restart", "status", "version", "serve", "worker")
+# A webhook secret, wherever argparse would echo one (a mistyped flag's value).
+_SECRET = re.compile(r"whsec_\S+")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with long options matched exactly (a prefix such as
+    ``--webhook-secret`` must not become ``--webhook-secrets-file`` and have its
+    value read as a path) and secrets masked in its error messages."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        super().error(_SECRET.sub("whsec_***", message))
+
+
+class _RefuseSecret(argparse.Action):
+    """``--webhook-secret VALUE``: refused, never echoed. A secret in argv shows in
+    ``ps`` to every user of the machine."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        parser.error(
+            "--webhook-secret: a secret on the command line shows in the process list; "
+            "set IMGSERVE_WEBHOOK_SECRET, webhook_secrets in the config file, or "
+            "--webhook-secrets-file PATH"
+        )
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +88,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     add("--redact-param", dest="redact_param", action="append", help="query parameter to hide")
     add("--webhook-url", dest="webhook_url", help="default completion-event URL for every job")
     add("--webhook-secrets-file", dest="webhook_secrets_file", help="file of whsec_ secrets")
+    add("--webhook-secret", action=_RefuseSecret, help=argparse.SUPPRESS)
     add(
         "--set",
         dest="assignments",
@@ -71,8 +100,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imgserve", description="image-processing daemon")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = _Parser(prog="imgserve", description="image-processing daemon")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
     helps = {
         "start": "start the daemon in the background",
         "stop": "stop gracefully (drain running jobs)",
@@ -91,11 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Parsed values that are not settings; every other dest names a setting.
-_NOT_SETTINGS = frozenset({"command", "config", "force", "daemonized", "assignments"})
+_NOT_SETTINGS = frozenset(
+    {"command", "config", "force", "daemonized", "assignments", "webhook_secret"}
+)
 
 
 def _setting_dests() -> tuple[str, ...]:
-    probe = argparse.ArgumentParser(add_help=False)
+    probe = _Parser(add_help=False)
     _common(probe)
     return tuple(a.dest for a in probe._actions if a.dest not in _NOT_SETTINGS)
 
