@@ -253,3 +253,12 @@ def test_a_webhook_secret_on_the_command_line_is_refused_unseen(
     err = capsys.readouterr().err
     assert "c2VjcmV0" not in err
     assert "secrets-file" in err or "unrecognized" in err
+
+
+def test_a_webhook_secret_in_a_set_assignment_is_refused_unseen(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--set webhook_secrets=... (argv again) is refused with exit 2, the value unseen."""
+    assert cli.main(["start", "--set", "webhook_secrets=whsec_c2VjcmV0LWtleS1ieXRlcw=="]) == 2
+    err = capsys.readouterr().err
+    assert "c2VjcmV0" not in err and "process list" in err

@@ -570,8 +570,18 @@ def _from_flags(overrides: Mapping[str, Any], assignments: Sequence[str]) -> _La
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
             raise SettingsError(f"--set wants NAME=VALUE, got {item!r}")
-        layer.set(lookup(name.strip()), value, f"--set {name.strip()}")
+        option = lookup(name.strip())
+        if option.key in _NOT_ON_THE_COMMAND_LINE:
+            raise SettingsError(
+                f"--set {name.strip()}: a secret on the command line shows in the process "
+                "list; use the environment, the config file or --webhook-secrets-file"
+            )
+        layer.set(option, value, f"--set {name.strip()}")
     return layer
+
+
+_NOT_ON_THE_COMMAND_LINE = frozenset({"webhook.webhook_secrets"})
+"""Settings holding secrets: argv is readable by every user of the machine (ps)."""
 
 
 def _build(cls: type, prefix: tuple[str, ...], values: Mapping[str, Any]) -> Any:
