@@ -802,3 +802,28 @@ async def test_cancel_sends_a_signed_job_cancelled_event_and_redelivery_sends_it
     finally:
         await served.stop()
     assert loopback.uploads == ["gone-32.jpg"]  # its placeholder; nothing after the cancel
+
+
+async def test_the_default_webhook_is_fixed_with_the_job_at_accept(
+    tmp_path: Path, shared_planner: Planner, loopback: Loopback
+) -> None:
+    """The accepting node's --webhook-url is stored with the job (a worker node
+    configured without it still sends the event there); a job's own URL wins."""
+    loopback_net = (ipaddress.ip_network("127.0.0.0/8"),)
+    settings = Settings(
+        transport=TransportSettings(policy=NetPolicy(allow_nets=loopback_net)),
+        webhook=hook_settings(webhook_url="https://hooks.example/default"),
+    )
+    served = await start_api(tmp_path / "q", shared_planner, settings)
+    try:
+        plain = await call(served.url, "POST", "/jobs", v2_job(loopback, "plain"))
+        own = await call(
+            served.url, "POST", "/jobs", v2_job(loopback, "own", webhook=f"{loopback.url}/h")
+        )
+        stored = [await served.service.queue.get(reply.body["jobId"]) for reply in (plain, own)]
+        assert [r.job["webhook"] for r in stored if r is not None] == [
+            "https://hooks.example/default",
+            f"{loopback.url}/h",
+        ]
+    finally:
+        await served.stop()

@@ -710,3 +710,44 @@ async def test_a_dispatcher_that_dies_is_restarted(queue: SQLiteQueue, receiver:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     assert dispatcher.runs == 2
+
+
+def test_a_schedule_longer_than_jobs_are_kept_is_refused() -> None:
+    """Events are pruned with their job: a retry schedule outlasting keep_finished_s
+    would lose undelivered events, so it is refused at load."""
+    with pytest.raises(config.SettingsError, match="keep_finished_s"):
+        config.load(
+            {}, environ={}, assignments=["keep_finished_s=3600", "webhook_schedule_s=0,4000"]
+        )
+    loaded = config.load(
+        {}, environ={}, assignments=["keep_finished_s=3600", "webhook_schedule_s=0,60"]
+    )
+    assert loaded.webhook.webhook_schedule_s == (0.0, 60.0)
+
+
+async def test_metadata_with_a_lone_surrogate_is_still_delivered(
+    queue: SQLiteQueue, receiver: Receiver
+) -> None:
+    """A caller's metadata holding a lone surrogate (valid JSON "\\ud800") is sent
+    ASCII-escaped, and verifies; before, encoding it failed on every attempt."""
+    settings = hook_settings()
+    rec = JobRecord(
+        id=uuid.uuid4().hex, job=spec(receiver.url()).to_dict(), plan=plan().to_dict(), dst_url="x"
+    )
+    made = webhooks.event_for(rec, spec(receiver.url()), plan(), "job.completed", settings)
+    assert made is not None
+    made.payload["data"]["metadata"] = {"name": "\ud800"}
+    await queue.put(rec, b"", max_active=10)
+    stopping = asyncio.Event()
+
+    async def handler(running: JobRecord) -> None:
+        await queue.complete(running.id, [1], event=made)
+        stopping.set()
+
+    await queue.consume(handler, 1, stopping)
+    async with dispatching(queue, settings):
+        delivered = await settled(queue, rec.id)
+    assert delivered.state == "delivered"
+    (got,) = receiver.received()
+    payload = Webhook(SECRET_A).verify(got.body, got.headers)
+    assert payload["data"]["metadata"] == {"name": "\ud800"}

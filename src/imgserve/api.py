@@ -259,7 +259,7 @@ async def _answer_once(
         return earlier.response(replayed=True)
     try:
         reply = await answer()
-    except BaseException:
+    except Exception:  # refused: a retry may try again (not on cancel: the job may be in)
         try:
             await service.queue.release_key(key)
         except errors.ImgserveError as exc:  # held until it expires (KEY_HOLD_SLACK_S)
@@ -394,16 +394,23 @@ async def _accept(
         raise errors.QueueFull(f"{server.queue_max} jobs waiting or being checked")
     deadline = asyncio.timeout(server.reply_timeout_s)
     placed = _Placed()
+    # The operator's default webhook is fixed with the job here, so a worker node
+    # configured otherwise still sends the event where this node said. (Only a
+    # caller's own URL is checked now; the policy applies to both at delivery.)
+    own_webhook = spec.webhook
+    spec = dataclasses.replace(spec, webhook=own_webhook or service.settings.webhook.webhook_url)
     try:
         async with deadline:
-            if spec.webhook is not None:
-                await _check_webhook(service, spec.webhook)
+            if own_webhook is not None:
+                await _check_webhook(service, own_webhook)
             if uploaded is not None:
                 data = uploaded
             else:
                 assert spec.source_url is not None
                 data = await service.transports.download(spec.source_url, admission.charge)
             plan = await _check(service, spec, data, placed)
+        # Outside the deadline: once the commit starts, the job is accepted.
+        return await _enqueue(service, spec, plan, data)
     except Exception as exc:
         # Outside the deadline, which may be what ended the check: a refused job
         # leaves no "being processed" placeholder behind.
@@ -413,8 +420,6 @@ async def _accept(
                 f"not checked within {server.reply_timeout_s:g} s (download, plan, placeholders)"
             ) from exc
         raise
-    # Outside the deadline: once the commit starts, the job is accepted.
-    return await _enqueue(service, spec, plan, data)
 
 
 async def _check_webhook(service: Service, url: str) -> None:
@@ -676,14 +681,14 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     _refuse_when_stopping(service)
     if service.streams >= service.max_streams:
         raise errors.EventStreamsFull(f"{service.max_streams} event streams open")
-    # Read before the stream starts, so a bad id (or a queue that is down) is a JSON reply.
-    first: list[Change] = []
-    if after is None:
-        after = await service.queue.change_cursor()
-    else:
-        first = await service.queue.changes(after, STREAM_BATCH)
-    service.streams += 1
+    service.streams += 1  # counted before any wait: simultaneous connects see each other
     try:
+        # Read before the stream starts, so a bad id (or a queue that is down) is a JSON reply.
+        first: list[Change] = []
+        if after is None:
+            after = await service.queue.change_cursor()
+        else:
+            first = await service.queue.changes(after, STREAM_BATCH)
         async with sse_response(request, ping_interval=STREAM_HEARTBEAT_S) as stream:
             await _send_changes(service, stream, after, first)
     finally:

@@ -162,7 +162,8 @@ class WebhookSettings:
     """A file holding more secrets (whitespace- or comma-separated), read by ``load``:
     keeps them out of argv, where any local user could read them."""
     webhook_timeout_s: float = 15.0
-    """Deadline of one delivery attempt, connect to the last byte of the answer."""
+    """Deadline of one delivery attempt, from connecting to the answer's headers
+    (the body is never read)."""
     webhook_schedule_s: tuple[float, ...] = WEBHOOK_SCHEDULE_S
     """The wait before each attempt (the first is after the job ends); once every
     entry is used up, the event fails for good. Each wait gets +-10 % jitter."""
@@ -634,6 +635,14 @@ def load(
             *_read_secrets(secrets_file),
         )
     result: Settings = _build(Settings, (), values)
+    schedule_s = sum(result.webhook.webhook_schedule_s)
+    if schedule_s >= result.server.keep_finished_s:
+        # A finished job is pruned with its events: one still being retried would go.
+        raise SettingsError(
+            f"webhook_schedule_s: its waits add up to {schedule_s:g} s, not less than "
+            f"keep_finished_s ({result.server.keep_finished_s:g} s), after which a job "
+            "and its undelivered event are pruned"
+        )
     return result
 
 

@@ -146,8 +146,9 @@ def event_for(
 
 
 def body_of(event: Event) -> bytes:
-    """The bytes sent (and signed): the payload as compact JSON."""
-    return json.dumps(event.payload, separators=(",", ":"), ensure_ascii=False).encode()
+    """The bytes sent (and signed): the payload as compact JSON, ASCII-escaped (a
+    lone surrogate in a caller's metadata cannot be UTF-8 encoded; escaped, it can)."""
+    return json.dumps(event.payload, separators=(",", ":")).encode()
 
 
 # --- signing -----------------------------------------------------------------------------
@@ -422,9 +423,13 @@ class Dispatcher:
 
     async def _deliver(self, event: Event) -> None:
         at = time.time()
-        body = body_of(event)
-        headers = headers_for(event, body, self.settings.webhook_secrets, at)
-        answer = await self.sender.post(event.url, headers, body)
+        try:
+            body = body_of(event)
+            headers = headers_for(event, body, self.settings.webhook_secrets, at)
+            answer = await self.sender.post(event.url, headers, body)
+        except Exception as exc:  # a bug: recorded as a failed attempt, never a lease loop
+            log.exception("webhook %s for job %s could not be sent", event.id, event.job_id)
+            answer = Answer(None, f"not sent: {type(exc).__name__}", permanent=True)
         schedule = self.settings.webhook_schedule_s
         record_attempt(event, answer, at, schedule, self.random, answered_at=time.time())
         shown = redact_url(event.url)
