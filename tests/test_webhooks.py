@@ -713,16 +713,16 @@ async def test_a_dispatcher_that_dies_is_restarted(queue: SQLiteQueue, receiver:
 
 
 def test_a_schedule_longer_than_jobs_are_kept_is_refused() -> None:
-    """Events are pruned with their job: a retry schedule outlasting keep_finished_s
-    would lose undelivered events, so it is refused at load."""
+    """Events are pruned with their job: with webhooks configured, a retry schedule
+    outlasting keep_finished_s would lose undelivered events, so it is refused at
+    load; a daemon without webhook settings may keep jobs for a minute."""
+    kept, url = "keep_finished_s=3600", "webhook_url=https://hooks.example/x"
     with pytest.raises(config.SettingsError, match="keep_finished_s"):
-        config.load(
-            {}, environ={}, assignments=["keep_finished_s=3600", "webhook_schedule_s=0,4000"]
-        )
-    loaded = config.load(
-        {}, environ={}, assignments=["keep_finished_s=3600", "webhook_schedule_s=0,60"]
-    )
+        config.load({}, environ={}, assignments=[kept, url, "webhook_schedule_s=0,4000"])
+    loaded = config.load({}, environ={}, assignments=[kept, url, "webhook_schedule_s=0,60"])
     assert loaded.webhook.webhook_schedule_s == (0.0, 60.0)
+    short = config.load({}, environ={}, assignments=["keep_finished_s=60"])
+    assert short.server.keep_finished_s == 60
 
 
 async def test_metadata_with_a_lone_surrogate_is_still_delivered(

@@ -635,8 +635,10 @@ def load(
             *_read_secrets(secrets_file),
         )
     result: Settings = _build(Settings, (), values)
-    schedule_s = sum(result.webhook.webhook_schedule_s)
-    if schedule_s >= result.server.keep_finished_s:
+    hooks = result.webhook
+    schedule_s = sum(hooks.webhook_schedule_s)
+    uses_webhooks = hooks.webhook_url is not None or bool(hooks.webhook_secrets)
+    if uses_webhooks and schedule_s >= result.server.keep_finished_s:
         # A finished job is pruned with its events: one still being retried would go.
         raise SettingsError(
             f"webhook_schedule_s: its waits add up to {schedule_s:g} s, not less than "

@@ -201,11 +201,19 @@ class SQLiteQueue(JobQueue):
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA busy_timeout=5000")
             db.executescript(_SCHEMA)
-            columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
-            if "lease_until" not in columns:  # a database from before leases
-                db.execute("ALTER TABLE jobs ADD COLUMN lease_until REAL")
-            if "priority" not in columns:  # a database from before lanes (0.3)
-                db.execute("ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0")
+            # One writer migrates at a time: two openers of a new database must not
+            # both see a column missing and both add it.
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+                if "lease_until" not in columns:  # a database from before leases
+                    db.execute("ALTER TABLE jobs ADD COLUMN lease_until REAL")
+                if "priority" not in columns:  # a database from before lanes (0.3)
+                    db.execute("ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
             db.executescript(_INDEXES)
             db.executescript(_RECOUNT)
             active = db.execute("SELECT id FROM jobs WHERE state IN ('queued', 'running')")
