@@ -622,8 +622,7 @@ async def cancel_job(request: web.Request) -> web.Response:
 
 def _cancel_event(service: Service, record: JobRecord) -> Event | None:
     """The ``job.cancelled`` webhook event stored with the cancel (None: no webhook)."""
-    spec, plan = JobSpec.from_dict(record.job), JobPlan.from_dict(record.plan)
-    return webhooks.event_for(record, spec, plan, "job.cancelled", service.settings.webhook)
+    return webhooks.record_event(record, "job.cancelled", service.settings.webhook)
 
 
 async def list_jobs(request: web.Request) -> web.Response:

@@ -96,6 +96,19 @@ def iso_utc(at: float) -> str:
     return text.replace("+00:00", "Z")
 
 
+def record_event(
+    record: JobRecord, type: str, settings: WebhookSettings, **details: Any
+) -> Event | None:
+    """``event_for`` a stored job, its spec and plan read from the record. A record
+    that cannot be read still gets its event, without outputs: its end is news too."""
+    spec = plan = None
+    with contextlib.suppress(Exception):
+        spec = JobSpec.from_dict(record.job)
+    with contextlib.suppress(Exception):
+        plan = JobPlan.from_dict(record.plan)
+    return event_for(record, spec, plan, type, settings, **details)
+
+
 def event_for(
     record: JobRecord,
     spec: JobSpec | None,

@@ -11,7 +11,6 @@ with its completion event (webhooks.event_for), in the same write.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -177,14 +176,8 @@ class Runner:
         self._announce(event)
 
     def _event(self, record: JobRecord, type: str, **details: Any) -> Event | None:
-        """The job's completion event (None: it has no webhook). A record that cannot
-        be read still gets one, without outputs: its end is news too."""
-        spec = plan = None
-        with contextlib.suppress(Exception):
-            spec = JobSpec.from_dict(record.job)
-        with contextlib.suppress(Exception):
-            plan = JobPlan.from_dict(record.plan)
-        return webhooks.event_for(record, spec, plan, type, self.settings.webhook, **details)
+        """The job's completion event (None: it has no webhook)."""
+        return webhooks.record_event(record, type, self.settings.webhook, **details)
 
     def _announce(self, event: Event | None) -> None:
         if event is not None and self.on_event is not None:
