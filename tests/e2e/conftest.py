@@ -163,29 +163,39 @@ def _ppid(pid: int) -> int:
         return -1
 
 
-@pytest.fixture
-def start_daemon(tmp_path: Path) -> Iterator[Any]:
-    """Start daemons with extra flags; each is stopped (and checked gone) at the end."""
+def _launcher(base: Path) -> tuple[Any, Any]:
+    """Start daemons under ``base`` (``start(*flags, env=)``), and stop every one of
+    them, killing whatever of its process tree is left (``stop_all()``)."""
     started: list[Daemon] = []
 
-    def start(*extra: str) -> Daemon:
-        daemon = Daemon(tmp_path / f"state{len(started)}", tmp_path / "out", list(extra))
+    def start(*extra: str, env: dict[str, str] | None = None) -> Daemon:
+        daemon = Daemon(base / f"state{len(started)}", base / "out", list(extra))
+        daemon.env.update(env or {})
         daemon.out_dir.mkdir(exist_ok=True)
         result = daemon.cli("start")
         assert result.returncode == 0, result.stderr
         started.append(daemon)
         return daemon
 
+    def stop_all() -> None:
+        for daemon in started:
+            if (daemon.state_dir / "imgserve.pid").exists():
+                pid = daemon.pid
+                tree = descendants(pid) | {pid}
+                daemon.cli("stop")
+                for p in tree:
+                    if alive(p):
+                        os.kill(p, signal.SIGKILL)
+
+    return start, stop_all
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[Any]:
+    """Start daemons with extra flags; each is stopped (and checked gone) at the end."""
+    start, stop_all = _launcher(tmp_path)
     yield start
-    for daemon in started:
-        pid_file = daemon.state_dir / "imgserve.pid"
-        if pid_file.exists():
-            pid = daemon.pid
-            tree = descendants(pid) | {pid}
-            daemon.cli("stop")
-            for p in tree:
-                if alive(p):
-                    os.kill(p, signal.SIGKILL)
+    stop_all()
 
 
 def jpeg(width: int, height: int, marker: bytes = b"") -> bytes:
@@ -214,26 +224,9 @@ def decode(data: bytes) -> pyvips.Image:
 def start_module_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """Like ``start_daemon``, but each daemon lives until the test module ends, so its
     tests share one start; ``env`` adds variables to the daemon's environment."""
-    base = tmp_path_factory.mktemp("daemon")
-    started: list[Daemon] = []
-
-    def start(*extra: str, env: dict[str, str] | None = None) -> Daemon:
-        daemon = Daemon(base / f"state{len(started)}", base / "out", list(extra))
-        daemon.env.update(env or {})
-        daemon.out_dir.mkdir(exist_ok=True)
-        result = daemon.cli("start")
-        assert result.returncode == 0, result.stderr
-        started.append(daemon)
-        return daemon
-
+    start, stop_all = _launcher(tmp_path_factory.mktemp("daemon"))
     yield start
-    for daemon in started:
-        if (daemon.state_dir / "imgserve.pid").exists():
-            tree = descendants(daemon.pid) | {daemon.pid}
-            daemon.cli("stop")
-            for p in tree:
-                if alive(p):
-                    os.kill(p, signal.SIGKILL)
+    stop_all()
 
 
 def png_bands(width: int, height: int) -> bytes:
