@@ -77,7 +77,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     add("--retry-base", dest="retry_base_s", type=float, help="first backoff, seconds")
     add("--retry-max", dest="retry_max_s", type=float, help="longest backoff, seconds")
     add("--max-redirects", dest="max_redirects", type=int, help="http(s) redirects to follow")
-    add("--lease", dest="lease_s", type=float, help="seconds a job is held, see docs/queue.md")
+    add("--lease", dest="lease_s", type=float, help="dead-node detection, s (docs/queue.md)")
     add("--shutdown-timeout", dest="shutdown_timeout_s", type=float, help="drain deadline")
     add("--keep-finished", dest="keep_finished_s", type=float, help="seconds to keep job status")
     add("--max-request-bytes", dest="max_request_bytes", type=int, help="largest POST body")

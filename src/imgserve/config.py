@@ -98,10 +98,11 @@ class WorkerSettings:
     """libvips threads per worker process: the processes already use every core,
     and more threads per image only add contention (+10% CPU per job measured)."""
     lease_s: float = 0.0
-    """How long a running job is held before another runner may take it over (its
-    runner died). Embedded queue: the lease is renewed while the job runs; 0 means
-    30 s. Distributed mode: arq's lease, not renewed, so it also bounds a delivery;
-    0 computes it from the deadlines of one delivery."""
+    """How long a running job is held without a renewal before another runner may
+    take it over (its runner died, or stalled or was cut off that long): the
+    lease is renewed every lease_s / 3 while the job runs, so this is the
+    dead-node detection time, not a bound on the job (job_timeout_s and the
+    transport deadlines are). 0 means 30 s."""
 
 
 @dataclass(frozen=True)

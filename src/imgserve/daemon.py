@@ -347,23 +347,14 @@ def _open_queue(settings: Settings, data_dir: Path) -> Any:
         + (t.upload_attempts + 1) * (t.upload_timeout_s + t.retry_max_s)
         + 10.0
     )
-    lease_s = settings.worker.lease_s
-    if settings.server.queue_url:
-        # arq's lease is not renewed: it must outlive the delivery, which it bounds.
-        return open_queue(
-            settings.server.queue_url,
-            data_dir,
-            keep_finished_s=settings.server.keep_finished_s,
-            job_deadline_s=lease_s or delivery_s,
-        )
-    # The embedded lease is renewed while the job runs: it can be short, and it
-    # does not bound the delivery.
+    # The lease is renewed while the job runs, in both backends: it can be short,
+    # and it does not bound the delivery.
     return open_queue(
-        None,
+        settings.server.queue_url,
         data_dir,
         keep_finished_s=settings.server.keep_finished_s,
         job_deadline_s=delivery_s,
-        lease_s=lease_s or 30.0,
+        lease_s=settings.worker.lease_s or 30.0,
     )
 
 
@@ -450,6 +441,9 @@ async def _worker(settings: Settings) -> int:
         announcer = asyncio.create_task(announce())
         stack.push_async_callback(_cancel, announcer)
         ended = await _run_jobs(stack, runner, stop, settings.server.shutdown_timeout_s)
+        await _cancel(announcer)  # no heartbeat after the leave
+        with contextlib.suppress(Exception):
+            await queue.leave(name)  # gone from /health at once, not in NODE_TTL_S
         if ended is not None:
             log.critical("imgserve worker %s: the job runner stopped: %s", name, ended)
             return EXIT_FAIL

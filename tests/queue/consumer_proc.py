@@ -17,7 +17,7 @@ from imgserve.queue.base import JobRecord
 async def main(store: str, marker: Path) -> None:
     url = store if "://" in store else None
     queue = open_queue(
-        url, Path(store) if url is None else Path("."), lease_s=1.0, job_deadline_s=2.0
+        url, Path(store) if url is None else Path("."), lease_s=1.0, job_deadline_s=600.0
     )
 
     async def hang(record: JobRecord) -> None:

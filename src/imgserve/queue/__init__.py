@@ -23,9 +23,10 @@ def open_queue(
     keep_changes: int = 100_000,
 ) -> JobQueue:
     """The backend for ``url``. ``job_deadline_s``: the longest one delivery may
-    run; ``lease_s``: the embedded queue's lease on a running job (renewed while
-    it runs; the Redis lease is arq's, derived from ``job_deadline_s``);
-    ``keep_changes``: the change feed keeps at least this many of the newest."""
+    run; ``lease_s``: how long a running job is held without a renewal (renewed
+    every ``lease_s / 3`` while it runs, so it is how soon a dead runner's job
+    runs elsewhere); ``keep_changes``: the change feed keeps at least this many
+    of the newest."""
     if not url:
         from imgserve.queue.sqlite import SQLiteQueue
 
@@ -43,5 +44,6 @@ def open_queue(
             keep_finished_s=keep_finished_s,
             job_deadline_s=job_deadline_s,
             keep_changes=keep_changes,
+            lease_s=lease_s,
         )
     raise errors.QueueUnavailable(f"unsupported queue URL {url!r} (use redis://host:port/db)")

@@ -26,13 +26,14 @@ every batch job. docs/queue.md explains how a deferred retry keeps its lane.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import contextvars
 import json
 import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
@@ -58,6 +59,7 @@ try:
     from arq import Retry, Worker, create_pool, func
     from arq.connections import ArqRedis, RedisSettings
     from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
+    from arq.jobs import serialize_job
     from redis.asyncio.retry import Retry as RedisRetry
     from redis.backoff import ExponentialBackoff
 except ImportError as exc:  # pragma: no cover - depends on the install
@@ -79,7 +81,92 @@ ARQ_JOB_TTL_S = 30 * 24 * 3600.0
 """How long arq keeps a job's definition (arq's own default, a day, would let a
 long batch backfill expire in the queue)."""
 PROMOTE_EVERY_S = 0.05
+NODE_TTL_S = 15.0
+"""A worker node not heard from for this long is left out of ``nodes()`` (they
+announce themselves every 5 s)."""
+RECONCILE_EVERY_S = 60.0
+ORPHAN_GRACE_S = 60.0
+"""A queued record younger than this is never taken for an orphan: a release
+before 0.4 wrote the record and the enqueue in two steps."""
 _STREAM_ID = re.compile(r"\d+-\d+")
+
+_DELIVERY: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar(
+    "imgserve_redis_delivery", default=None
+)
+"""(job id, try) of the delivery running in this task: a write from a delivery
+that lost its lease to a later try is dropped (see _update)."""
+
+# Stores a new job and enqueues it in one step, or refuses it when the queue is
+# full: a crash can never leave a record that no worker will run, and two API
+# nodes cannot both take the last place (the check and the writes are atomic).
+# KEYS: job, src, state:queued, state:running, created, bystate:queued, changes,
+#       arq job, arq queue
+# ARGV: id, record, created_at, max_active, keep_changes, now, arq job, arq job
+#       ttl ms, arq score, keep source (0/1), source
+_PUT = """
+local active = redis.call('SCARD', KEYS[3]) + redis.call('SCARD', KEYS[4])
+if active >= tonumber(ARGV[4]) then return {'full', active} end
+if redis.call('EXISTS', KEYS[1], KEYS[8]) > 0 then return {'exists', 0} end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[6], ARGV[3], ARGV[1])
+if ARGV[10] == '1' then redis.call('SET', KEYS[2], ARGV[11]) end
+redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[5], '*',
+           'job_id', ARGV[1], 'state', 'queued', 'at', ARGV[6])
+redis.call('PSETEX', KEYS[8], ARGV[8], ARGV[7])
+redis.call('ZADD', KEYS[9], ARGV[9], ARGV[1])
+return {'ok', 0}
+"""
+# Renews the lease of a running try: 1 while it is still this try's, else 0
+# (a later try took the job over: arq's retry counter moved on; or the lease ran
+# out). PEXPIRE XX only shortens or extends a key that exists: a renewal never
+# re-creates a lease arq deleted.
+# KEYS: arq in-progress, arq retry; ARGV: lease ms, try
+_RENEW = """
+local try = redis.call('GET', KEYS[2])
+if not try or tonumber(try) ~= tonumber(ARGV[2]) then return 0 end
+return redis.call('PEXPIRE', KEYS[1], ARGV[1], 'XX')
+"""
+# Drops the lease of a try that ended here without arq being told (Redis was
+# down), unless a later try holds the job by now. KEYS, ARGV as _RENEW.
+_RELEASE = """
+local try = redis.call('GET', KEYS[2])
+if try and tonumber(try) == tonumber(ARGV[2]) then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# A node's heartbeat: its score in the nodes ZSET and its info in a hash; nodes
+# silent for NODE_TTL_S are dropped from both.
+# KEYS: nodes, node info; ARGV: now, stale before, name, info
+_ANNOUNCE = """
+for _, name in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])) do
+  redis.call('HDEL', KEYS[2], name)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+return 1
+"""
+# Enqueues an orphan again: a record still queued or running that arq has no job
+# for (left by a release that wrote the two apart, or whose arq job expired).
+# Checked and written in one step, so a job that ends meanwhile is left alone.
+# KEYS: state:queued, state:running, arq job, arq queue, arq in-progress
+# ARGV: id, arq job, arq job ttl ms, arq score
+_REQUEUE = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0
+   and redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[5]) == 1 then return 0 end
+local fixed = 0
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  redis.call('PSETEX', KEYS[3], ARGV[3], ARGV[2])
+  fixed = 1
+end
+if not redis.call('ZSCORE', KEYS[4], ARGV[1]) then
+  redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
+  fixed = 1
+end
+return fixed
+"""
 
 # Leases due events atomically: two dispatchers never get the same event in one lease.
 _CLAIM_EVENTS = """
@@ -116,6 +203,16 @@ end
 return moved
 """
 
+_SCRIPTS = {
+    "claim_events": _CLAIM_EVENTS,
+    "promote": _PROMOTE,
+    "put": _PUT,
+    "renew": _RENEW,
+    "release": _RELEASE,
+    "announce": _ANNOUNCE,
+    "requeue": _REQUEUE,
+}
+
 
 def split_url(url: str) -> tuple[str, str]:
     """``redis://host:port/db?prefix=name`` -> (URL for redis, key prefix)."""
@@ -135,6 +232,7 @@ class RedisQueue(JobQueue):
         job_deadline_s: float = 600.0,
         max_source_bytes: int = 16 * 1024 * 1024,
         keep_changes: int = 100_000,
+        lease_s: float = 30.0,
     ) -> None:
         redis_url, self.prefix = split_url(url)
         settings = RedisSettings.from_dsn(redis_url)
@@ -150,11 +248,18 @@ class RedisQueue(JobQueue):
         self.max_source_bytes: int = max_source_bytes
         self.keep_changes = keep_changes
         """The change stream is trimmed (approximately, never below) to this many."""
+        self.lease_s = lease_s
+        """How long a running job is held without a renewal: how soon a dead
+        node's jobs run elsewhere. Renewed every lease_s / 3 while the job runs."""
         self._redis: ArqRedis | None = None
-        self._claim_script: Any = None
-        self._promote_script: Any = None
+        self._scripts: dict[str, Any] = {}
         self._retries: dict[str, float] = {}
-        self._abandoned: set[str] = set()
+        self._abandoned: dict[str, int] = {}
+        """Jobs (and their try) whose delivery here ended without arq being told."""
+        self._lost: set[tuple[str, int]] = set()
+        """Tries whose write _update dropped: a later try owns the job."""
+        self._foreign_finishes: collections.Counter[str] = collections.Counter()
+        """arq finishes to skip: of tries that lost their job to a later try."""
 
     # --- keys and connection -------------------------------------------------------------
 
@@ -199,6 +304,14 @@ class RedisQueue(JobQueue):
     def _deferred_key(self) -> str:
         return f"{self.prefix}:deferred"
 
+    @property
+    def _nodes_key(self) -> str:
+        return f"{self.prefix}:nodes"
+
+    @property
+    def _node_info_key(self) -> str:
+        return f"{self.prefix}:node-info"
+
     def _finished_ttl_s(self) -> int:
         return int(self.keep_finished_s) + 60
 
@@ -210,8 +323,9 @@ class RedisQueue(JobQueue):
                 self._redis = await create_pool(
                     self.redis_settings, default_queue_name=self.queue_name, retry=0
                 )
-                self._claim_script = self._redis.register_script(_CLAIM_EVENTS)
-                self._promote_script = self._redis.register_script(_PROMOTE)
+                self._scripts = {
+                    name: self._redis.register_script(source) for name, source in _SCRIPTS.items()
+                }
             yield self._redis
         except _CONNECTION_ERRORS as exc:
             raise errors.QueueUnavailable(f"Redis: {exc}") from exc
@@ -221,47 +335,45 @@ class RedisQueue(JobQueue):
     async def put(self, record: JobRecord, source: bytes, *, max_active: int) -> None:
         if record.priority not in PRIORITIES:
             raise ValueError(f"priority {record.priority!r}")  # a caller's bug
-        async with self._redis_call() as r:
-            async with r.pipeline(transaction=False) as pipe:
-                pipe.scard(self._state_key(State.QUEUED))
-                pipe.scard(self._state_key(State.RUNNING))
-                queued, running = await pipe.execute()
-            if queued + running >= max_active:
-                raise errors.QueueFull(
-                    f"{queued + running} jobs waiting, the limit is {max_active}"
-                )
-            async with r.pipeline(transaction=True) as pipe:
-                self._add_change(pipe, record)
-                pipe.set(self._job_key(record.id), json.dumps(record.to_dict()))
-                pipe.sadd(self._state_key(State.QUEUED), record.id)
-                pipe.zadd(self._created_key, {record.id: record.created_at})
-                pipe.zadd(self._by_state_key(State.QUEUED), {record.id: record.created_at})
-                if len(source) <= self.max_source_bytes:
-                    pipe.set(self._src_key(record.id), source)
-                change_id, *_ = await pipe.execute()
-            defer_until = None
-            if record.priority == "interactive":
-                lane_ms = time.time() * 1000 - LANE_OFFSET_MS
-                defer_until = datetime.fromtimestamp(lane_ms / 1000, tz=UTC)
-            try:
-                job = await r.enqueue_job(
-                    JOB_FUNCTION,
+        now = time.time()
+        keep_source = len(source) <= self.max_source_bytes
+        async with self._redis_call():
+            outcome, active = await self._scripts["put"](
+                keys=[
+                    self._job_key(record.id),
+                    self._src_key(record.id),
+                    self._state_key(State.QUEUED),
+                    self._state_key(State.RUNNING),
+                    self._created_key,
+                    self._by_state_key(State.QUEUED),
+                    self._changes_key,
+                    job_key_prefix + record.id,
+                    self.queue_name,
+                ],
+                args=[
                     record.id,
-                    _job_id=record.id,
-                    _defer_until=defer_until,
-                    _expires=ARQ_JOB_TTL_S,  # else arq's TTL is relative to the score
-                )
-            except BaseException:
-                async with r.pipeline(transaction=True) as pipe:
-                    pipe.delete(self._job_key(record.id), self._src_key(record.id))
-                    pipe.srem(self._state_key(State.QUEUED), record.id)
-                    pipe.zrem(self._created_key, record.id)
-                    pipe.zrem(self._by_state_key(State.QUEUED), record.id)
-                    pipe.xdel(self._changes_key, change_id)
-                    await pipe.execute()
-                raise
-            if job is None:
-                raise errors.InternalError(f"job id {record.id} already queued")
+                    json.dumps(record.to_dict()),
+                    repr(record.created_at),
+                    max_active,
+                    self.keep_changes,
+                    repr(now),
+                    *self._arq_job(record.id, record.priority, now),
+                    "1" if keep_source else "0",
+                    source if keep_source else b"",
+                ],
+            )
+        if outcome == b"full":
+            raise errors.QueueFull(f"{active} jobs waiting, the limit is {max_active}")
+        if outcome != b"ok":
+            raise errors.InternalError(f"job id {record.id} already queued")
+
+    def _arq_job(self, job_id: str, priority: str, now: float) -> tuple[bytes, int, int]:
+        """What arq's enqueue_job writes for a job due now, in its lane: the job's
+        definition, its TTL (ms) and its score in arq's queue."""
+        now_ms = int(now * 1000)
+        definition = serialize_job(JOB_FUNCTION, (job_id,), {}, None, now_ms)
+        score = now_ms - LANE_OFFSET_MS if priority == "interactive" else now_ms
+        return definition, int(ARQ_JOB_TTL_S * 1000), score
 
     def _add_change(self, pipe: Any, record: JobRecord) -> None:
         pipe.xadd(
@@ -314,14 +426,27 @@ class RedisQueue(JobQueue):
         return len(ids)
 
     async def nodes(self) -> list[dict[str, Any]]:
+        # O(nodes), whatever the number of jobs: no keyspace scan.
         async with self._redis_call() as r:
-            keys = [k async for k in r.scan_iter(match=f"{self.prefix}:node:*")]
-            values = await r.mget(keys) if keys else []
+            fresh: list[bytes] = await r.zrangebyscore(
+                self._nodes_key, time.time() - NODE_TTL_S, "+inf"
+            )
+            values = await r.hmget(self._node_info_key, fresh) if fresh else []  # type: ignore[misc]
         return [json.loads(v) for v in values if v]
 
     async def announce(self, node: dict[str, Any]) -> None:
-        async with self._redis_call() as r:
-            await r.set(f"{self.prefix}:node:{node['name']}", json.dumps(node), ex=15)
+        now = time.time()
+        async with self._redis_call():
+            await self._scripts["announce"](
+                keys=[self._nodes_key, self._node_info_key],
+                args=[repr(now), repr(now - NODE_TTL_S), node["name"], json.dumps(node)],
+            )
+
+    async def leave(self, name: str) -> None:
+        async with self._redis_call() as r, r.pipeline(transaction=True) as pipe:
+            pipe.zrem(self._nodes_key, name)
+            pipe.hdel(self._node_info_key, name)
+            await pipe.execute()
 
     # --- the worker side -------------------------------------------------------------------
 
@@ -332,12 +457,16 @@ class RedisQueue(JobQueue):
         event: Event | None = None,
         *,
         cancelling: bool = False,
+        by_runner: bool = False,
     ) -> JobRecord:
         """Read, change and write one job atomically (WATCH on its key: a concurrent
         change makes this read again), with its event when the change ends it. An
         ended job is left as it is (a late duplicate: the first end stands), except
-        that ``cancelling`` refuses it (JobNotCancellable)."""
+        that ``cancelling`` refuses it (JobNotCancellable). ``by_runner``: the change
+        comes from a delivery, and is dropped if a later try has taken the job
+        over (this one lost its lease)."""
         key = self._job_key(job_id)
+        delivery = _DELIVERY.get() if by_runner else None
         async with self._redis_call() as r, r.pipeline(transaction=True) as pipe:
             while True:
                 await pipe.watch(key)
@@ -349,6 +478,19 @@ class RedisQueue(JobQueue):
                 if cancelling:
                     record.check_cancellable()
                 elif record.finished:
+                    return record
+                elif (
+                    delivery is not None
+                    and delivery[0] == job_id
+                    and record.attempts != delivery[1]
+                ):
+                    log.warning(
+                        "job %s: try %d lost its lease to try %d; its write is dropped",
+                        job_id,
+                        delivery[1],
+                        record.attempts,
+                    )
+                    self._lost.add(delivery)
                     return record
                 change(record)
                 pipe.multi()  # type: ignore[no-untyped-call]
@@ -398,13 +540,19 @@ class RedisQueue(JobQueue):
     async def complete(
         self, job_id: str, output_bytes: list[int] | None = None, event: Event | None = None
     ) -> None:
-        await self._update(job_id, lambda record: record.mark_done(output_bytes), event)
+        await self._update(
+            job_id, lambda record: record.mark_done(output_bytes), event, by_runner=True
+        )
 
     async def fail(self, job_id: str, code: int, detail: str, event: Event | None = None) -> None:
-        await self._update(job_id, lambda record: record.mark_failed(code, detail), event)
+        await self._update(
+            job_id, lambda record: record.mark_failed(code, detail), event, by_runner=True
+        )
 
     async def retry(self, job_id: str, delay_s: float, code: int, detail: str) -> None:
-        await self._update(job_id, lambda record: record.mark_retry(delay_s, code, detail))
+        await self._update(
+            job_id, lambda record: record.mark_retry(delay_s, code, detail), by_runner=True
+        )
         # arq re-schedules the job when its function raises Retry (see _deliver).
         self._retries[job_id] = delay_s
 
@@ -476,7 +624,7 @@ class RedisQueue(JobQueue):
         now = time.time()
         until = now + lease_s
         async with self._redis_call():  # the script is bound to the pool it opens
-            raws = await self._claim_script(
+            raws = await self._scripts["claim_events"](
                 keys=[self._due_events_key],
                 args=[repr(now), repr(until), limit, f"{self.prefix}:event:"],
             )
@@ -563,6 +711,7 @@ class RedisQueue(JobQueue):
         record = await self._update(job_id, lambda record: record.mark_running(job_try))
         if record.state is not State.RUNNING:
             return  # it ended (was cancelled) between the two reads
+        _DELIVERY.set((job_id, job_try))  # this task's writes: see _update
         # End before arq's own timeout would drop the job with its status unset.
         problem = await run_delivery(handler, record, self.job_deadline_s - 1.0)
         asked = self._retries.pop(job_id, None)
@@ -575,28 +724,98 @@ class RedisQueue(JobQueue):
         if asked is not None:
             raise Retry(defer=asked)
 
+    async def _renew(self, job_id: str, job_try: int) -> bool:
+        """Set this try's lease to lease_s from now; False when the job is no longer
+        this try's (a later try took it over, or the lease ran out)."""
+        async with self._redis_call():
+            held = await self._scripts["renew"](
+                keys=[in_progress_key_prefix + job_id, retry_key_prefix + job_id],
+                args=[max(1, int(self.lease_s * 1000)), job_try],
+            )
+        return bool(held)
+
+    async def _run_leased(self, job_id: str, job_try: int, body: Callable[[], Any]) -> None:
+        """Run ``body`` while this try holds the job's lease: shortened to lease_s
+        before the body starts, renewed every lease_s / 3 while it runs. A try that
+        lost the lease (its node stalled or was cut off longer than the lease, and
+        another try took over) is stopped (_LeaseLost) instead of racing the new
+        owner. Redis being unreachable is not a lost lease: the renewal goes on
+        trying, and decides once Redis answers."""
+        if not await self._renew(job_id, job_try):
+            raise _LeaseLost
+        inner = asyncio.ensure_future(body())
+        lost = False
+
+        async def keep() -> None:
+            nonlocal lost
+            while True:
+                await asyncio.sleep(self.lease_s / 3)
+                try:
+                    held = await self._renew(job_id, job_try)
+                except errors.QueueUnavailable as exc:
+                    log.warning("job %s: lease renewal failed (%s); trying again", job_id, exc)
+                    continue
+                if not held:
+                    lost = True
+                    inner.cancel()
+                    return
+
+        keeper = asyncio.create_task(keep())
+        try:
+            await inner
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if lost and (current is None or not current.cancelling()):
+                raise _LeaseLost from None
+            raise
+        except Exception:
+            if (job_id, job_try) in self._lost:
+                raise _LeaseLost from None  # its retry was dropped: a later try owns it
+            raise
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+        if (job_id, job_try) in self._lost:
+            raise _LeaseLost  # its end was dropped: a later try owns the job
+
     async def consume(self, handler: Handler, concurrency: int, stopping: asyncio.Event) -> None:
         async def job(ctx: dict[str, Any], job_id: str) -> None:
+            job_try = int(ctx["job_try"])
             try:
-                await self._deliver(handler, job_id, int(ctx["job_try"]))
+                await self._run_leased(
+                    job_id, job_try, lambda: self._deliver(handler, job_id, job_try)
+                )
+            except _LeaseLost:
+                # Another try owns the job: arq must not touch its queue entry or
+                # lease (see _Worker.finish_job); the new owner ends it.
+                self._lost.discard((job_id, job_try))
+                self._foreign_finishes[job_id] += 1
+                log.warning("job %s: try %d lost its lease; stopped here", job_id, job_try)
+                raise Retry() from None
             except Retry:
                 raise
             except Exception as exc:
                 # Redis itself failed around the handler; a job must never end in
                 # arq with its status unset. arq may fail to write the retry too,
                 # leaving its lease behind: hand the job back once Redis answers.
-                self._abandoned.add(job_id)
-                delay = redelivery_delay_s(int(ctx["job_try"]))
+                self._abandoned[job_id] = job_try
+                delay = redelivery_delay_s(job_try)
                 log.warning("job %s: %s; delivering it again in %.1f s", job_id, exc, delay)
                 raise Retry(defer=delay) from exc
 
-        promoter = asyncio.create_task(self._keep_lanes(stopping))
+        helpers = [
+            asyncio.create_task(self._keep_lanes(stopping)),
+            asyncio.create_task(self._keep_reconciling(stopping)),
+        ]
         try:
             await self._run_workers(job, concurrency, stopping)
         finally:
-            promoter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await promoter
+            for task in helpers:
+                task.cancel()
+            for task in helpers:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def _keep_lanes(self, stopping: asyncio.Event) -> None:
         """Give due interactive retries their lane back (see _PROMOTE), every
@@ -604,7 +823,7 @@ class RedisQueue(JobQueue):
         while not stopping.is_set():
             try:
                 async with self._redis_call():
-                    await self._promote_script(
+                    await self._scripts["promote"](
                         keys=[self._deferred_key, self.queue_name],
                         args=[int(time.time() * 1000), LANE_OFFSET_MS],
                     )
@@ -612,15 +831,75 @@ class RedisQueue(JobQueue):
                 log.debug("lanes: promoting due retries failed (%s); next round", exc)
             await asyncio.sleep(PROMOTE_EVERY_S)
 
+    async def _keep_reconciling(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            try:
+                found = await self.reconcile()
+            except (errors.QueueUnavailable, redis.exceptions.RedisError) as exc:
+                log.debug("reconcile: %s; next round", exc)
+            else:
+                if found:
+                    log.warning("queued again %d jobs that arq had no entry for", found)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), RECONCILE_EVERY_S)
+
+    async def reconcile(self) -> int:
+        """Find records still queued or running that arq has no job for (left by a
+        release that wrote the record and the enqueue apart, or whose arq job
+        expired) and enqueue them again; their delivery then ends them as usual
+        (one that can no longer run, say an upload whose copy is gone, fails with
+        its code). Return how many."""
+        async with self._redis_call() as r:
+            ids = sorted(
+                {m.decode() for m in await r.smembers(self._state_key(State.QUEUED))}  # type: ignore[misc]
+                | {m.decode() for m in await r.smembers(self._state_key(State.RUNNING))}  # type: ignore[misc]
+            )
+            if not ids:
+                return 0
+            async with r.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.exists(job_key_prefix + job_id)
+                    pipe.zscore(self.queue_name, job_id)
+                found = await pipe.execute()
+            suspects = [
+                job_id
+                for job_id, has_job, score in zip(ids, found[::2], found[1::2], strict=True)
+                if not has_job or score is None
+            ]
+            raws = await r.mget([self._job_key(i) for i in suspects]) if suspects else []
+            fixed = 0
+            now = time.time()
+            for job_id, raw in zip(suspects, raws, strict=True):
+                if raw is None:
+                    continue
+                record = JobRecord.from_dict(json.loads(raw))
+                if record.state is State.QUEUED and now - record.created_at < ORPHAN_GRACE_S:
+                    continue  # an older API node may be between its two writes
+                fixed += await self._scripts["requeue"](
+                    keys=[
+                        self._state_key(State.QUEUED),
+                        self._state_key(State.RUNNING),
+                        job_key_prefix + job_id,
+                        self.queue_name,
+                        in_progress_key_prefix + job_id,
+                    ],
+                    args=[job_id, *self._arq_job(job_id, record.priority, now)],
+                )
+        return int(fixed)
+
+    async def recover(self) -> int:
+        return await self.reconcile()
+
     async def _run_workers(self, job: Any, concurrency: int, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
             await self._hand_back_abandoned()
-            worker = Worker(
+            worker = _Worker(
+                self,
                 functions=[func(job, name=JOB_FUNCTION, max_tries=_ARQ_MAX_TRIES)],
                 redis_settings=self.redis_settings,
                 queue_name=self.queue_name,
                 max_jobs=concurrency,
-                job_timeout=self.job_deadline_s,  # the lease is this + 10 s
+                job_timeout=self.job_deadline_s,
                 keep_result=0,
                 poll_delay=0.05,
                 handle_signals=False,
@@ -650,20 +929,50 @@ class RedisQueue(JobQueue):
     async def _hand_back_abandoned(self) -> None:
         """Drop arq's lease on jobs whose delivery here failed with Redis itself:
         their function has ended, so no runner holds them, and without this they
-        would wait for the lease to run out (the whole delivery deadline)."""
+        would wait for the lease to run out. A lease a later try holds by now is
+        left alone (_RELEASE)."""
         if not self._abandoned:
             return
-        ids = list(self._abandoned)
+        taken = dict(self._abandoned)
         try:
-            async with self._redis_call() as r:
-                await r.delete(*(in_progress_key_prefix + job_id for job_id in ids))
+            async with self._redis_call():
+                for job_id, job_try in taken.items():
+                    await self._scripts["release"](
+                        keys=[in_progress_key_prefix + job_id, retry_key_prefix + job_id],
+                        args=[1, job_try],
+                    )
         except errors.QueueUnavailable:
             return  # still down: next round
-        self._abandoned.difference_update(ids)
-        log.info("handed back %d jobs whose delivery failed while Redis was down", len(ids))
+        for job_id in taken:
+            self._abandoned.pop(job_id, None)
+        log.info("handed back %d jobs whose delivery failed while Redis was down", len(taken))
 
     async def close(self) -> None:
         if self._redis is not None:
             with contextlib.suppress(Exception):
                 await self._redis.aclose(close_connection_pool=True)
             self._redis = None
+
+
+class _LeaseLost(Exception):
+    """This try no longer holds its job: a later try does."""
+
+
+class _Worker(Worker):
+    """arq's worker, with imgserve's lease: arq's own in-progress key is set to the
+    short lease from the start (arq sets it to the job timeout + 10 s), and a try
+    that lost its job to a later try leaves arq's entries alone at its end (they
+    are the new owner's: deleting its lease would let a third node run the job)."""
+
+    def __init__(self, queue: RedisQueue, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.in_progress_timeout_s = queue.lease_s
+        self._foreign = queue._foreign_finishes
+
+    async def finish_job(self, job_id: str, *args: Any, **kwargs: Any) -> None:
+        if self._foreign[job_id] > 0:
+            self._foreign[job_id] -= 1
+            if not self._foreign[job_id]:
+                del self._foreign[job_id]
+            return
+        await super().finish_job(job_id, *args, **kwargs)

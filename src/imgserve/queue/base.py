@@ -372,5 +372,8 @@ class JobQueue(abc.ABC):
     async def announce(self, node: dict[str, Any]) -> None:  # noqa: B027 - optional
         """Publish this worker node's state (distributed backends)."""
 
+    async def leave(self, name: str) -> None:  # noqa: B027 - optional
+        """Withdraw this worker node from ``nodes()`` (it is stopping)."""
+
     async def close(self) -> None:  # noqa: B027 - optional
         """Release connections."""

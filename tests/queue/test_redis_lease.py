@@ -1,0 +1,288 @@
+"""The Redis queue's own guarantees (#14), against a real Redis: the renewed lease and
+its owner check, the atomic put and its bound across API nodes, the reconciler of
+orphaned records, and the O(1) node registry behind /health.
+
+tests/e2e/test_durability.py shows the same with real worker node processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
+
+from imgserve import errors
+from imgserve.queue.arq_redis import LANE_OFFSET_MS, ORPHAN_GRACE_S, RedisQueue
+from imgserve.queue.base import JobRecord, State
+from tests.queue.test_contract import consuming, record, stop, wait_state
+from tests.redis_server import RedisServer
+
+Opener = Callable[..., RedisQueue]
+
+
+@pytest.fixture
+async def opener(redis_url: str) -> AsyncIterator[Opener]:
+    """Opens RedisQueues on one fresh key prefix (several: several nodes)."""
+    url = f"{redis_url}?prefix=lease-{uuid.uuid4().hex}"
+    opened: list[RedisQueue] = []
+
+    def make(**options: Any) -> RedisQueue:
+        queue = RedisQueue(url, **options)
+        opened.append(queue)
+        return queue
+
+    yield make
+    for queue in opened:
+        await queue.close()
+
+
+@pytest.fixture
+async def r(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+async def until(condition: Callable[[], Any], timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await condition():
+        assert time.monotonic() < deadline, "condition never held"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_job_running_for_many_leases_is_never_taken_over(
+    opener: Opener, r: aioredis.Redis
+) -> None:
+    """A handler running for eight leases keeps its job: a second consumer polling the
+    same queue never gets it, and arq's in-progress key never holds more than the lease
+    (arq itself would set the job deadline + 10 s)."""
+    owner, other = opener(lease_s=0.5, job_deadline_s=600.0), opener(lease_s=0.5)
+    job = record()
+    await owner.put(job, b"x", max_active=10)
+    tries: list[tuple[str, int]] = []
+    ttls_ms: list[int] = []
+
+    async def slow(delivered: JobRecord) -> None:
+        tries.append(("owner", delivered.attempts))
+        for _ in range(20):  # 4 s
+            ttls_ms.append(await r.pttl(in_progress_key_prefix + delivered.id))
+            await asyncio.sleep(0.2)
+        await owner.complete(delivered.id)
+
+    async def never(delivered: JobRecord) -> None:
+        tries.append(("other", delivered.attempts))
+        await other.complete(delivered.id)
+
+    running = await consuming(owner, slow)
+    await wait_state(owner, job.id, State.RUNNING)
+    watching = await consuming(other, never)
+    await wait_state(owner, job.id, State.DONE)
+    await stop(*running)
+    await stop(*watching)
+    assert tries == [("owner", 1)]
+    assert ttls_ms and all(0 < ttl <= 500 for ttl in ttls_ms), ttls_ms
+
+
+async def test_a_try_that_lost_its_lease_stops_and_leaves_the_job_to_the_new_owner(
+    opener: Opener, r: aioredis.Redis
+) -> None:
+    """When a later try takes the job over (arq's retry counter moves past this try,
+    as after a partition longer than the lease), the renewal stops this try's run
+    within a third of a lease, and arq's entries for the job (its definition, its
+    queue entry, the new owner's lease) are left as they are."""
+    queue = opener(lease_s=0.6)
+    job = record()
+    await queue.put(job, b"x", max_active=10)
+    cancelled = asyncio.Event()
+
+    async def hang(delivered: JobRecord) -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    stopping, task = await consuming(queue, hang)
+    await wait_state(queue, job.id, State.RUNNING)
+    await r.set(retry_key_prefix + job.id, 2)  # what another node's arq does on takeover
+    await r.psetex(in_progress_key_prefix + job.id, 30_000, b"1")  # ... and its lease
+    await asyncio.wait_for(cancelled.wait(), 5)
+    await asyncio.sleep(0.3)  # arq's finish for the stopped try would run now
+    assert await r.exists(job_key_prefix + job.id) == 1
+    assert await r.zscore(queue.queue_name, job.id) is not None
+    assert 20_000 < await r.pttl(in_progress_key_prefix + job.id) <= 30_000
+    stored = await queue.get(job.id)
+    assert stored is not None and (stored.state, stored.attempts) == (State.RUNNING, 1)
+    await stop(stopping, task)
+
+
+async def test_the_end_of_a_try_that_lost_its_lease_is_dropped(
+    opener: Opener, r: aioredis.Redis
+) -> None:
+    """A try that finishes after a later try took the job over: its complete() is not
+    written (the new owner's run decides the job's end) and arq's entries are kept."""
+    queue = opener(lease_s=30.0)
+    job = record()
+    await queue.put(job, b"x", max_active=10)
+    taken_over = asyncio.Event()
+
+    async def late(delivered: JobRecord) -> None:
+        await taken_over.wait()
+        await queue.complete(delivered.id)
+
+    stopping, task = await consuming(queue, late)
+    await wait_state(queue, job.id, State.RUNNING)
+    raw = await r.get(queue._job_key(job.id))
+    stored = json.loads(raw)
+    stored["attempts"] = 2  # the new owner's mark_running
+    await r.set(queue._job_key(job.id), json.dumps(stored))
+    await r.set(retry_key_prefix + job.id, 2)
+    taken_over.set()
+    await asyncio.sleep(0.5)
+    after = await queue.get(job.id)
+    assert after is not None and (after.state, after.attempts) == (State.RUNNING, 2)
+    assert await r.exists(job_key_prefix + job.id) == 1
+    assert await r.zscore(queue.queue_name, job.id) is not None
+    await stop(stopping, task)
+
+
+async def test_put_stores_the_record_and_arqs_job_in_one_step(
+    opener: Opener, r: aioredis.Redis
+) -> None:
+    """After put: the record, the state sets, arq's job definition and its queue entry
+    (an interactive job scored LANE_OFFSET_MS in the past, a batch job at now) all exist;
+    a second put of the same id is refused and changes nothing."""
+    queue = opener()
+    fast, slow = record(), record(priority="batch")
+    before_ms = time.time() * 1000
+    await queue.put(fast, b"x", max_active=10)
+    await queue.put(slow, b"y", max_active=10)
+    after_ms = time.time() * 1000
+    for job in (fast, slow):
+        assert await r.exists(job_key_prefix + job.id, queue._job_key(job.id)) == 2
+        assert await r.sismember(queue._state_key(State.QUEUED), job.id)
+    fast_score = await r.zscore(queue.queue_name, fast.id)
+    slow_score = await r.zscore(queue.queue_name, slow.id)
+    assert fast_score is not None and slow_score is not None
+    assert before_ms - LANE_OFFSET_MS - 1 <= fast_score <= after_ms - LANE_OFFSET_MS + 1
+    assert before_ms - 1 <= slow_score <= after_ms + 1
+    assert await queue.source(fast.id) == b"x"
+    with pytest.raises(errors.InternalError):
+        await queue.put(fast, b"other", max_active=10)
+    assert await queue.source(fast.id) == b"x"
+
+
+async def test_queue_max_holds_across_api_nodes_putting_at_once(opener: Opener) -> None:
+    """Two API nodes putting 40 jobs at once against max_active=7: exactly 7 accepted,
+    the other 33 refused with QueueFull (602), none stored."""
+    nodes = [opener(), opener()]
+    jobs = [record() for _ in range(40)]
+    outcomes = await asyncio.gather(
+        *(nodes[i % 2].put(job, b"x", max_active=7) for i, job in enumerate(jobs)),
+        return_exceptions=True,
+    )
+    accepted = [job for job, outcome in zip(jobs, outcomes, strict=True) if outcome is None]
+    refused = [o for o in outcomes if o is not None]
+    assert len(accepted) == 7
+    assert all(isinstance(o, errors.QueueFull) for o in refused), refused
+    assert (await nodes[0].counts())["queued"] == 7
+    stored = [await nodes[0].get(job.id) for job in jobs]
+    assert sum(s is not None for s in stored) == 7
+
+
+async def test_reconciler_enqueues_an_orphaned_record_again(
+    opener: Opener, r: aioredis.Redis
+) -> None:
+    """A queued record that arq has no job for (written by an older release whose node
+    died between its two writes) is enqueued again by reconcile() and runs; one younger
+    than ORPHAN_GRACE_S, or one that ended, is left alone."""
+    queue = opener()
+    old = record(created_at=time.time() - ORPHAN_GRACE_S - 5)
+    young, ended = record(), record(created_at=time.time() - ORPHAN_GRACE_S - 5)
+    for job in (old, young, ended):
+        await queue.put(job, b"x", max_active=10)
+        await r.delete(job_key_prefix + job.id)  # the older release's missing enqueue
+        await r.zrem(queue.queue_name, job.id)
+    await queue.cancel(ended.id)
+    assert await queue.reconcile() == 1
+    assert await r.exists(job_key_prefix + old.id) == 1
+    assert await r.exists(job_key_prefix + young.id, job_key_prefix + ended.id) == 0
+    assert await queue.reconcile() == 0  # nothing left to fix
+
+    async def finish(delivered: JobRecord) -> None:
+        await queue.complete(delivered.id)
+
+    stopping, task = await consuming(queue, finish)
+    done = await wait_state(queue, old.id, State.DONE)
+    await stop(stopping, task)
+    assert done.attempts == 1
+    assert (await queue.get(young.id)).state is State.QUEUED  # type: ignore[union-attr]
+
+
+async def test_a_running_orphan_is_enqueued_again_and_finishes(
+    opener: Opener, r: aioredis.Redis
+) -> None:
+    """A record left running by a node whose arq job vanished (expired, or an older
+    release's crash) is not stuck: the consumer's reconciler (run when it starts)
+    enqueues it and it finishes."""
+    queue = opener()
+    job = record(created_at=time.time() - ORPHAN_GRACE_S - 5)
+    await queue.put(job, b"x", max_active=10)
+    await queue._update(job.id, lambda rec: rec.mark_running(1))
+    await r.delete(job_key_prefix + job.id)
+    await r.zrem(queue.queue_name, job.id)
+
+    async def finish(delivered: JobRecord) -> None:
+        await queue.complete(delivered.id)
+
+    stopping, task = await consuming(queue, finish)
+    done = await wait_state(queue, job.id, State.DONE)
+    await stop(stopping, task)
+    assert done.attempts >= 1
+
+
+async def test_nodes_reads_the_registry_without_scanning_100k_job_records(
+    private_redis: RedisServer,
+) -> None:
+    """With 100,000 job records in Redis, nodes() and counts() (what /health reads)
+    issue a fixed handful of commands and no SCAN or KEYS; a node silent for 15 s
+    is left out, and one that leaves is gone at once."""
+    queue = RedisQueue(private_redis.url)
+    r = aioredis.Redis.from_url(private_redis.url)
+    try:
+        await _registry_checks(queue, r)
+    finally:
+        await queue.close()
+        await r.aclose()
+
+
+async def _registry_checks(queue: RedisQueue, r: aioredis.Redis) -> None:
+    async with r.pipeline(transaction=False) as pipe:
+        for i in range(100_000):
+            pipe.set(queue._job_key(f"filler-{i}"), b"{}")
+        await pipe.execute()
+    for name in ("a:1", "b:2", "stale:3"):
+        await queue.announce({"name": name, "workers": 2, "workersAlive": 2})
+    await r.zadd(queue._nodes_key, {"stale:3": time.time() - 60})
+
+    await r.config_resetstat()
+    nodes = await queue.nodes()
+    counts = await queue.counts()
+    stats = await r.info("commandstats")
+    assert sorted(n["name"] for n in nodes) == ["a:1", "b:2"]
+    assert counts["queued"] == 0
+    assert not any(name in stats for name in ("cmdstat_scan", "cmdstat_keys"))
+    ours = {k: v for k, v in stats.items() if not k.startswith(("cmdstat_config", "cmdstat_info"))}
+    issued = sum(v["calls"] for v in ours.values())
+    assert issued <= 2 + len(State), stats
+
+    await queue.leave("a:1")
+    assert [n["name"] for n in await queue.nodes()] == ["b:2"]
+    await queue.announce({"name": "c:4"})  # a heartbeat drops the stale node's info
+    assert await r.hexists(queue._node_info_key, "stale:3") == 0
