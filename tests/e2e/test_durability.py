@@ -245,3 +245,226 @@ def test_redis_restart_mid_run(
     ]
     finals = [api.wait(job_id, timeout_s=90) for job_id in before + after]
     assert [f["state"] for f in finals] == ["done"] * 9
+
+
+# --- #14: a renewed lease (docs/queue.md "The lease") -------------------------------------
+
+
+def _pid(view: dict[str, Any]) -> int:
+    return int(view["node"].rsplit(":", 1)[1])
+
+
+def _node_running(nodes: list[Node], view: dict[str, Any]) -> Node:
+    (node,) = [n for n in nodes if n.process.pid == _pid(view)]
+    return node
+
+
+def _wait_try(api: Daemon, job_id: str, attempt: int, timeout_s: float = 30) -> dict[str, Any]:
+    """The job's view once try ``attempt`` (or a later one) runs it, or it ended."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        view = api.job(job_id)
+        if view["attempts"] >= attempt and view["state"] in ("running", "done", "failed"):
+            return view
+        assert time.monotonic() < deadline, view
+        time.sleep(0.02)
+
+
+def test_kill_9_of_a_node_whose_job_outlived_several_leases(
+    cluster: Any, http_server: HTTPTestServer
+) -> None:
+    """A job that has run for three leases on a node killed with kill -9 starts again
+    on the other node within the lease plus a second or two (not the delivery deadline,
+    ~9 minutes), and finishes there."""
+    lease_s = 1.5
+    api, nodes = cluster(2, "--lease", str(lease_s))
+    src = serve(http_server, "l/long.jpg", jpeg(320, 240, b"IMGSERVE-FAULT-DELAY=7"))
+    job_id = api.post(resize(src, f"file://{api.out_dir}/l/long.jpg", width=64)).body["jobId"]
+    first = _wait_try(api, job_id, 1)
+    while time.time() - first["startedAt"] < 3 * lease_s:
+        time.sleep(0.05)
+    assert api.job(job_id)["attempts"] == 1  # three leases in: never taken over
+    victim = _node_running(nodes, first)
+    killed_at = time.time()
+    victim.kill()
+    second = _wait_try(api, job_id, 2)
+    assert second["attempts"] == 2
+    assert _pid(second) != victim.process.pid
+    assert second["startedAt"] - killed_at < lease_s + 2.0, second["startedAt"] - killed_at
+    final = api.wait(job_id, timeout_s=60)
+    assert (final["state"], final["attempts"]) == ("done", 2), final
+
+
+def test_a_healthy_job_running_for_many_leases_runs_once(
+    cluster: Any, http_server: HTTPTestServer
+) -> None:
+    """A job running for six leases with a second node polling: one attempt, and the
+    destination gets exactly the placeholder and one result."""
+    api, _nodes = cluster(2, "--lease", "1")
+    src = serve(http_server, "l/healthy.jpg", jpeg(320, 240, b"IMGSERVE-FAULT-DELAY=6"))
+    name = "healthy-result.jpg"
+    reply = api.post(resize(src, http_server.url(f"/flaky/{name}"), width=40))
+    assert reply.status == 200, reply.body
+    final = api.wait(reply.body["jobId"], timeout_s=60)
+    assert (final["state"], final["attempts"]) == ("done", 1), final
+    assert http_server.state.attempts[name] == 2
+    assert (decode(http_server.state.files[name]).width) == 40
+
+
+def test_kill_9_with_a_backlog_the_recovered_jobs_run_first(
+    cluster: Any, private_redis: RedisServer, http_server: HTTPTestServer
+) -> None:
+    """Two jobs on a node killed with kill -9, six more queued behind them: once the
+    lease runs out, the next node runs the two recovered jobs before any of the backlog
+    (they keep their place in the queue)."""
+    lease_s = 2.0
+    api, nodes = cluster(1, "--lease", str(lease_s))
+    slow = serve(http_server, "l/first.jpg", jpeg(320, 240, b"IMGSERVE-FAULT-DELAY=2"))
+    quick = serve(http_server, "l/backlog.jpg", jpeg(320, 240))
+    first = [
+        api.post(resize(slow, f"file://{api.out_dir}/l/f{i}.jpg", width=64)).body["jobId"]
+        for i in range(2)
+    ]
+    for job_id in first:
+        _wait_try(api, job_id, 1)
+    backlog = [
+        api.post(resize(quick, f"file://{api.out_dir}/l/b{i}.jpg", width=64)).body["jobId"]
+        for i in range(6)
+    ]
+    assert {api.job(job_id)["state"] for job_id in backlog} == {"queued"}  # the node is full
+    killed_at = time.time()
+    nodes[0].kill()
+    while time.time() < killed_at + lease_s + 0.5:
+        time.sleep(0.05)
+    survivor = Node(
+        private_redis.url,
+        ["--file-root", str(api.out_dir), "--lease", str(lease_s)],
+        nodes[0].log.with_name("survivor.log"),
+    )
+    try:
+        finals = {job_id: api.wait(job_id, timeout_s=60) for job_id in first + backlog}
+    finally:
+        survivor.kill()
+    assert {f["state"] for f in finals.values()} == {"done"}
+    assert [finals[job_id]["attempts"] for job_id in first] == [2, 2]
+    recovered_started = max(finals[job_id]["startedAt"] for job_id in first)
+    backlog_started = min(finals[job_id]["startedAt"] for job_id in backlog)
+    assert recovered_started < backlog_started
+
+
+def test_sigterm_hands_a_running_job_back_at_once(
+    cluster: Any, http_server: HTTPTestServer
+) -> None:
+    """SIGTERM to a node whose job outlives --shutdown-timeout: the node exits 0 and the
+    job starts on the other node within seconds, not after the 30 s lease."""
+    api, nodes = cluster(2, "--shutdown-timeout", "1")
+    src = serve(http_server, "l/term.jpg", jpeg(320, 240, b"IMGSERVE-FAULT-DELAY=4"))
+    job_id = api.post(resize(src, f"file://{api.out_dir}/l/term.jpg", width=64)).body["jobId"]
+    first = _wait_try(api, job_id, 1)
+    victim = _node_running(nodes, first)
+    termed_at = time.time()
+    assert victim.terminate() == 0
+    second = _wait_try(api, job_id, 2)
+    assert _pid(second) != victim.process.pid
+    assert second["startedAt"] - termed_at < 10.0  # the lease (30 s) did not run out
+    assert api.wait(job_id, timeout_s=60)["state"] == "done"
+
+
+def test_a_node_whose_event_loop_stalls_keeps_its_job(
+    cluster: Any, http_server: HTTPTestServer
+) -> None:
+    """A node frozen (SIGSTOP) for 3 s of its 6 s lease while its job runs keeps the job:
+    the other node never takes it, one attempt, one result upload."""
+    api, nodes = cluster(2, "--lease", "6")
+    src = serve(http_server, "l/stall.jpg", jpeg(320, 240, b"IMGSERVE-FAULT-DELAY=5"))
+    name = "stall-result.jpg"
+    reply = api.post(resize(src, http_server.url(f"/flaky/{name}"), width=40))
+    first = _wait_try(api, reply.body["jobId"], 1)
+    frozen = _node_running(nodes, first)
+    frozen.process.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(3.0)  # the stall itself is what is under test
+    finally:
+        frozen.process.send_signal(signal.SIGCONT)
+    final = api.wait(reply.body["jobId"], timeout_s=60)
+    assert (final["state"], final["attempts"]) == ("done", 1), final
+    assert _pid(final) == frozen.process.pid
+    assert http_server.state.attempts[name] == 2
+
+
+def test_a_node_cut_off_longer_than_its_lease_stops_its_run(
+    cluster: Any, http_server: HTTPTestServer
+) -> None:
+    """A node frozen for three leases loses its job to the other node; once it runs
+    again it stops its own try (it checks the owner at its next renewal) instead of
+    racing the new owner: the job is done once, by the new owner."""
+    lease_s = 1.5
+    api, nodes = cluster(2, "--lease", str(lease_s))
+    src = serve(http_server, "l/cut.jpg", jpeg(320, 240, b"IMGSERVE-FAULT-DELAY=5"))
+    job_id = api.post(resize(src, f"file://{api.out_dir}/l/cut.jpg", width=64)).body["jobId"]
+    first = _wait_try(api, job_id, 1)
+    frozen = _node_running(nodes, first)
+    frozen.process.send_signal(signal.SIGSTOP)
+    try:
+        second = _wait_try(api, job_id, 2)
+    finally:
+        frozen.process.send_signal(signal.SIGCONT)
+    assert _pid(second) != frozen.process.pid
+    deadline = time.monotonic() + 10
+    while "lost its lease" not in frozen.log.read_text():
+        assert time.monotonic() < deadline, frozen.log.read_text()[-2000:]
+        time.sleep(0.05)
+    final = api.wait(job_id, timeout_s=60)
+    assert (final["state"], final["attempts"]) == ("done", 2), final
+    assert _pid(final) == _pid(second)
+
+
+def test_health_reads_nodes_without_a_keyspace_scan(
+    cluster: Any, private_redis: RedisServer
+) -> None:
+    """/health with 100,000 job records in Redis: the API node's reply lists the worker
+    node, and Redis served it with a fixed handful of commands and no SCAN or KEYS."""
+    import redis
+
+    api, nodes = cluster(1)
+    client = redis.Redis.from_url(private_redis.url)
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            for i in range(100_000):
+                pipe.set(f"imgserve:job:filler-{i}", b"{}")
+            pipe.execute()
+        client.config_resetstat()
+        started = time.monotonic()
+        health = api.request("GET", "/health").body
+        took_s = time.monotonic() - started
+        stats: dict[str, Any] = client.info("commandstats")  # type: ignore[assignment]
+    finally:
+        client.close()
+    assert [n["pid"] for n in health["nodes"]] == [nodes[0].process.pid]
+    assert not {"cmdstat_scan", "cmdstat_keys"} & set(stats)
+    served = {k: v["calls"] for k, v in stats.items() if k.startswith("cmdstat_")}
+    served.pop("cmdstat_config|resetstat", None)
+    served.pop("cmdstat_info", None)
+    # The worker node's own polling runs meanwhile: count only what /health reads.
+    assert served.get("cmdstat_scard", 0) >= 5 and served.get("cmdstat_hmget", 0) >= 1
+    print(f"/health with 100k job records: {took_s * 1000:.1f} ms")
+
+
+def test_redis_restart_during_a_long_job(
+    cluster: Any, private_redis: RedisServer, http_server: HTTPTestServer
+) -> None:
+    """Redis killed for 2 s (AOF, restarted) while a job runs: the node's poll loop
+    waits for Redis instead of cancelling its jobs, so the job (its 6 s lease outlives
+    the outage) finishes in its first try."""
+    lease_s = 6.0
+    api, _nodes = cluster(1, "--lease", str(lease_s))
+    src = serve(http_server, "l/outage.jpg", jpeg(320, 240, b"IMGSERVE-FAULT-DELAY=5"))
+    job_id = api.post(resize(src, f"file://{api.out_dir}/l/outage.jpg", width=64)).body["jobId"]
+    _wait_try(api, job_id, 1)
+    private_redis.kill()
+    time.sleep(2.0)  # the outage
+    private_redis.start()
+    back_at = time.monotonic()
+    final = api.wait(job_id, timeout_s=60)
+    assert (final["state"], final["attempts"]) == ("done", 1), final
+    print(f"done {time.monotonic() - back_at:.1f} s after Redis returned")

@@ -962,11 +962,14 @@ class _Worker(Worker):
     """arq's worker, with imgserve's lease: arq's own in-progress key is set to the
     short lease from the start (arq sets it to the job timeout + 10 s), and a try
     that lost its job to a later try leaves arq's entries alone at its end (they
-    are the new owner's: deleting its lease would let a third node run the job)."""
+    are the new owner's: deleting its lease would let a third node run the job).
+    A Redis outage does not stop the jobs running here: the poll loop waits for
+    Redis instead of failing (which would cancel them all)."""
 
     def __init__(self, queue: RedisQueue, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.in_progress_timeout_s = queue.lease_s
+        self._queue = queue
         self._foreign = queue._foreign_finishes
 
     async def finish_job(self, job_id: str, *args: Any, **kwargs: Any) -> None:
@@ -976,3 +979,22 @@ class _Worker(Worker):
                 del self._foreign[job_id]
             return
         await super().finish_job(job_id, *args, **kwargs)
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+            await self._queue._hand_back_abandoned()
+        except _CONNECTION_ERRORS as exc:
+            await self._recount()
+            log.warning("queue: Redis failed under the poll loop (%s); polling again in 1 s", exc)
+            await asyncio.sleep(1.0)
+
+    async def _recount(self) -> None:
+        """Count the job slots again from the running tasks: arq's start_jobs takes
+        a slot before it claims a job, and a claim that fails with the connection
+        keeps the slot for good."""
+        running = sum(not task.done() for task in self.tasks.values())
+        self.job_counter = running
+        self.sem = asyncio.BoundedSemaphore(self.max_jobs + 1)  # as arq makes it
+        for _ in range(running):  # each running task releases one when it ends
+            await self.sem.acquire()  # never waits: running <= max_jobs
