@@ -890,8 +890,27 @@ class RedisQueue(JobQueue):
     async def recover(self) -> int:
         return await self.reconcile()
 
+    async def _check_server(self) -> bool:
+        """Whether Redis answers; DependencyMissing (609) when it is older than 7.0,
+        whose PEXPIRE lacks the XX the lease renewal uses."""
+        try:
+            async with self._redis_call() as r:
+                info = await r.info("server")
+        except errors.QueueUnavailable as exc:
+            log.warning("queue: %s; trying again in 1 s", exc.detail)
+            return False
+        version = str(info.get("redis_version", "0"))
+        if tuple(int(part) for part in version.split(".")[:2] if part.isdigit()) < (7, 0):
+            raise errors.DependencyMissing(
+                f"Redis {version}: worker nodes need Redis 7.0 or later (docs/queue.md)"
+            )
+        return True
+
     async def _run_workers(self, job: Any, concurrency: int, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
+            if not await self._check_server():
+                await asyncio.sleep(1.0)
+                continue
             await self._hand_back_abandoned()
             worker = _Worker(
                 self,
