@@ -54,8 +54,15 @@ def _secrets_file(tmp_path: Path) -> tuple[Any, str, Any]:
     return str(tmp_path / "secrets"), str(tmp_path / "secrets"), tmp_path / "secrets"
 
 
+def _watermarks(tmp_path: Path) -> tuple[Any, str, Any]:
+    (tmp_path / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    pair = f"logo={(tmp_path / 'logo.png').resolve()}"
+    return [pair], pair, (pair,)
+
+
 # Fields whose values are checked beyond their type get samples that pass the check.
 CHECKED_SAMPLES: dict[str, Any] = {
+    "imaging.watermarks": _watermarks,
     "webhook.webhook_url": lambda _: (
         "http://h.example/",
         "http://h.example/",

@@ -112,7 +112,7 @@ VALIDATION: list[tuple[str, bytes | dict[str, Any], int, str]] = [
     ("a JSON list", b"[1, 2]", 700, ""),
     ("a JSON string", b'"job"', 700, ""),
     ("unknown top-level field", _job(colour="red"), 702, "colour: "),
-    ("unknown output field", _job(_out(), _out(), _out(), _out(crop=1)), 702, "outputs[3].crop: "),
+    ("unknown output field", _job(_out(), _out(), _out(), _out(trim=1)), 702, "outputs[3].trim: "),
     ("source missing", {"outputs": [_out()]}, 701, "source: "),
     ("source not a string", _job(source=5), 703, "source: "),
     ("source empty", _job(source=" "), 705, "source: "),

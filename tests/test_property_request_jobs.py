@@ -31,6 +31,7 @@ GOOD_URLS = [
     "https://h/upload.php:{$basename}.jpg",
 ]
 
+CROP_KEYS = ("left", "top", "width", "height")
 valid_output_values: dict[str, st.SearchStrategy[Any]] = {
     "fit": st.sampled_from(["cover", "contain", "fill", "inside", "outside"]),
     "gravity": st.sampled_from(["centre", "center", "smart", "NorthEast", "SOUTH"]),
@@ -39,6 +40,18 @@ valid_output_values: dict[str, st.SearchStrategy[Any]] = {
     "quality": st.integers(1, 100),
     "keep_metadata": st.booleans(),
     "background": st.from_regex(r"#([0-9a-f]{3,4}|[0-9A-F]{6}|[0-9a-fA-F]{8})", fullmatch=True),
+    "crop": st.fixed_dictionaries(
+        {k: st.integers(0 if k in ("left", "top") else 1, 5000) for k in CROP_KEYS}
+    ),
+    "rotate": st.sampled_from([0, 90, 180, 270, -90, 360]),
+    "flip": st.booleans(),
+    "flop": st.booleans(),
+    "blur": st.floats(0.3, 100),
+    "sharpen": st.floats(0.3, 10),
+    "grayscale": st.booleans(),
+    "pad": st.dictionaries(
+        st.sampled_from(["top", "right", "bottom", "left"]), st.integers(0, 4096)
+    ),
 }
 
 
@@ -94,6 +107,17 @@ near_misses: dict[str, st.SearchStrategy[Any]] = {
     "keep_metadata": st.sampled_from([1, None]),
     "background": st.sampled_from(["#12345", "red", "fff", "#ggg", "#١٢٣"]),
     "form_field": st.sampled_from(["", "f\n", 3]),
+    "crop": st.sampled_from(
+        [{"left": -1, "top": 0, "width": 1, "height": 1}, {"left": 0}, [0, 0, 1, 1], None]
+    ),
+    "rotate": st.sampled_from([45, "90", 361, float("nan"), True]),
+    "flip": st.sampled_from([1, "true"]),
+    "flop": st.sampled_from([0, None]),
+    "blur": st.sampled_from([0, 0.2, 101, True, "2"]),
+    "sharpen": st.sampled_from([0, 10.5, -1]),
+    "grayscale": st.sampled_from(["yes", 1]),
+    "pad": st.sampled_from([{"top": -1}, {"x": 1}, 5, {"left": 4097}, {"top": 1.5}]),
+    "watermark": st.sampled_from([{"name": "nope"}, {}, "logo", {"name": 3}]),
     "priority": st.sampled_from(["Batch", "low", "", None]),
     "webhook": st.one_of(urls(), st.sampled_from(["ftp://h/x", "http:///x", "https://h:99999/"])),
 }

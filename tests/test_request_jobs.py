@@ -10,6 +10,7 @@ import pytest
 
 from imgserve import errors
 from imgserve.imaging.formats import Format
+from imgserve.imaging.operations import Crop, Operations, Pad, Watermark
 from imgserve.request_jobs import METADATA_MAX_BYTES, decode_job, validate_jobs
 from imgserve.spec import JobSpec, OutputRequest
 
@@ -57,8 +58,58 @@ INVALID: list[tuple[str, dict[str, Any], int, str]] = [
     ("outputs empty", _job(outputs=[]), 704, "outputs: empty, at least 1"),
     ("outputs too many", _job(*[_out()] * 17), 704, "outputs: 17 outputs, at most 16"),
     ("output not an object", _job(_out(), "s3://b/a.png"), 703, "outputs[1]: not an object"),
-    ("output unknown field", _job(_out(crop=True)), 702, "outputs[0].crop: unknown field"),
+    ("output unknown field", _job(_out(trim=True)), 702, "outputs[0].trim: unknown field"),
     ("output 0.2 field name", _job(_out(field_name="f")), 702, "outputs[0].field_name: unknown"),
+    # operations (#16)
+    ("crop not an object", _job(_out(crop=[0, 0, 1, 1])), 703, "outputs[0].crop: not an object"),
+    (
+        "crop side missing",
+        _job(_out(crop={"left": 0, "top": 0, "width": 5})),
+        701,
+        "outputs[0].crop.height: missing",
+    ),
+    ("crop unknown key", _job(_out(crop={"x": 0})), 702, "outputs[0].crop.x: unknown field"),
+    (
+        "crop negative",
+        _job(_out(crop={"left": -1, "top": 0, "width": 5, "height": 5})),
+        703,
+        "outputs[0].crop.left: not an integer from 0 to",
+    ),
+    (
+        "crop empty",
+        _job(_out(crop={"left": 0, "top": 0, "width": 0, "height": 5})),
+        703,
+        "outputs[0].crop.width: not an integer from 1 to",
+    ),
+    ("rotate a string", _job(_out(rotate="90")), 703, "outputs[0].rotate: not a number"),
+    ("rotate past a turn", _job(_out(rotate=400)), 703, "outputs[0].rotate: 400 is out of range"),
+    (
+        "rotate 45 without background",
+        _job(_out(rotate=45)),
+        703,
+        "outputs[0].rotate: 45 is not 0, 90, 180 or 270: an angle between them needs a background",
+    ),
+    ("flip not a bool", _job(_out(flip=1)), 703, "outputs[0].flip: not true or false"),
+    ("blur too small", _job(_out(blur=0.1)), 703, "outputs[0].blur: 0.1 is out of range"),
+    ("blur nan", _job(_out(blur=float("nan"))), 703, "outputs[0].blur: not a number"),
+    ("sharpen too large", _job(_out(sharpen=11)), 703, "outputs[0].sharpen: 11 is out of range"),
+    ("grayscale a string", _job(_out(grayscale="yes")), 703, "outputs[0].grayscale: not true"),
+    ("pad negative", _job(_out(pad={"top": -1})), 703, "outputs[0].pad.top: not an integer"),
+    ("pad unknown side", _job(_out(pad={"up": 1})), 702, "outputs[0].pad.up: unknown field"),
+    ("pad too wide", _job(_out(pad={"left": 4097})), 703, "outputs[0].pad.left: not an integer"),
+    (
+        "watermark a string",
+        _job(_out(watermark="logo")),
+        703,
+        "outputs[0].watermark: not an object",
+    ),
+    ("watermark without name", _job(_out(watermark={})), 701, "outputs[0].watermark.name: missing"),
+    (
+        "watermark none configured",
+        _job(_out(watermark={"name": "logo"})),
+        703,
+        "outputs[0].watermark.name: 'logo' is not a watermark of this server; none are configured",
+    ),
     ("url missing", _job(_out(url=_DROP)), 701, "outputs[0].url: missing"),
     ("url not a string", _job(_out(url=["s3://b/a.png"])), 703, "outputs[0].url: not a string"),
     ("url empty", _job(_out(url="")), 705, "outputs[0].url: empty"),
@@ -473,3 +524,34 @@ def test_api_side_errors_have_their_codes() -> None:
     media = errors.JobMediaTypeUnsupported("Content-Type: text/plain")
     assert (media.code, media.status, media.detail) == (708, 415, "Content-Type: text/plain")
     assert isinstance(media, errors.RequestInvalid)
+
+
+def test_operations_are_read_into_the_output() -> None:
+    """Every operation field reaches the OutputRequest, rotate taken modulo a turn."""
+    body = _job(
+        _out(
+            crop={"left": 1, "top": 2, "width": 30, "height": 40},
+            rotate=-90,
+            flip=True,
+            flop=True,
+            blur=2,
+            sharpen=0.5,
+            grayscale=True,
+            pad={"top": 3, "left": 4},
+            watermark={"name": "logo", "gravity": "north", "opacity": 0.4, "scale": 0.25,
+                       "margin": 6},
+        )
+    )  # fmt: skip
+    spec = validate_jobs(body, max_outputs=MAX, watermarks=frozenset({"logo"}))
+    assert spec.outputs[0].ops == Operations(
+        crop=Crop(1, 2, 30, 40),
+        rotate=270,
+        flip=True,
+        flop=True,
+        blur=2.0,
+        sharpen=0.5,
+        grayscale=True,
+        pad=Pad(top=3, left=4),
+        watermark=Watermark("logo", gravity="north", opacity=0.4, scale=0.25, margin=6),
+    )
+    assert validate_jobs(_job(), max_outputs=MAX).outputs[0].ops == Operations()

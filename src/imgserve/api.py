@@ -103,6 +103,11 @@ class Service:
     closing: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     """Set when the HTTP server shuts down: open event streams end at once."""
 
+    @property
+    def watermarks(self) -> frozenset[str]:
+        """The names an output's ``watermark`` may take (--watermark NAME=FILE)."""
+        return frozenset(self.settings.imaging.watermark_files())
+
     def __post_init__(self) -> None:
         server = self.settings.server
         self.intake = Intake(server.intake_max, server.intake_max_bytes)
@@ -186,7 +191,9 @@ async def submit_jobs(request: web.Request) -> web.Response:
         body = await request.read()
         if len(body) > service.settings.server.max_request_bytes:
             raise errors.RequestTooLarge()
-        spec = validate_jobs(decode_job(body), max_outputs=max_outputs)
+        spec = validate_jobs(
+            decode_job(body), max_outputs=max_outputs, watermarks=service.watermarks
+        )
         _refuse_when_stopping(service)
 
         async def accept_json() -> Reply:
@@ -364,7 +371,9 @@ async def _read_upload(
         raise errors.JobUploadInvalid("job: missing (a part holding the job as JSON)")
     if data is None or name is None:
         raise errors.JobUploadInvalid("source: missing (a file part holding the image)")
-    spec = validate_jobs(job, max_outputs=server.max_outputs, uploaded_name=name)
+    spec = validate_jobs(
+        job, max_outputs=server.max_outputs, uploaded_name=name, watermarks=service.watermarks
+    )
     fingerprint = _fingerprint(b"POST /jobs multipart", job_bytes, name.encode(), data)
     return spec, data, fingerprint
 

@@ -61,6 +61,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     add("--allow-net", dest="allow_net", action="append", help="CIDR to allow (repeatable)")
     add("--allow-host", dest="allow_host", action="append", help="host name to allow")
     add("--file-root", dest="file_root", action="append", help="directory file:// may use")
+    add("--watermark", dest="watermark", action="append", help="NAME=FILE overlay (repeatable)")
     add("--ca-file", dest="ca_file", help="extra trusted CA certificates (PEM)")
     add("--s3-endpoint", dest="s3_endpoint", help="S3 endpoint URL (MinIO, ...)")
     add("--s3-region", dest="s3_region", help="S3 region")

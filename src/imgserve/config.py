@@ -23,6 +23,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -46,6 +47,19 @@ class ImagingLimits:
     max_job_pixels: int = 200_000_000
     """All outputs of one ``POST /jobs`` job together (each whole-frame image it is
     cut from counted too): what one worker task renders and the planner draws."""
+    watermarks: tuple[str, ...] = ()
+    """``NAME=FILE`` pairs: the overlay images an output's ``watermark`` may name
+    (the operator's files, never fetched from a caller's URL)."""
+
+    def watermark_files(self) -> dict[str, Path]:
+        return dict(_watermark_pair(pair) for pair in self.watermarks)
+
+
+def _watermark_pair(pair: str) -> tuple[str, Path]:
+    name, sep, path = pair.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name) or not path:
+        raise ValueError(f"expected NAME=FILE (NAME letters, digits, _ . -), got {pair!r}")
+    return name, Path(path)
 
 
 @dataclass(frozen=True)
@@ -201,6 +215,7 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "transport.policy.allow_hosts": ("allow_host",),
     "transport.file_roots": ("file_root",),
     "webhook.webhook_secrets": ("webhook_secret",),
+    "imaging.watermarks": ("watermark",),
 }
 
 # Inclusive bounds where the type alone lets nonsense through. Besides these,
@@ -404,6 +419,7 @@ _NORMALISE: dict[str, Any] = {
     "transport.policy.allow_hosts": lambda hosts: tuple(h.lower().rstrip(".") for h in hosts),
     "transport.file_roots": lambda roots: tuple(r.resolve() for r in roots),
     "webhook.webhook_secrets": lambda secrets: split_secrets(" ".join(secrets)),
+    "imaging.watermarks": lambda pairs: tuple(map(_resolved_pair, pairs)),
 }
 
 WEBHOOK_SECRET_PREFIX = "whsec_"  # noqa: S105 - the spec's prefix, not a secret
@@ -437,6 +453,27 @@ def _check_webhook_url(url: str | None) -> None:
         raise ValueError(f"expected an http(s) URL with a host, got {url!r}")
 
 
+def _resolved_pair(pair: str) -> str:
+    """NAME=FILE with FILE resolved; a malformed pair as it is (_check_watermarks
+    says what is wrong with it)."""
+    try:
+        name, path = _watermark_pair(pair)
+    except ValueError:
+        return pair
+    return f"{name}={path.resolve()}"
+
+
+def _check_watermarks(pairs: tuple[str, ...]) -> None:
+    names = set()
+    for pair in pairs:
+        name, path = _watermark_pair(pair)
+        if name in names:
+            raise ValueError(f"watermark {name!r} is given twice")
+        names.add(name)
+        if not path.is_file():
+            raise ValueError(f"watermark {name!r}: {path} is not a file")
+
+
 def _check_schedule(schedule: tuple[float, ...]) -> None:
     if not 1 <= len(schedule) <= MAX_WEBHOOK_ATTEMPTS:
         raise ValueError(f"expected 1 to {MAX_WEBHOOK_ATTEMPTS} waits, got {len(schedule)}")
@@ -456,6 +493,7 @@ _CHECKS: dict[str, Any] = {
     "webhook.webhook_url": _check_webhook_url,
     "webhook.webhook_schedule_s": _check_schedule,
     "webhook.webhook_secrets": _check_secrets,
+    "imaging.watermarks": _check_watermarks,
 }
 
 OPTIONS: dict[str, Option] = _build_options(Settings, _ALIASES)

@@ -173,7 +173,7 @@ def plan(spec: JobSpec, data: bytes, limits: ImagingLimits) -> JobPlan:
 def _check_job_pixels(renditions: list[Rendition], info: SourceInfo, limits: ImagingLimits) -> None:
     """Refuse a job whose outputs together are more than one worker task should make."""
     total = sum(
-        max(r.plan.result.pixels, pipeline.scaled_size(info, r.plan).pixels) for r in renditions
+        max(r.plan.result.pixels, pipeline.decode_size(info, r.plan).pixels) for r in renditions
     )
     if total > limits.max_job_pixels:
         raise errors.ResultOverLimit(
@@ -201,6 +201,7 @@ def _plan_output(
         raise errors.JobFieldInvalid(
             f"{path}.scale: applies to SVG sources; this source is {info.format.value}"
         )
+    _check_operations(info, out, path)
     spec = OutputSpec(
         format=output,
         width=out.width,
@@ -213,6 +214,7 @@ def _plan_output(
         background=out.background,
         quality=out.quality,
         keep_metadata=out.keep_metadata,
+        ops=out.ops,
     )
     planned = pipeline.plan_output(info, spec, limits)
     dst_url = substitute(
@@ -223,6 +225,26 @@ def _plan_output(
         extension=tag_extension,
     )
     return Rendition(planned, dst_url)
+
+
+def _check_operations(info: SourceInfo, out: OutputRequest, path: str) -> None:
+    """What an output's operations ask that only the source can refuse (703)."""
+    crop = out.ops.crop
+    if crop is not None:
+        if info.vector:
+            raise errors.JobFieldInvalid(
+                f"{path}.crop: applies to raster sources (for an SVG, crop its viewBox)"
+            )
+        if crop.outside(info.size):
+            raise errors.JobFieldInvalid(
+                f"{path}.crop: {crop.width}x{crop.height} at ({crop.left}, {crop.top}) is "
+                f"outside the {info.size.width}x{info.size.height} source (sizes after its "
+                "EXIF orientation)"
+            )
+    if info.vector and not out.ops.right_angle:
+        raise errors.JobFieldInvalid(
+            f"{path}.rotate: an SVG source turns by 90, 180 or 270 degrees only"
+        )
 
 
 def targets(spec: JobSpec, job_plan: JobPlan) -> list[Target]:

@@ -32,6 +32,7 @@ from imgserve.destination import (
     template_extension,
 )
 from imgserve.imaging import formats, geometry
+from imgserve.imaging import operations as ops
 from imgserve.imaging.formats import Format
 from imgserve.queue.base import PRIORITIES, State
 from imgserve.request import (
@@ -49,6 +50,9 @@ from imgserve.spec import FITS, RGBA, JobSpec, OutputRequest, source_name_of
 METADATA_MAX_BYTES = 8 * 1024
 """The largest ``metadata`` a job may carry, as compact UTF-8 JSON."""
 
+OPERATION_FIELDS = frozenset(
+    {"crop", "rotate", "flip", "flop", "blur", "sharpen", "grayscale", "pad", "watermark"}
+)
 JOB_FIELDS = frozenset({"source", "outputs", "placeholder", "metadata", "webhook", "priority"})
 WEBHOOK_SCHEMES = frozenset({"http", "https"})
 OUTPUT_FIELDS = frozenset(
@@ -65,6 +69,7 @@ OUTPUT_FIELDS = frozenset(
         "keep_metadata",
         "background",
         "form_field",
+        *OPERATION_FIELDS,
     }
 )
 
@@ -95,7 +100,11 @@ def decode_job(body: bytes, *, where: str = "body") -> dict[str, Any]:
 
 
 def validate_jobs(
-    obj: dict[str, Any], *, max_outputs: int, uploaded_name: str | None = None
+    obj: dict[str, Any],
+    *,
+    max_outputs: int,
+    uploaded_name: str | None = None,
+    watermarks: frozenset[str] = frozenset(),
 ) -> JobSpec:
     """Check a decoded ``POST /jobs`` body and return its JobSpec, or raise a 7xx error.
 
@@ -103,7 +112,8 @@ def validate_jobs(
     ``source`` must be absent and the spec has no source URL. Checks run
     top-level fields first, then each output in order; the first fault wins.
     An output's ``fit`` is accepted with one side given, where it changes
-    nothing (the other side follows the source's aspect ratio).
+    nothing (the other side follows the source's aspect ratio). ``watermarks``:
+    the names an output's ``watermark`` may take (the server's configuration).
     """
     if not isinstance(obj, dict):
         raise errors.JobBodyInvalid(f"body: not a JSON object (got {type(obj).__name__})")
@@ -118,7 +128,7 @@ def validate_jobs(
     else:
         source_url = _source_url(obj)
         source_name = source_name_of(source_url)
-    outputs = _outputs(obj, max_outputs)
+    outputs = _outputs(obj, max_outputs, watermarks)
     placeholder = _flag(obj, "", "placeholder", default=True)
     metadata = _metadata(obj)
     webhook = _webhook(obj["webhook"]) if "webhook" in obj else None
@@ -201,7 +211,9 @@ def _webhook(value: Any) -> str:
     return url
 
 
-def _outputs(obj: dict[str, Any], max_outputs: int) -> tuple[OutputRequest, ...]:
+def _outputs(
+    obj: dict[str, Any], max_outputs: int, watermarks: frozenset[str]
+) -> tuple[OutputRequest, ...]:
     if "outputs" not in obj:
         raise errors.JobFieldMissing("outputs: missing")
     outputs = obj["outputs"]
@@ -211,10 +223,10 @@ def _outputs(obj: dict[str, Any], max_outputs: int) -> tuple[OutputRequest, ...]
         raise errors.JobOutputsCount("outputs: empty, at least 1")
     if len(outputs) > max_outputs:
         raise errors.JobOutputsCount(f"outputs: {len(outputs)} outputs, at most {max_outputs}")
-    return tuple(_output(f"outputs[{i}]", out) for i, out in enumerate(outputs))
+    return tuple(_output(f"outputs[{i}]", out, watermarks) for i, out in enumerate(outputs))
 
 
-def _output(path: str, out: Any) -> OutputRequest:
+def _output(path: str, out: Any, watermarks: frozenset[str] = frozenset()) -> OutputRequest:
     if not isinstance(out, dict):
         raise errors.JobFieldInvalid(f"{path}: not an object (got {shown(out)})")
     _refuse_unknown(f"{path}.", out, OUTPUT_FIELDS)
@@ -233,6 +245,7 @@ def _output(path: str, out: Any) -> OutputRequest:
     if width is None and height is None and scale is None:
         raise errors.JobFieldMissing(f"{path}: give width, height or both (or scale, for SVG)")
     form_field = _form_field(out, path, url)
+    background = _background(out, path)
     return OutputRequest(
         url=url,
         width=width,
@@ -244,8 +257,128 @@ def _output(path: str, out: Any) -> OutputRequest:
         format=_format(out, path, url),
         quality=_quality(out, path),
         keep_metadata=_flag(out, f"{path}.", "keep_metadata", default=False),
-        background=_background(out, path),
+        background=background,
         form_field=form_field,
+        ops=_operations(out, path, background, watermarks),
+    )
+
+
+# --- operations (imaging/operations.py) ---------------------------------------------
+
+
+def _operations(
+    out: dict[str, Any], path: str, background: RGBA | None, watermarks: frozenset[str]
+) -> ops.Operations:
+    rotate = _number(out, path, "rotate", (-360.0, 360.0)) or 0.0
+    if rotate % 90 and background is None:
+        raise errors.JobFieldInvalid(
+            f"{path}.rotate: {shown(out['rotate'])} is not 0, 90, 180 or 270: an angle "
+            "between them needs a background for the corners"
+        )
+    return ops.Operations(
+        crop=_crop(out, path),
+        rotate=rotate % 360,
+        flip=_flag(out, f"{path}.", "flip", default=False),
+        flop=_flag(out, f"{path}.", "flop", default=False),
+        blur=_number(out, path, "blur", ops.BLUR_SIGMA),
+        sharpen=_number(out, path, "sharpen", ops.SHARPEN_SIGMA),
+        grayscale=_flag(out, f"{path}.", "grayscale", default=False),
+        pad=_pad(out, path),
+        watermark=_watermark(out, path, watermarks),
+    )
+
+
+def _number(
+    obj: dict[str, Any],
+    path: str,
+    key: str,
+    bounds: tuple[float, float],
+    *,
+    exclusive: bool = False,
+) -> float | None:
+    """A finite number within ``bounds`` (``exclusive``: above the lower bound)."""
+    if key not in obj:
+        return None
+    value = obj[key]
+    low, high = bounds
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise errors.JobFieldInvalid(f"{path}.{key}: not a number (got {shown(value)})")
+    if not (low < value <= high if exclusive else low <= value <= high):
+        side = f"above {low:g}" if exclusive else f"from {low:g}"
+        raise errors.JobFieldInvalid(
+            f"{path}.{key}: {shown(value)} is out of range ({side} to {high:g})"
+        )
+    return float(value)
+
+
+def _count(obj: dict[str, Any], path: str, key: str, low: int, high: int) -> int:
+    value = obj[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise errors.JobFieldInvalid(
+            f"{path}.{key}: not an integer from {low} to {high} (got {shown(value)})"
+        )
+    return value
+
+
+def _object(obj: dict[str, Any], path: str, key: str, known: frozenset[str]) -> dict[str, Any]:
+    value = obj[key]
+    if not isinstance(value, dict):
+        raise errors.JobFieldInvalid(f"{path}.{key}: not an object (got {shown(value)})")
+    _refuse_unknown(f"{path}.{key}.", value, known)
+    return value
+
+
+def _crop(out: dict[str, Any], path: str) -> ops.Crop | None:
+    if "crop" not in out:
+        return None
+    keys = ("left", "top", "width", "height")
+    crop = _object(out, path, "crop", frozenset(keys))
+    for key in keys:
+        if key not in crop:
+            raise errors.JobFieldMissing(f"{path}.crop.{key}: missing")
+    where = f"{path}.crop"
+    return ops.Crop(
+        left=_count(crop, where, "left", 0, MAX_SIDE_PX),
+        top=_count(crop, where, "top", 0, MAX_SIDE_PX),
+        width=_count(crop, where, "width", 1, MAX_SIDE_PX),
+        height=_count(crop, where, "height", 1, MAX_SIDE_PX),
+    )
+
+
+def _pad(out: dict[str, Any], path: str) -> ops.Pad | None:
+    if "pad" not in out:
+        return None
+    sides = ("top", "right", "bottom", "left")
+    pad = _object(out, path, "pad", frozenset(sides))
+    where = f"{path}.pad"
+    widths = {s: _count(pad, where, s, 0, ops.MAX_PAD_PX) for s in sides if s in pad}
+    return ops.Pad(**widths)
+
+
+def _watermark(out: dict[str, Any], path: str, watermarks: frozenset[str]) -> ops.Watermark | None:
+    if "watermark" not in out:
+        return None
+    known = frozenset({"name", "gravity", "opacity", "scale", "margin"})
+    mark = _object(out, path, "watermark", known)
+    where = f"{path}.watermark"
+    if "name" not in mark:
+        raise errors.JobFieldMissing(f"{where}.name: missing")
+    name = mark["name"]
+    if not isinstance(name, str) or name not in watermarks:
+        configured = ", ".join(sorted(watermarks)) or "none are configured (--watermark)"
+        raise errors.JobFieldInvalid(
+            f"{where}.name: {shown(name)} is not a watermark of this server; {configured}"
+        )
+    gravity = _choice(mark, where, "gravity", ops.WATERMARK_GRAVITIES, default="southeast")
+    opacity = _number(mark, where, "opacity", (0.0, 1.0), exclusive=True)
+    scale = _number(mark, where, "scale", (0.0, 1.0), exclusive=True)
+    margin = _count(mark, where, "margin", 0, ops.MAX_MARGIN_PX) if "margin" in mark else 0
+    return ops.Watermark(
+        name=name,
+        gravity=gravity,
+        opacity=1.0 if opacity is None else opacity,
+        scale=scale,
+        margin=margin,
     )
 
 

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from imgserve.imaging import formats
 from imgserve.imaging.formats import Format
+from imgserve.imaging.operations import Operations
 
 VERSION = 1
 """The stored shape of a JobSpec. Records without ``version`` hold 0.2's request
@@ -51,16 +52,20 @@ class OutputRequest:
     refuse_small: bool = False
     """0.2's rule: a raster source smaller than the box (not enlarging) is refused
     (203) instead of being kept at its own size."""
+    ops: Operations = field(default_factory=Operations)
+    """crop, rotate, flip, flop, blur, sharpen, grayscale, pad, watermark."""
 
     def to_dict(self) -> dict[str, Any]:
         data = dict(vars(self))
         data["format"] = self.format.value if self.format is not None else None
         data["background"] = list(self.background) if self.background is not None else None
+        data["ops"] = self.ops.to_dict() if self.ops.any else None
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OutputRequest:
         values = _known(cls, data)
+        values["ops"] = Operations.from_dict(values.get("ops"))
         if values.get("format") is not None:
             values["format"] = Format(values["format"])
         if values.get("background") is not None:

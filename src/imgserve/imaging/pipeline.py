@@ -20,14 +20,15 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from imgserve import errors
 from imgserve.config import ImagingLimits
-from imgserve.imaging import formats, geometry, vips
+from imgserve.imaging import formats, geometry, operations, vips
 from imgserve.imaging.formats import Format
 from imgserve.imaging.geometry import Size
+from imgserve.imaging.operations import Operations
 
 PLACEHOLDER_TEXT = "Image being processed"
 FAILURE_TEXT = "Image processing failed"
@@ -75,6 +76,7 @@ class OutputSpec:
     transparent padding where the format holds alpha, else white."""
     refuse_small: bool = False
     """0.2's rule: a raster source smaller than a requested side is refused (203)."""
+    ops: Operations = field(default_factory=Operations)
 
 
 @dataclass(frozen=True)
@@ -93,12 +95,27 @@ class OutputPlan:
     fit: str = "cover"
     background: RGBA | None = None
     scaled: Size | None = None
-    """The whole source scaled uniformly, before stretch, crop or padding (None in
-    plans of the previous release: the cover size of ``result``, see ``scaled_size``)."""
+    """The whole source (or its region: crop, rotate) scaled uniformly, before
+    stretch, crop or padding (None in plans of the previous release: the cover
+    size of ``result``, see ``scaled_size``)."""
+    ops: Operations = field(default_factory=Operations)
+    frame: Size | None = None
+    """With a crop or a rotation: the whole upright source at the scale that makes
+    its region ``scaled``, the size it is decoded at (see ``decode_size``)."""
 
     @property
     def content_type(self) -> str:
         return formats.CONTENT_TYPES[self.output]
+
+    @property
+    def box(self) -> Size:
+        """The size the fit makes: ``result`` without the ``pad`` borders."""
+        pad = self.ops.pad
+        if pad is None:
+            return self.result
+        return Size(
+            self.result.width - pad.left - pad.right, self.result.height - pad.top - pad.bottom
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-plain fields (sizes as [width, height], the format as its value)."""
@@ -107,6 +124,8 @@ class OutputPlan:
         data["output"] = self.output.value
         data["background"] = list(self.background) if self.background is not None else None
         data["scaled"] = [self.scaled.width, self.scaled.height] if self.scaled else None
+        data["ops"] = self.ops.to_dict() if self.ops.any else None
+        data["frame"] = [self.frame.width, self.frame.height] if self.frame else None
         return data
 
     @classmethod
@@ -123,6 +142,9 @@ class OutputPlan:
             values["background"] = (r, g, b, a)
         if values.get("scaled") is not None:
             values["scaled"] = Size(*values["scaled"])
+        if values.get("frame") is not None:
+            values["frame"] = Size(*values["frame"])
+        values["ops"] = Operations.from_dict(values.get("ops"))
         return cls(**values)
 
 
@@ -176,15 +198,24 @@ def inspect(operation: str, data: bytes, limits: ImagingLimits) -> SourceInfo:
 
 
 def plan_output(info: SourceInfo, spec: OutputSpec, limits: ImagingLimits) -> OutputPlan:
-    """Size one output of ``info``'s source; refuse a result over the limits."""
+    """Size one output of ``info``'s source; refuse a result over the limits.
+
+    The fit sizes the output from the source's region (the crop, turned by the
+    rotation); ``pad`` adds to the result; an animation keeps its frames only
+    when nothing but a cover crop touches them."""
+    ops = spec.ops
     scale: float | None = None
     animated = False
+    frame: Size | None = None
     if info.vector:
         assert info.svg_size is not None
+        svg_width, svg_height = info.svg_size
+        if ops.rotate in (90, 270):
+            svg_width, svg_height = svg_height, svg_width
         fitted, scale = geometry.svg_fit_size(
-            *info.svg_size, spec.width, spec.height, spec.scale, spec.fit
+            svg_width, svg_height, spec.width, spec.height, spec.scale, spec.fit
         )
-        result = fitted.result
+        result = ops.padded(fitted.result)
         drawn = max(fitted.scaled, result, key=lambda size: size.pixels)
         if drawn.pixels > limits.max_result_pixels:
             raise errors.SVGRenderOverLimit(
@@ -193,18 +224,20 @@ def plan_output(info: SourceInfo, spec: OutputSpec, limits: ImagingLimits) -> Ou
             )
     else:
         fitted = geometry.fit_size(
-            info.size,
+            ops.region(info.size),
             spec.width,
             spec.height,
             spec.fit,
             spec.enlarge,
             refuse_small=spec.refuse_small,
         )
-        result = fitted.result
-        # Frames are cropped, never padded or stretched: an animation that would
-        # need either keeps its first frame only.
-        animated = animates(info.format, info.pages, spec.format) and (
-            spec.fit == "cover" or fitted.scaled == result
+        result = ops.padded(fitted.result)
+        # Frames are cropped, never padded, stretched or otherwise changed: an
+        # animation that would need more keeps its first frame only.
+        animated = (
+            animates(info.format, info.pages, spec.format)
+            and (spec.fit == "cover" or fitted.scaled == fitted.result)
+            and not ops.any
         )
         frames = info.pages if animated else 1
         if result.pixels * frames > limits.max_result_pixels:
@@ -217,6 +250,9 @@ def plan_output(info: SourceInfo, spec: OutputSpec, limits: ImagingLimits) -> Ou
         # a 4000x4 source covering 4x4000 would be 4000000x4000. 0.2's single
         # output crops it lazily and keeps 0.2's rule (the result only).
         scaled = fitted.scaled
+        if ops.geometric:
+            frame = operations.frame_size(info.size, ops, scaled)
+            scaled = max(scaled, frame, key=lambda size: size.pixels)
         if not spec.refuse_small and scaled.pixels * frames > limits.max_result_pixels:
             raise errors.ResultOverLimit(
                 f"the source scaled for this output is {scaled.width}x{scaled.height}, "
@@ -233,6 +269,8 @@ def plan_output(info: SourceInfo, spec: OutputSpec, limits: ImagingLimits) -> Ou
         fit=spec.fit,
         background=spec.background,
         scaled=fitted.scaled,
+        ops=ops,
+        frame=frame,
     )
 
 
@@ -243,6 +281,11 @@ def scaled_size(info: SourceInfo, out: OutputPlan) -> Size:
     # A plan of the previous release: an SVG rendered at its result, a raster
     # source covering it.
     return out.result if info.vector else geometry.cover_size(info.size, out.result)[0]
+
+
+def decode_size(info: SourceInfo, out: OutputPlan) -> Size:
+    """The upright whole-source size an output is decoded at (before any crop)."""
+    return out.frame or scaled_size(info, out)
 
 
 def _recheck(data: bytes, info: SourceInfo, limits: ImagingLimits) -> None:
@@ -272,11 +315,18 @@ def _smart(out: OutputPlan) -> bool:
     return out.fit == "cover" and out.gravity == "smart" and not out.animated
 
 
+def _smart_at_decode(out: OutputPlan) -> bool:
+    """Smart, and cut while decoding: a cropped or turned output is cut after that."""
+    return _smart(out) and not out.ops.geometric
+
+
 def _thumbnail_box(info: SourceInfo, out: OutputPlan) -> tuple[int, int]:
-    """The thumbnail box that makes ``scaled_size``: its binding side, the other free."""
-    if out.fit in ("cover", "fill"):
+    """The thumbnail box that makes ``decode_size``: its binding side, the other free."""
+    if out.frame is not None:
+        scaled, width_binds = out.frame, geometry.width_drives(info.size, out.frame)
+    elif out.fit in ("cover", "fill"):
         # 0.2's rule (cover is 0.2's resize): the result's cover size decides.
-        scaled, width_binds = geometry.cover_size(info.size, out.result)
+        scaled, width_binds = geometry.cover_size(info.size, out.box)
     else:
         scaled = scaled_size(info, out)
         width_binds = geometry.width_drives(info.size, scaled)
@@ -288,12 +338,14 @@ def _thumbnail_box(info: SourceInfo, out: OutputPlan) -> tuple[int, int]:
 def _shrink_on_load(data: bytes, info: SourceInfo, out: OutputPlan) -> vips.Image:
     """Decode one output at (about) the size it needs: libvips shrinks JPEG/WebP while
     decoding, and renders a drawing at the output's own scale."""
-    box = out.result
+    box = out.box
     if info.vector:
         assert out.svg_scale is not None
         drawing = vips.load_svg(data, out.svg_scale)
-        return vips.attention_crop(drawing, box.width, box.height) if _smart(out) else drawing
-    if _smart(out):
+        if _smart_at_decode(out):
+            return vips.attention_crop(drawing, box.width, box.height)
+        return drawing
+    if _smart_at_decode(out):
         return vips.thumbnail(data, info.format, box.width, box.height, crop="attention")
     return vips.thumbnail(data, info.format, *_thumbnail_box(info, out), all_pages=out.animated)
 
@@ -303,7 +355,7 @@ def _derived(
 ) -> Iterator[tuple[int, vips.Image]]:
     """Each output's image from one decode, largest first: the decode is the shrink-on-load
     of the largest; every other is resized from the smallest image already made."""
-    order = sorted(outs, key=lambda item: scaled_size(info, item[1]).pixels, reverse=True)
+    order = sorted(outs, key=lambda item: decode_size(info, item[1]).pixels, reverse=True)
     first = order[0][1]
     decoded = vips.thumbnail(data, info.format, *_thumbnail_box(info, first))
     # Every base has the source's aspect ratio and each is smaller than the last,
@@ -312,19 +364,41 @@ def _derived(
     # one base and the output being made, however many outputs the job has.
     base = vips.materialize(decoded, info.format)
     for position, (index, out) in enumerate(order):
-        need = scaled_size(info, out)
+        need = decode_size(info, out)
         image = base
         if (base.width, base.height) != (need.width, need.height):
             image = vips.resize_to(base, need.width, need.height)
             if position < len(order) - 1:
                 image = vips.materialize(image, info.format)
                 base = image
-        if _smart(out):
-            image = vips.attention_crop(image, out.result.width, out.result.height)
+        if _smart_at_decode(out):
+            image = vips.attention_crop(image, out.box.width, out.box.height)
         yield index, image
 
 
-def _round(image: vips.Image, info: SourceInfo, out: OutputPlan) -> vips.Image:
+def _geometry(image: vips.Image, info: SourceInfo, out: OutputPlan, marks: Marks) -> vips.Image:
+    """crop, rotate, flip, flop: cut and turn the decoded source (``decode_size``, or
+    a drawing at its scale), then make it exactly ``scaled``."""
+    ops = out.ops
+    if not ops.geometric:
+        return image
+    if ops.crop is not None:
+        image = vips.crop_scaled(image, info.size, ops.crop)
+    if ops.rotate:
+        image = vips.rotate(
+            image, ops.rotate, out.background or _CLEAR, alpha=out.output in formats.ALPHA_FORMATS
+        )
+    if ops.flip or ops.flop:
+        image = vips.flip(image, vertical=ops.flip, horizontal=ops.flop)
+    scaled = scaled_size(info, out)
+    if (image.width, image.height) != (scaled.width, scaled.height):
+        image = vips.resize_to(image, scaled.width, scaled.height)
+    if _smart(out):
+        image = vips.attention_crop(image, out.box.width, out.box.height)
+    return image
+
+
+def _round(image: vips.Image, info: SourceInfo, out: OutputPlan, marks: Marks) -> vips.Image:
     """Make the decoded image exactly ``scaled_size`` (a decoder may round a side
     the other way). Cover's crop does this for itself."""
     if out.fit == "cover" or out.animated:
@@ -333,17 +407,17 @@ def _round(image: vips.Image, info: SourceInfo, out: OutputPlan) -> vips.Image:
     return vips.fit_exact(image, scaled.width, scaled.height, "centre")
 
 
-def _stretch(image: vips.Image, info: SourceInfo, out: OutputPlan) -> vips.Image:
+def _stretch(image: vips.Image, info: SourceInfo, out: OutputPlan, marks: Marks) -> vips.Image:
     """fill: scale each side on its own to exactly the result."""
-    box = out.result
+    box = out.box
     if out.fit != "fill" or (image.width, image.height) == (box.width, box.height):
         return image
     return vips.resize_to(image, box.width, box.height)
 
 
-def _crop(image: vips.Image, info: SourceInfo, out: OutputPlan) -> vips.Image:
+def _crop(image: vips.Image, info: SourceInfo, out: OutputPlan, marks: Marks) -> vips.Image:
     """Cut the cover-sized image to exactly the result, where the gravity says."""
-    box = out.result
+    box = out.box
     if not out.animated:
         if out.fit != "cover":
             return image
@@ -363,13 +437,13 @@ def _crop(image: vips.Image, info: SourceInfo, out: OutputPlan) -> vips.Image:
     )
 
 
-def _to_srgb(image: vips.Image, info: SourceInfo, out: OutputPlan) -> vips.Image:
+def _to_srgb(image: vips.Image, info: SourceInfo, out: OutputPlan, marks: Marks) -> vips.Image:
     return vips.to_srgb(image)
 
 
-def _pad(image: vips.Image, info: SourceInfo, out: OutputPlan) -> vips.Image:
+def _pad(image: vips.Image, info: SourceInfo, out: OutputPlan, marks: Marks) -> vips.Image:
     """contain: place the image in the box by its gravity, on the background."""
-    box = out.result
+    box = out.box
     if out.fit != "contain" or (image.width, image.height) == (box.width, box.height):
         return image
     left, top = geometry.pad_offsets(Size(image.width, image.height), box, out.gravity)
@@ -384,21 +458,77 @@ def _pad(image: vips.Image, info: SourceInfo, out: OutputPlan) -> vips.Image:
     )
 
 
-def _flatten(image: vips.Image, info: SourceInfo, out: OutputPlan) -> vips.Image:
+def _effects(image: vips.Image, info: SourceInfo, out: OutputPlan, marks: Marks) -> vips.Image:
+    """blur, sharpen, grayscale, in that order, on the fitted image."""
+    ops = out.ops
+    if ops.blur is not None:
+        image = vips.blur(image, ops.blur)
+    if ops.sharpen is not None:
+        image = vips.sharpen(image, ops.sharpen)
+    if ops.grayscale:
+        image = vips.grayscale(image)
+    return image
+
+
+def _border(image: vips.Image, info: SourceInfo, out: OutputPlan, marks: Marks) -> vips.Image:
+    """pad: borders of the background around the fitted image."""
+    pad = out.ops.pad
+    if pad is None or pad == operations.Pad():
+        return image
+    return vips.pad(
+        image,
+        pad.left,
+        pad.top,
+        out.result.width,
+        out.result.height,
+        out.background or _CLEAR,
+        alpha=out.output in formats.ALPHA_FORMATS,
+    )
+
+
+def _watermark(image: vips.Image, info: SourceInfo, out: OutputPlan, marks: Marks) -> vips.Image:
+    """The named overlay, placed by its gravity and margin, at its opacity."""
+    mark = out.ops.watermark
+    if mark is None:
+        return image
+    path = marks.get(mark.name)
+    if path is None:  # a worker node configured without it: the job cannot be made
+        raise errors.JobFieldInvalid(
+            f"watermark {mark.name!r} is not configured on this worker (--watermark)"
+        )
+    return vips.watermark(image, vips.load_watermark(path), mark)
+
+
+def _flatten(image: vips.Image, info: SourceInfo, out: OutputPlan, marks: Marks) -> vips.Image:
     """Drop alpha onto the background for a format that cannot hold it."""
     if out.output in formats.ALPHA_FORMATS:
         return image
     return vips.flatten(image, (out.background or _CLEAR)[:3])
 
 
-def _materialize(image: vips.Image, info: SourceInfo, out: OutputPlan) -> vips.Image:
+def _materialize(image: vips.Image, info: SourceInfo, out: OutputPlan, marks: Marks) -> vips.Image:
     return vips.materialize(image, info.format)
 
 
-Step = Callable[[vips.Image, SourceInfo, OutputPlan], vips.Image]
-STEPS: tuple[Step, ...] = (_round, _stretch, _crop, _to_srgb, _pad, _flatten, _materialize)
-"""What happens between the decode and the encoder, in order. A new operation is
-one more step here (a step that does not apply returns its image)."""
+Marks = dict[str, str]
+"""The server's watermarks: name -> file (ImagingLimits.watermark_files)."""
+Step = Callable[[vips.Image, SourceInfo, OutputPlan, Marks], vips.Image]
+STEPS: tuple[Step, ...] = (
+    _geometry,
+    _round,
+    _stretch,
+    _crop,
+    _to_srgb,
+    _pad,
+    _effects,
+    _border,
+    _watermark,
+    _flatten,
+    _materialize,
+)
+"""What happens between the decode and the encoder, in order (docs/imaging.md lists
+the operations in this order). A new operation is one more step here (a step that
+does not apply returns its image)."""
 
 
 def _decoded_alone(info: SourceInfo, out: OutputPlan) -> bool:
@@ -431,11 +561,12 @@ def render(
         (i, _shrink_on_load(data, info, out)) for i, out in enumerate(outs) if i not in together
     )
     images = itertools.chain(alone, _derived(data, info, shared) if shared else ())
+    marks = {name: str(path) for name, path in limits.watermark_files().items()}
     encoded: dict[int, bytes] = {}
     for index, image in images:  # each encoded before the next is made
         out = outs[index]
         for step in STEPS:
-            image = step(image, info, out)
+            image = step(image, info, out, marks)
         result = vips.save(image, out.output, out.quality, out.keep_metadata)
         if len(result) > limits.max_result_bytes:
             where = f"outputs[{index}]: " if len(outs) > 1 else ""

@@ -352,3 +352,125 @@ def label_canvas(width: int, height: int, text: str, *, failed: bool) -> pyvips.
             left, top = (width - label.width) // 2, (height - label.height) // 2
             return label.embed(left, top, width, height, extend="copy")
     return _canvas_pixel(failed).embed(0, 0, width, height, extend="copy")
+
+
+# --- operations (imaging/operations.py; pipeline.STEPS applies them) ----------------
+
+
+def crop_scaled(image: pyvips.Image, source: Any, crop: Any) -> pyvips.Image:
+    """``crop`` (a rectangle of the upright ``source``, in its pixels) of ``image``,
+    which is that source decoded at another scale."""
+    fx, fy = image.width / source.width, image.height / source.height
+    left = min(round(crop.left * fx), image.width - 1)
+    top = min(round(crop.top * fy), image.height - 1)
+    width = max(1, min(round(crop.width * fx), image.width - left))
+    height = max(1, min(round(crop.height * fy), image.height - top))
+    return image.crop(left, top, width, height)
+
+
+def rotate(
+    image: pyvips.Image, degrees: float, rgba: tuple[int, int, int, int], *, alpha: bool
+) -> pyvips.Image:
+    """Turn clockwise: right angles exactly; any other angle on ``rgba`` (the corners),
+    the result the bounding box of the turned image."""
+    turns = degrees % 360
+    if turns in (90, 180, 270):
+        return image.rot(f"d{int(turns)}")
+    if image.bands < 3:
+        image = image.colourspace("srgb")
+    peak = 65535 if image.format == "ushort" else 255
+    colour = [channel * peak / 255 for channel in rgba[:3]]
+    if alpha and rgba[3] < 255 and not image.hasalpha():
+        image = image.bandjoin(peak)
+    if image.hasalpha():
+        colour.append((rgba[3] if alpha else 255) * peak / 255)
+    return image.rotate(turns, background=colour)
+
+
+def flip(image: pyvips.Image, *, vertical: bool, horizontal: bool) -> pyvips.Image:
+    if vertical:
+        image = image.flipver()
+    if horizontal:
+        image = image.fliphor()
+    return image
+
+
+def blur(image: pyvips.Image, sigma: float) -> pyvips.Image:
+    """Gaussian blur, alpha premultiplied so transparent pixels do not bleed colour."""
+    if image.hasalpha():
+        kind = image.format
+        return image.premultiply().gaussblur(sigma).unpremultiply().cast(kind)
+    return image.gaussblur(sigma).cast(image.format)
+
+
+def sharpen(image: pyvips.Image, sigma: float) -> pyvips.Image:
+    """libvips' unsharp mask on the lightness, back in the image's own space."""
+    kind, space = image.format, image.interpretation
+    return image.sharpen(sigma=sigma).colourspace(space).cast(kind)
+
+
+def grayscale(image: pyvips.Image) -> pyvips.Image:
+    """Grey, kept as sRGB (with its alpha) so later steps and encoders see one shape."""
+    return image.colourspace("b-w").colourspace("srgb")
+
+
+@functools.lru_cache(maxsize=16)
+def _watermark_image(path: str, mtime_ns: int, size: int) -> pyvips.Image:
+    from imgserve.imaging.formats import RASTER_SOURCES, sniff
+
+    with open(path, "rb") as file:  # the operator's file, read once per process
+        data = file.read()
+    fmt = sniff(data)
+    if fmt is None or fmt not in RASTER_SOURCES:
+        raise errors.InternalError(f"watermark {path} is not an image in a supported format")
+    try:
+        image = pyvips.Image.new_from_buffer(data, "", fail_on="warning").colourspace("srgb")
+        if not image.hasalpha():
+            image = image.bandjoin(255)
+        return image.cast("uchar").copy_memory()
+    except pyvips.Error as exc:
+        raise errors.InternalError(f"watermark {path} cannot be decoded: {exc}") from exc
+
+
+def load_watermark(path: str) -> pyvips.Image:
+    """The overlay at ``path`` (sRGB with alpha), decoded once per process and file version."""
+    import os
+
+    try:
+        stat = os.stat(path)
+    except OSError as exc:
+        raise errors.InternalError(f"watermark {path}: {exc.strerror}") from exc
+    return _watermark_image(path, stat.st_mtime_ns, stat.st_size)
+
+
+def watermark(image: pyvips.Image, overlay: pyvips.Image, mark: Any) -> pyvips.Image:
+    """``overlay`` over ``image`` by ``mark``'s gravity, margin, scale and opacity."""
+    if image.bands < 3:
+        image = image.colourspace("srgb")
+    room_w = max(1, image.width - 2 * mark.margin)
+    room_h = max(1, image.height - 2 * mark.margin)
+    want_w = image.width * mark.scale if mark.scale is not None else overlay.width
+    factor = min(want_w / overlay.width, room_w / overlay.width, room_h / overlay.height)
+    width = max(1, round(overlay.width * factor))
+    height = max(1, round(overlay.height * factor))
+    if (width, height) != (overlay.width, overlay.height):
+        overlay = resize_to(overlay, width, height)
+    if mark.opacity < 1:
+        overlay = overlay[:3].bandjoin(overlay[3] * mark.opacity).cast("uchar")
+    if image.format == "ushort":
+        overlay = overlay.colourspace("rgb16")
+    gravity = mark.gravity
+    x = (image.width - width) // 2
+    y = (image.height - height) // 2
+    if "west" in gravity:
+        x = mark.margin
+    elif "east" in gravity:
+        x = image.width - width - mark.margin
+    if "north" in gravity:
+        y = mark.margin
+    elif "south" in gravity:
+        y = image.height - height - mark.margin
+    had_alpha = image.hasalpha()
+    out = image.composite2(overlay, "over", x=x, y=y).cast(image.format)
+    # Over an opaque image the result is opaque: keep the image's bands.
+    return out if had_alpha else out[: image.bands]
