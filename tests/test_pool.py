@@ -128,7 +128,7 @@ async def test_time_queued_inside_pebble_is_not_charged_to_the_render(tmp_path: 
         await asyncio.to_thread(feed, second)
         for render in renders:  # 3 s after both were scheduled: past 2 s + 0.2 s
             result = await asyncio.wait_for(render, 30)
-            assert pyvips.Image.new_from_buffer(result[0], "").width == 40
+            assert pyvips.Image.new_from_buffer(result[0].data, "").width == 40
     finally:
         pool.close(timeout_s=1.0)
 
@@ -152,7 +152,7 @@ async def test_renders_waiting_on_a_broken_pool_fail_retryably_and_the_next_runs
         assert pool.processes.pebble is not broken and pool.processes.replacements == 1
         source = pyvips.Image.black(400, 300, bands=3).jpegsave_buffer()
         result = await asyncio.wait_for(pool.render(bytes(source), _plan()), 60)
-        assert pyvips.Image.new_from_buffer(result[0], "").width == 40
+        assert pyvips.Image.new_from_buffer(result[0].data, "").width == 40
     finally:
         with contextlib.suppress(OSError):  # let a worker stuck in open() go
             fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)

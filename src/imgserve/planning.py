@@ -258,7 +258,14 @@ def targets(spec: JobSpec, job_plan: JobPlan) -> list[Target]:
 def render(
     job_plan: JobPlan, data: bytes, limits: ImagingLimits, *, planned: bool = False
 ) -> list[bytes]:
+    """Every output's bytes (``render_outputs`` without what they look like)."""
+    return [out.data for out in render_outputs(job_plan, data, limits, planned=planned)]
+
+
+def render_outputs(
+    job_plan: JobPlan, data: bytes, limits: ImagingLimits, *, planned: bool = False
+) -> list[pipeline.Rendered]:
     """Every output of the plan, in order, from one decode of the source bytes (see
-    pipeline.render)."""
+    pipeline.render_outputs)."""
     outs = [rendition.plan for rendition in job_plan.outputs]
-    return pipeline.render(data, job_plan.source_info, outs, limits, planned=planned)
+    return pipeline.render_outputs(data, job_plan.source_info, outs, limits, planned=planned)

@@ -22,13 +22,16 @@ import os
 import resource
 import signal
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pebble
 
 from imgserve import errors
 from imgserve.config import ImagingLimits, WorkerSettings
 from imgserve.supervised import NoAnswer, PoolBroken, SupervisedPool, inject_fault
+
+if TYPE_CHECKING:  # pyvips is imported in the worker processes only
+    from imgserve.imaging.pipeline import Rendered
 
 log = logging.getLogger("imgserve.pool")
 
@@ -74,7 +77,7 @@ def _fault(data: bytes) -> None:
 
 def _render(
     source: bytes | str, plan: dict[str, Any], limits: ImagingLimits, planned: bool
-) -> list[bytes]:
+) -> list[Rendered]:
     """Worker-side entry point: render every output of the stored plan (in order, from
     one decode) from the source bytes, or from a spooled file read here (libvips
     still decodes from bytes only)."""
@@ -88,7 +91,7 @@ def _render(
     try:
         _fault(data)
         job_plan = planning.JobPlan.from_dict(plan)
-        return planning.render(job_plan, data, limits, planned=planned)
+        return planning.render_outputs(job_plan, data, limits, planned=planned)
     except MemoryError as exc:
         raise errors.WorkerMemoryExceeded("the worker ran out of memory") from exc
     except errors.ImgserveError as exc:
@@ -130,7 +133,7 @@ class ImagePool:
 
     async def render(
         self, source: bytes | str, plan: dict[str, Any], *, planned: bool = False
-    ) -> list[bytes]:
+    ) -> list[Rendered]:
         """Render every output of the stored ``plan`` (JobPlan.to_dict()), in order, in
         one task, from ``source``: the bytes, or the path of a file holding them.
 

@@ -114,7 +114,7 @@ class Runner:
             await upload_all(
                 self.transports,
                 [
-                    (target, result, rendition.plan.content_type)
+                    (target, result.data, rendition.plan.content_type)
                     for target, result, rendition in zip(
                         targets(spec, plan), results, plan.outputs, strict=True
                     )
@@ -126,7 +126,7 @@ class Runner:
             log.exception("job %s: unexpected error", record.id)
             await self._failed(record, errors.InternalError(f"{type(exc).__name__}: {exc}"))
         else:
-            sizes = [len(result) for result in results]
+            sizes = [len(result.data) for result in results]
             event = self._event(record, "job.completed", output_bytes=sizes)
             await self.queue.complete(record.id, sizes, event=event)
             self._announce(event)

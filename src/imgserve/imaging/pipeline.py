@@ -536,6 +536,15 @@ def _decoded_alone(info: SourceInfo, out: OutputPlan) -> bool:
     return info.vector or out.animated
 
 
+@dataclass(frozen=True)
+class Rendered:
+    """One output as rendered: its bytes, and what it looks like (``preview``: the
+    JSON the job view and the completion event show for it)."""
+
+    data: bytes
+    preview: dict[str, Any] = field(default_factory=dict)
+
+
 def render(
     data: bytes,
     info: SourceInfo,
@@ -544,7 +553,19 @@ def render(
     *,
     planned: bool = False,
 ) -> list[bytes]:
-    """Source bytes -> every output's bytes, in the order of ``outs``: each exactly its
+    """Every output's bytes (``render_outputs`` without what they look like)."""
+    return [out.data for out in render_outputs(data, info, outs, limits, planned=planned)]
+
+
+def render_outputs(
+    data: bytes,
+    info: SourceInfo,
+    outs: Sequence[OutputPlan],
+    limits: ImagingLimits,
+    *,
+    planned: bool = False,
+) -> list[Rendered]:
+    """Source bytes -> every output, in the order of ``outs``: each exactly its
     ``result`` in its ``output`` format.
 
     ``planned`` says ``data`` are the very bytes ``info`` was read from (the
@@ -562,7 +583,7 @@ def render(
     )
     images = itertools.chain(alone, _derived(data, info, shared) if shared else ())
     marks = {name: str(path) for name, path in limits.watermark_files().items()}
-    encoded: dict[int, bytes] = {}
+    encoded: dict[int, Rendered] = {}
     for index, image in images:  # each encoded before the next is made
         out = outs[index]
         for step in STEPS:
@@ -573,7 +594,7 @@ def render(
             raise errors.ResultOverLimit(
                 f"{where}result is {len(result)} bytes, over the limit of {limits.max_result_bytes}"
             )
-        encoded[index] = result
+        encoded[index] = Rendered(result)
     return [encoded[i] for i in range(len(outs))]
 
 
