@@ -76,9 +76,18 @@ def event(**changes: Any) -> Event:
 
 
 def test_completed_payload_has_links_sizes_and_metadata() -> None:
-    """job.completed: jobId, state done, each output's redacted URL, size, format, bytes."""
+    """job.completed: jobId, state done, each output's redacted URL, size, format, bytes
+    and what it looks like; the source's own info."""
+    looks = [{"blurhash": "LEHV6nWB2yk8", "averageColor": "#102030"}, {"blurhash": "L00000"}]
     made = webhooks.event_for(
-        record(), spec(), plan(), "job.completed", SETTINGS, output_bytes=[1234, 5678], now=0.0
+        record(),
+        spec(),
+        plan(),
+        "job.completed",
+        SETTINGS,
+        output_bytes=[1234, 5678],
+        previews=looks,
+        now=0.0,
     )
     assert made is not None
     assert made.id.startswith("msg_") and len(made.id) == 4 + 32
@@ -96,13 +105,15 @@ def test_completed_payload_has_links_sizes_and_metadata() -> None:
             "state": "done",
             "outputs": [
                 {"url": "https://u:***@cdn.example/s.webp", "width": 200, "height": 150,
-                 "format": "webp", "bytes": 1234},
+                 "format": "webp", "bytes": 1234, **looks[0]},
                 {"url": "https://cdn.example/m.jpg", "width": 400, "height": 300,
-                 "format": "jpeg", "bytes": 5678},
+                 "format": "jpeg", "bytes": 5678, **looks[1]},
             ],
+            "sourceInfo": plan().source_info.view(),
             "metadata": {"post": 42},
         },
     }  # fmt: skip
+    assert made.payload["data"]["sourceInfo"]["width"] == plan().source_info.size.width
 
 
 def test_failed_payload_has_the_error_and_no_sizes() -> None:

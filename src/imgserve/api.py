@@ -536,7 +536,7 @@ async def _enqueue(service: Service, spec: JobSpec, plan: JobPlan, data: bytes) 
 
 
 def _outputs_view(record: JobRecord) -> list[dict[str, Any]]:
-    return webhooks.outputs_of(JobPlan.from_dict(record.plan), record.output_bytes)
+    return webhooks.outputs_of(JobPlan.from_dict(record.plan), record.output_bytes, record.previews)
 
 
 def job_view(record: JobRecord, events: list[Event] | None = None) -> dict[str, Any]:
@@ -557,7 +557,8 @@ def job_view(record: JobRecord, events: list[Event] | None = None) -> dict[str, 
         "node": record.node,
         "width": first.plan.result.width,
         "height": first.plan.result.height,
-        "outputs": webhooks.outputs_of(plan, record.output_bytes),
+        "outputs": webhooks.outputs_of(plan, record.output_bytes, record.previews),
+        "sourceInfo": plan.source_info.view(),
         "metadata": spec.metadata,
         "priority": record.priority,
     }

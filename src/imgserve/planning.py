@@ -94,6 +94,8 @@ class JobPlan:
                 "size": [info.size.width, info.size.height],
                 "pages": info.pages,
                 "svg_size": list(info.svg_size) if info.svg_size is not None else None,
+                "orientation": info.orientation,
+                "has_alpha": info.has_alpha,
             },
             "outputs": [{**r.plan.to_dict(), "dst_url": r.dst_url} for r in self.outputs],
         }
@@ -111,6 +113,8 @@ class JobPlan:
             size=Size(*source["size"]),
             pages=source["pages"],
             svg_size=(svg_size[0], svg_size[1]) if svg_size is not None else None,
+            orientation=source.get("orientation", 1),
+            has_alpha=source.get("has_alpha", False),
         )
         outputs = tuple(
             Rendition(OutputPlan.from_dict(out), out["dst_url"]) for out in data["outputs"]

@@ -71,9 +71,13 @@ def webhook_url_for(spec: JobSpec | None, settings: WebhookSettings) -> str | No
     return settings.webhook_url
 
 
-def outputs_of(plan: JobPlan | None, output_bytes: Sequence[int] | None) -> list[dict[str, Any]]:
+def outputs_of(
+    plan: JobPlan | None,
+    output_bytes: Sequence[int] | None,
+    previews: Sequence[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
     """Each output as the job view, the POST /jobs reply and the event show it:
-    links and sizes, never the image."""
+    links and sizes, once done what it looks like (``previews``), never the image."""
     if plan is None:
         return []
     views = []
@@ -86,6 +90,8 @@ def outputs_of(plan: JobPlan | None, output_bytes: Sequence[int] | None) -> list
         }
         if output_bytes is not None and index < len(output_bytes):
             view["bytes"] = output_bytes[index]
+        if previews is not None and index < len(previews):
+            view.update(previews[index])
         views.append(view)
     return views
 
@@ -117,6 +123,7 @@ def event_for(
     settings: WebhookSettings,
     *,
     output_bytes: Sequence[int] | None = None,
+    previews: Sequence[dict[str, Any]] | None = None,
     error: errors.ImgserveError | None = None,
     now: float | None = None,
 ) -> Event | None:
@@ -125,8 +132,9 @@ def event_for(
 
     ``spec`` and ``plan`` are the record's, read by the caller (None when they
     cannot be read: the event still goes to the default URL, without outputs).
-    ``output_bytes`` are the sizes uploaded (job.completed), ``error`` how the job
-    failed (job.failed). The payload is kept small: links, not images.
+    ``output_bytes`` are the sizes uploaded and ``previews`` what each output looks
+    like (job.completed), ``error`` how the job failed (job.failed). The payload is
+    kept small: links, hashes and colours, not images.
     """
     if type not in STATES:
         raise ValueError(f"unknown event type {type!r}")
@@ -137,8 +145,14 @@ def event_for(
     data: dict[str, Any] = {
         "jobId": record.id,
         "state": STATES[type],
-        "outputs": outputs_of(plan, output_bytes if type == "job.completed" else None),
+        "outputs": outputs_of(
+            plan,
+            output_bytes if type == "job.completed" else None,
+            previews if type == "job.completed" else None,
+        ),
     }
+    if plan is not None:
+        data["sourceInfo"] = plan.source_info.view()
     if error is not None:
         data["error"] = {
             "code": error.code,

@@ -127,8 +127,9 @@ class Runner:
             await self._failed(record, errors.InternalError(f"{type(exc).__name__}: {exc}"))
         else:
             sizes = [len(result.data) for result in results]
-            event = self._event(record, "job.completed", output_bytes=sizes)
-            await self.queue.complete(record.id, sizes, event=event)
+            previews = [result.preview for result in results]
+            event = self._event(record, "job.completed", output_bytes=sizes, previews=previews)
+            await self.queue.complete(record.id, sizes, event=event, previews=previews)
             self._announce(event)
             log.info("job %s done attempt=%d outputs=%d", record.id, record.attempts, len(results))
 

@@ -89,8 +89,18 @@ async def test_a_job_running_for_many_leases_is_never_taken_over(
     assert ttls_ms and all(0 < ttl <= 500 for ttl in ttls_ms), ttls_ms
 
 
+async def _stopped(queue: RedisQueue, job_id: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Until the try that lost its lease has stopped and arq's finish for it has run."""
+
+    async def done() -> bool:
+        said = any("lost its lease; stopped here" in r.getMessage() for r in caplog.records)
+        return said and job_id not in queue._foreign_finishes
+
+    await until(done)
+
+
 async def test_a_try_that_lost_its_lease_stops_and_leaves_the_job_to_the_new_owner(
-    opener: Opener, r: aioredis.Redis
+    opener: Opener, r: aioredis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     """When a later try takes the job over (arq's retry counter moves past this try,
     as after a partition longer than the lease), the renewal stops this try's run
@@ -113,7 +123,7 @@ async def test_a_try_that_lost_its_lease_stops_and_leaves_the_job_to_the_new_own
     await r.set(retry_key_prefix + job.id, 2)  # what another node's arq does on takeover
     await r.psetex(in_progress_key_prefix + job.id, 30_000, b"1")  # ... and its lease
     await asyncio.wait_for(cancelled.wait(), 5)
-    await asyncio.sleep(0.3)  # arq's finish for the stopped try would run now
+    await _stopped(queue, job.id, caplog)
     assert await r.exists(job_key_prefix + job.id) == 1
     assert await r.zscore(queue.queue_name, job.id) is not None
     assert 20_000 < await r.pttl(in_progress_key_prefix + job.id) <= 30_000
@@ -123,7 +133,7 @@ async def test_a_try_that_lost_its_lease_stops_and_leaves_the_job_to_the_new_own
 
 
 async def test_the_end_of_a_try_that_lost_its_lease_is_dropped(
-    opener: Opener, r: aioredis.Redis
+    opener: Opener, r: aioredis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A try that finishes after a later try took the job over: its complete() is not
     written (the new owner's run decides the job's end) and arq's entries are kept."""
@@ -144,7 +154,7 @@ async def test_the_end_of_a_try_that_lost_its_lease_is_dropped(
     await r.set(queue._job_key(job.id), json.dumps(stored))
     await r.set(retry_key_prefix + job.id, 2)
     taken_over.set()
-    await asyncio.sleep(0.5)
+    await _stopped(queue, job.id, caplog)
     after = await queue.get(job.id)
     assert after is not None and (after.state, after.attempts) == (State.RUNNING, 2)
     assert await r.exists(job_key_prefix + job.id) == 1
@@ -210,9 +220,14 @@ async def test_reconciler_enqueues_an_orphaned_record_again(
         await r.delete(job_key_prefix + job.id)  # the older release's missing enqueue
         await r.zrem(queue.queue_name, job.id)
     await queue.cancel(ended.id)
+    held = record(created_at=time.time() - ORPHAN_GRACE_S - 5)  # a lease holds it: not orphaned
+    await queue.put(held, b"x", max_active=10)
+    await r.delete(job_key_prefix + held.id)
+    await r.psetex(in_progress_key_prefix + held.id, 30_000, b"1")
     assert await queue.reconcile() == 1
     assert await r.exists(job_key_prefix + old.id) == 1
     assert await r.exists(job_key_prefix + young.id, job_key_prefix + ended.id) == 0
+    assert await r.exists(job_key_prefix + held.id) == 0
     assert await queue.reconcile() == 0  # nothing left to fix
 
     async def finish(delivered: JobRecord) -> None:
@@ -286,3 +301,48 @@ async def _registry_checks(queue: RedisQueue, r: aioredis.Redis) -> None:
     assert [n["name"] for n in await queue.nodes()] == ["b:2"]
     await queue.announce({"name": "c:4"})  # a heartbeat drops the stale node's info
     assert await r.hexists(queue._node_info_key, "stale:3") == 0
+
+
+_BUSY_SCRIPT = """
+local t0 = redis.call('TIME')
+repeat
+  local t = redis.call('TIME')
+until (t[1] - t0[1]) * 1000000 + (t[2] - t0[2]) > tonumber(ARGV[1])
+return 1
+"""
+
+
+async def test_redis_busy_neither_cancels_a_running_job_nor_stops_its_renewals(
+    private_redis: RedisServer,
+) -> None:
+    """Redis answering BUSY for 0.8 s (another client's slow script) while a job runs
+    with a 1.5 s lease: the poll loop and the renewals ride it out, so the job keeps
+    its first try (a BUSY used to end the renewals, or cancel every running job)."""
+    import redis as sync_redis
+
+    client = sync_redis.Redis.from_url(private_redis.url)
+    client.config_set("busy-reply-threshold", 100)
+    queue = RedisQueue(private_redis.url, lease_s=1.5)
+    other = RedisQueue(private_redis.url, lease_s=1.5)  # takes the job if the lease lapses
+    try:
+        job = record()
+        await queue.put(job, b"x", max_active=10)
+        tries: list[int] = []
+
+        async def slow(delivered: JobRecord) -> None:
+            tries.append(delivered.attempts)
+            await asyncio.sleep(3.0)
+            await queue.complete(delivered.id)
+
+        stopping, task = await consuming(queue, slow)
+        await wait_state(queue, job.id, State.RUNNING)
+        watching = await consuming(other, slow)
+        await asyncio.to_thread(client.eval, _BUSY_SCRIPT, 0, 800_000)
+        done = await wait_state(queue, job.id, State.DONE)
+        await stop(stopping, task)
+        await stop(*watching)
+        assert tries == [1] and done.attempts == 1
+    finally:
+        await queue.close()
+        await other.close()
+        client.close()

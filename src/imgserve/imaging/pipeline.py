@@ -51,10 +51,25 @@ class SourceInfo:
     pages: int
     svg_size: tuple[float, float] | None = None
     """An SVG's exact drawing size (the planning of each output needs it, rendering not)."""
+    orientation: int = 1
+    """The EXIF orientation (1-8) the source declares; ``size`` is already upright."""
+    has_alpha: bool = False
 
     @property
     def vector(self) -> bool:
         return self.format in formats.VECTOR_SOURCES
+
+    def view(self) -> dict[str, Any]:
+        """``sourceInfo`` in the job view and the completion event."""
+        return {
+            "width": self.size.width,
+            "height": self.size.height,
+            "format": self.format.value,
+            "orientation": self.orientation,
+            "hasAlpha": self.has_alpha,
+            "animated": self.pages > 1 and self.format in formats.ANIMATED_FORMATS,
+            "pages": self.pages,
+        }
 
 
 @dataclass(frozen=True)
@@ -185,7 +200,7 @@ def inspect(operation: str, data: bytes, limits: ImagingLimits) -> SourceInfo:
             raise errors.SVGInvalid(str(exc)) from exc
         width, height = declared or vips.svg_size(data)
         size = Size(max(1, round(width)), max(1, round(height)))
-        return SourceInfo(fmt, size, 1, (width, height))
+        return SourceInfo(fmt, size, 1, (width, height), has_alpha=True)
     header = vips.read_header(data, fmt)
     if header.width * header.height * header.pages > limits.max_pixels:
         raise errors.SourcePixelsOverLimit(
@@ -194,7 +209,9 @@ def inspect(operation: str, data: bytes, limits: ImagingLimits) -> SourceInfo:
             + f", over the limit of {limits.max_pixels} pixels"
         )
     size = geometry.oriented(Size(header.width, header.height), header.orientation)
-    return SourceInfo(fmt, size, header.pages)
+    return SourceInfo(
+        fmt, size, header.pages, orientation=header.orientation, has_alpha=header.has_alpha
+    )
 
 
 def plan_output(info: SourceInfo, spec: OutputSpec, limits: ImagingLimits) -> OutputPlan:

@@ -57,6 +57,7 @@ class Header:
     """Height of one frame."""
     pages: int
     orientation: int
+    has_alpha: bool = False
 
 
 def set_threads(threads: int) -> None:
@@ -86,7 +87,7 @@ def read_header(data: bytes, fmt: Format) -> Header:
         height = image.height
         if pages > 1 and image.get_typeof("page-height"):
             height = image.get("page-height")
-        return Header(image.width, height, int(pages), int(orientation))
+        return Header(image.width, height, int(pages), int(orientation), bool(image.hasalpha()))
     except pyvips.Error as exc:
         raise _unreadable(fmt, exc) from exc
 

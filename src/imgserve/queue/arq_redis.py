@@ -73,6 +73,18 @@ JOB_FUNCTION = "imgserve_job"
 # imgserve counts attempts itself (WorkerSettings.max_attempts); arq must not stop first.
 _ARQ_MAX_TRIES = 1000
 _CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+_UNAVAILABLE_REPLIES = (
+    "BUSY",
+    "LOADING",
+    "READONLY",
+    "OOM",
+    "MISCONF",
+    "MASTERDOWN",
+    "TRYAGAIN",
+    "NOREPLICAS",
+)
+"""Error replies of a Redis that is up but cannot serve now (a slow script, a load,
+a failover, full memory): the queue is unavailable (608), not broken."""
 LANE_OFFSET_MS = 10**12
 """How far in the past (about 32 years) an interactive job is scored in arq's queue:
 every interactive score is below every batch score, yet still positive (arq skips
@@ -258,6 +270,8 @@ class RedisQueue(JobQueue):
         """Jobs (and their try) whose delivery here ended without arq being told."""
         self._lost: set[tuple[str, int]] = set()
         """Tries whose write _update dropped: a later try owns the job."""
+        self._finishing: dict[str, int] = {}
+        """Tries whose delivery failed with Redis: abandoned if arq's finish fails too."""
         self._foreign_finishes: collections.Counter[str] = collections.Counter()
         """arq finishes to skip: of tries that lost their job to a later try."""
 
@@ -329,6 +343,10 @@ class RedisQueue(JobQueue):
             yield self._redis
         except _CONNECTION_ERRORS as exc:
             raise errors.QueueUnavailable(f"Redis: {exc}") from exc
+        except redis.exceptions.ResponseError as exc:
+            if str(exc).startswith(_UNAVAILABLE_REPLIES):  # Redis is there, but not serving
+                raise errors.QueueUnavailable(f"Redis: {exc}") from exc
+            raise
 
     # --- the API side ----------------------------------------------------------------------
 
@@ -367,11 +385,13 @@ class RedisQueue(JobQueue):
         if outcome != b"ok":
             raise errors.InternalError(f"job id {record.id} already queued")
 
-    def _arq_job(self, job_id: str, priority: str, now: float) -> tuple[bytes, int, int]:
+    def _arq_job(
+        self, job_id: str, priority: str, now: float, *, job_try: int | None = None
+    ) -> tuple[bytes, int, int]:
         """What arq's enqueue_job writes for a job due now, in its lane: the job's
         definition, its TTL (ms) and its score in arq's queue."""
         now_ms = int(now * 1000)
-        definition = serialize_job(JOB_FUNCTION, (job_id,), {}, None, now_ms)
+        definition = serialize_job(JOB_FUNCTION, (job_id,), {}, job_try, now_ms)
         score = now_ms - LANE_OFFSET_MS if priority == "interactive" else now_ms
         return definition, int(ARQ_JOB_TTL_S * 1000), score
 
@@ -480,9 +500,7 @@ class RedisQueue(JobQueue):
                 elif record.finished:
                     return record
                 elif (
-                    delivery is not None
-                    and delivery[0] == job_id
-                    and record.attempts != delivery[1]
+                    delivery is not None and delivery[0] == job_id and record.attempts > delivery[1]
                 ):
                     log.warning(
                         "job %s: try %d lost its lease to try %d; its write is dropped",
@@ -538,10 +556,14 @@ class RedisQueue(JobQueue):
                 pipe.expire(self._job_events_key(job_id), ttl)
 
     async def complete(
-        self, job_id: str, output_bytes: list[int] | None = None, event: Event | None = None
+        self,
+        job_id: str,
+        output_bytes: list[int] | None = None,
+        event: Event | None = None,
+        previews: list[dict[str, Any]] | None = None,
     ) -> None:
         await self._update(
-            job_id, lambda record: record.mark_done(output_bytes), event, by_runner=True
+            job_id, lambda record: record.mark_done(output_bytes, previews), event, by_runner=True
         )
 
     async def fail(self, job_id: str, code: int, detail: str, event: Event | None = None) -> None:
@@ -708,10 +730,14 @@ class RedisQueue(JobQueue):
         if current is None or current.finished:
             return  # delivered again after it ended, or cancelled: nothing to do
 
-        record = await self._update(job_id, lambda record: record.mark_running(job_try))
+        _DELIVERY.set((job_id, job_try))  # this task's writes: see _update
+        record = await self._update(
+            job_id, lambda record: record.mark_running(job_try), by_runner=True
+        )
+        if (job_id, job_try) in self._lost:
+            raise _LeaseLost  # a later try marked it running first
         if record.state is not State.RUNNING:
             return  # it ended (was cancelled) between the two reads
-        _DELIVERY.set((job_id, job_try))  # this task's writes: see _update
         # End before arq's own timeout would drop the job with its status unset.
         problem = await run_delivery(handler, record, self.job_deadline_s - 1.0)
         asked = self._retries.pop(job_id, None)
@@ -752,7 +778,7 @@ class RedisQueue(JobQueue):
                 await asyncio.sleep(self.lease_s / 3)
                 try:
                     held = await self._renew(job_id, job_try)
-                except errors.QueueUnavailable as exc:
+                except Exception as exc:  # Redis down, BUSY, READONLY...: not a lost lease
                     log.warning("job %s: lease renewal failed (%s); trying again", job_id, exc)
                     continue
                 if not held:
@@ -769,14 +795,14 @@ class RedisQueue(JobQueue):
                 raise _LeaseLost from None
             raise
         except Exception:
-            if (job_id, job_try) in self._lost:
+            if lost or (job_id, job_try) in self._lost:
                 raise _LeaseLost from None  # its retry was dropped: a later try owns it
             raise
         finally:
             keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(BaseException):
                 await keeper
-        if (job_id, job_try) in self._lost:
+        if lost or (job_id, job_try) in self._lost:
             raise _LeaseLost  # its end was dropped: a later try owns the job
 
     async def consume(self, handler: Handler, concurrency: int, stopping: asyncio.Event) -> None:
@@ -789,7 +815,6 @@ class RedisQueue(JobQueue):
             except _LeaseLost:
                 # Another try owns the job: arq must not touch its queue entry or
                 # lease (see _Worker.finish_job); the new owner ends it.
-                self._lost.discard((job_id, job_try))
                 self._foreign_finishes[job_id] += 1
                 log.warning("job %s: try %d lost its lease; stopped here", job_id, job_try)
                 raise Retry() from None
@@ -798,11 +823,14 @@ class RedisQueue(JobQueue):
             except Exception as exc:
                 # Redis itself failed around the handler; a job must never end in
                 # arq with its status unset. arq may fail to write the retry too,
-                # leaving its lease behind: hand the job back once Redis answers.
-                self._abandoned[job_id] = job_try
+                # leaving its lease behind: then the job is handed back once Redis
+                # answers (_Worker.finish_job).
+                self._finishing[job_id] = job_try
                 delay = redelivery_delay_s(job_try)
                 log.warning("job %s: %s; delivering it again in %.1f s", job_id, exc, delay)
                 raise Retry(defer=delay) from exc
+            finally:
+                self._lost.discard((job_id, job_try))
 
         helpers = [
             asyncio.create_task(self._keep_lanes(stopping)),
@@ -875,6 +903,13 @@ class RedisQueue(JobQueue):
                 record = JobRecord.from_dict(json.loads(raw))
                 if record.state is State.QUEUED and now - record.created_at < ORPHAN_GRACE_S:
                     continue  # an older API node may be between its two writes
+                # The next try keeps counting (arq takes a try number above its
+                # own counter), and a retry waiting for its time keeps waiting.
+                definition, ttl_ms, score = self._arq_job(
+                    job_id, record.priority, now, job_try=record.attempts + 1
+                )
+                if record.state is State.QUEUED and record.run_at > now:
+                    score = int(record.run_at * 1000)
                 fixed += await self._scripts["requeue"](
                     keys=[
                         self._state_key(State.QUEUED),
@@ -883,7 +918,7 @@ class RedisQueue(JobQueue):
                         self.queue_name,
                         in_progress_key_prefix + job_id,
                     ],
-                    args=[job_id, *self._arq_job(job_id, record.priority, now)],
+                    args=[job_id, definition, ttl_ms, score],
                 )
         return int(fixed)
 
@@ -982,7 +1017,7 @@ class _Worker(Worker):
     short lease from the start (arq sets it to the job timeout + 10 s), and a try
     that lost its job to a later try leaves arq's entries alone at its end (they
     are the new owner's: deleting its lease would let a third node run the job).
-    A Redis outage does not stop the jobs running here: the poll loop waits for
+    A Redis failure does not stop the jobs running here: the poll loop waits for
     Redis instead of failing (which would cancel them all)."""
 
     def __init__(self, queue: RedisQueue, **kwargs: Any) -> None:
@@ -991,29 +1026,42 @@ class _Worker(Worker):
         self._queue = queue
         self._foreign = queue._foreign_finishes
 
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        # A job still running here is not claimed again here (its lease ran out
+        # while it ran: the owner check stops it; a second try on this node would
+        # share arq's per-job bookkeeping with it).
+        fresh = [j for j in job_ids if not self._running_here(j.decode())]
+        try:
+            await super().start_jobs(fresh)
+        except Exception:
+            # arq takes a job slot before its first Redis call of a claim and gives
+            # it back on every path but an exception: give it back here.
+            self.job_counter -= 1
+            self.sem.release()
+            raise
+
+    def _running_here(self, job_id: str) -> bool:
+        task = self.tasks.get(job_id)
+        return task is not None and not task.done()
+
     async def finish_job(self, job_id: str, *args: Any, **kwargs: Any) -> None:
         if self._foreign[job_id] > 0:
             self._foreign[job_id] -= 1
             if not self._foreign[job_id]:
                 del self._foreign[job_id]
             return
-        await super().finish_job(job_id, *args, **kwargs)
+        handing_back = self._queue._finishing.pop(job_id, None)
+        try:
+            await super().finish_job(job_id, *args, **kwargs)
+        except Exception:
+            if handing_back is not None:  # its lease stays: hand it back once Redis answers
+                self._queue._abandoned[job_id] = handing_back
+            raise
 
     async def _poll_iteration(self) -> None:
         try:
             await super()._poll_iteration()
             await self._queue._hand_back_abandoned()
-        except _CONNECTION_ERRORS as exc:
-            await self._recount()
+        except (redis.exceptions.RedisError, OSError) as exc:
             log.warning("queue: Redis failed under the poll loop (%s); polling again in 1 s", exc)
             await asyncio.sleep(1.0)
-
-    async def _recount(self) -> None:
-        """Count the job slots again from the running tasks: arq's start_jobs takes
-        a slot before it claims a job, and a claim that fails with the connection
-        keeps the slot for good."""
-        running = sum(not task.done() for task in self.tasks.values())
-        self.job_counter = running
-        self.sem = asyncio.BoundedSemaphore(self.max_jobs + 1)  # as arq makes it
-        for _ in range(running):  # each running task releases one when it ends
-            await self.sem.acquire()  # never waits: running <= max_jobs

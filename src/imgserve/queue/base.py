@@ -70,6 +70,8 @@ class JobRecord:
     """host:pid of the process that ran (or runs) the job."""
     output_bytes: list[int] | None = None
     """Once done: the size of each output as uploaded, in the plan's order."""
+    previews: list[dict[str, Any]] | None = None
+    """Once done: what each output looks like (pipeline.Rendered.preview), in order."""
     priority: str = "interactive"
     """One of PRIORITIES."""
 
@@ -83,9 +85,14 @@ class JobRecord:
         self.started_at = time.time()
         self.node = NODE
 
-    def mark_done(self, output_bytes: list[int] | None = None) -> None:
+    def mark_done(
+        self,
+        output_bytes: list[int] | None = None,
+        previews: list[dict[str, Any]] | None = None,
+    ) -> None:
         self.state = State.DONE
         self.output_bytes = output_bytes
+        self.previews = previews
         self.finished_at = time.time()
         self.error_code = self.error_detail = None
 
@@ -271,9 +278,14 @@ class JobQueue(abc.ABC):
 
     @abc.abstractmethod
     async def complete(
-        self, job_id: str, output_bytes: list[int] | None = None, event: Event | None = None
+        self,
+        job_id: str,
+        output_bytes: list[int] | None = None,
+        event: Event | None = None,
+        previews: list[dict[str, Any]] | None = None,
     ) -> None:
-        """Mark a running job done, with the size of each output it uploaded, storing
+        """Mark a running job done, with the size of each output it uploaded (and what
+        each looks like, ``previews``), storing
         ``event`` in the outbox in the same write. A job that already ended keeps its
         first end and stores no event (a duplicate delivery finishing late changes
         nothing)."""

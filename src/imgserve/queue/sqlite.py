@@ -475,9 +475,13 @@ class SQLiteQueue(JobQueue):
         return await self._run(op)
 
     async def complete(
-        self, job_id: str, output_bytes: list[int] | None = None, event: Event | None = None
+        self,
+        job_id: str,
+        output_bytes: list[int] | None = None,
+        event: Event | None = None,
+        previews: list[dict[str, Any]] | None = None,
     ) -> None:
-        await self._update(job_id, lambda record: record.mark_done(output_bytes), event)
+        await self._update(job_id, lambda record: record.mark_done(output_bytes, previews), event)
 
     async def fail(self, job_id: str, code: int, detail: str, event: Event | None = None) -> None:
         await self._update(job_id, lambda record: record.mark_failed(code, detail), event)
