@@ -3,6 +3,14 @@
 # runs lint (ruff) and types (mypy) once and pytest on every supported Python.
 # CI runs exactly this (.ci/run). Arguments go to pytest.
 #
+# pytest runs in two passes per interpreter: the tests in parallel with
+# pytest-xdist (TEST_WORKERS processes, 4 by default: most slow tests wait on
+# daemons, leases and slow sources rather than compute, so 4 fit 2 cores), then
+# the tests marked `serial` (they measure speed) alone. Interpreters go one
+# after the other: run together they oversubscribe 2 cores and were slower.
+# TEST_WORKERS=0 runs everything in one plain pytest process, as `pytest` does
+# when run by hand (-n is set here, not in addopts).
+#
 # Interpreters: PYTHONS="3.11 3.13" by default, each entry a version (looked up
 # as pythonX.Y on PATH, then in pyenv's versions directory) or a command or path
 # (PYTHONS="/usr/bin/python3.12"). Each gets its own venv, .venv-X.Y, except
@@ -78,10 +86,28 @@ done
 "${venvs[0]}/bin/ruff" format --check src tests bench
 "${venvs[0]}/bin/mypy"
 
+workers=${TEST_WORKERS:-4}
+# One pass of pytest on a venv; 5 (no test selected: the arguments picked no
+# serial test, say) is not a failure.
+pass_ok() {
+    local code=0
+    "$@" || code=$?
+    [ $code -eq 0 ] || [ $code -eq 5 ]
+}
+
 failed=()
 for venv in "${venvs[@]}"; do
-    echo "pytest on $("$venv/bin/python" --version) ($venv)"
-    "$venv/bin/python" -m pytest -q "$@" || failed+=("$("$venv/bin/python" --version)")
+    version=$("$venv/bin/python" --version)
+    if [ "$workers" = 0 ]; then
+        echo "pytest on $version ($venv)"
+        "$venv/bin/python" -m pytest -q "$@" || failed+=("$version")
+        continue
+    fi
+    echo "pytest on $version ($venv): $workers processes (pytest-xdist)"
+    pass_ok "$venv/bin/python" -m pytest -q -n "$workers" --dist worksteal -m "not serial" "$@" ||
+        failed+=("$version")
+    echo "pytest on $version ($venv): the serial tests, alone"
+    pass_ok "$venv/bin/python" -m pytest -q -m serial "$@" || failed+=("$version (serial tests)")
 done
 if [ ${#failed[@]} -gt 0 ]; then
     echo "scripts/test.sh: tests failed on ${failed[*]}" >&2

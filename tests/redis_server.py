@@ -7,20 +7,17 @@ recommends for production) in a temporary directory, and can restart it.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.servers import free_port
 
 
 class RedisServer:
@@ -30,7 +27,7 @@ class RedisServer:
             pytest.fail("redis-server is not installed: run scripts/test.sh (it installs it)")
         self.binary = binary
         self.directory = directory
-        self.port = _free_port()
+        self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -47,15 +44,18 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}")
+            with contextlib.suppress(redis.RedisError):
+                # The server answering must be this one, not another test's on a reused port.
+                if client.info("server")["process_id"] == self.process.pid:
+                    client.close()
+                    return
+            time.sleep(0.05)
+        client.close()
         raise RuntimeError("redis-server did not start")
 
     def stop(self) -> None:

@@ -41,6 +41,22 @@ from typing import Any
 import pytest
 import trustme
 from aiohttp import BodyPartReader, web
+from ephemeral_port_reserve import reserve
+
+# --- ports ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A loopback port for a server that a test starts later in another process.
+
+    Closing a socket bound to port 0 frees its port for anyone: with tests running in
+    parallel (pytest-xdist), another worker's bind(0) (an FTP data connection, a test
+    server) could take it before the daemon or Redis binds it. ``reserve`` leaves the
+    port in TIME_WAIT, which the kernel's bind(0) and connect() skip for about 60 s,
+    while a server that sets SO_REUSEADDR (aiohttp, redis-server) can still bind it.
+    """
+    return int(reserve("127.0.0.1"))
+
 
 # --- TLS ------------------------------------------------------------------------------
 

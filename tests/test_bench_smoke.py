@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # a speed ratio: measured with no other test running
 def test_bench_smoke_measures_every_workload_with_all_jobs_done(tmp_path: Path) -> None:
     """`python -m bench --smoke` yields ratios > 0 per workload (renditions' POST /jobs
     included) and no failed or lost job."""

@@ -6,7 +6,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,14 +19,9 @@ import pytest
 import pyvips
 
 from imgserve.planner import PROCESS_NAME as PLANNER_NAME
+from tests.servers import free_port  # tests import it from here too
 
 IMGSERVE = [sys.executable, "-m", "imgserve"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def descendants(pid: int) -> set[int]:

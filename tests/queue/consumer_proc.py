@@ -21,7 +21,10 @@ async def main(store: str, marker: Path) -> None:
     )
 
     async def hang(record: JobRecord) -> None:
-        marker.write_text(record.id)
+        # Renamed into place: the test, polling for the marker, never reads it half written.
+        partial = marker.with_name(marker.name + ".partial")
+        partial.write_text(record.id)
+        partial.rename(marker)
         await asyncio.sleep(3600)
 
     await queue.consume(hang, 1, asyncio.Event())
