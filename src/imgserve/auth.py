@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import ipaddress
 import math
 import os
 import re
@@ -349,6 +350,29 @@ def webhook_signer(
     return secrets_for
 
 
+def exposure_warning(host: str, keys_configured: bool) -> str | None:
+    """What ``start`` and ``serve`` warn about when no keys are configured and the
+    daemon listens beyond loopback (None: nothing to warn about)."""
+    if keys_configured or _loopback(host):
+        return None
+    shown = host or "every interface"
+    return (
+        f"no API keys are configured and imgserve listens on {shown}: anyone who can "
+        "reach the port can make it read from and write to every network it may reach "
+        "and its file roots. Add a key (imgserve keys add NAME) or listen on "
+        "127.0.0.1; see docs/security.md"
+    )
+
+
+def _loopback(host: str) -> bool:
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
 # --- the keys file --------------------------------------------------------------------
 
 
@@ -493,14 +517,18 @@ def _webhook_secret(entry: dict[str, Any], environ: Mapping[str, str] | None) ->
         return None
     field_name, value = given
     if field_name == "webhook_secret_env":
-        if environ is None:
-            return None if ENV_NAME.fullmatch(value) else _from_env(field_name, value, {})
+        if environ is None:  # checking the file only: a stand-in, never used to sign
+            _from_env(field_name, value, {value: "-"} if ENV_NAME.fullmatch(value) else {})
+            return _STAND_IN_WEBHOOK_SECRET
         value = _from_env(field_name, value, environ)
     try:
         check_webhook_secret(value)
     except ValueError as exc:
         raise ValueError(f"{field_name}: {exc}") from None
     return value
+
+
+_STAND_IN_WEBHOOK_SECRET = "whsec_" + "c3RhbmQtaW4="
 
 
 def _patterns(entry: dict[str, Any], field_name: str) -> tuple[Pattern, ...] | None:

@@ -155,6 +155,7 @@ def event_for(
         payload=payload,
         created_at=at,
         next_at=at + settings.webhook_schedule_s[0],
+        key=record.key,
     )
 
 
@@ -375,9 +376,13 @@ class Dispatcher:
         sender: Sender | None = None,
         poll_s: float = 0.25,
         random: Callable[[], float] = _random.random,
+        secrets_for: Callable[[str | None], Sequence[str] | None] | None = None,
     ) -> None:
         self.queue = queue
         self.settings = settings
+        self.secrets_for = secrets_for or (lambda _key: settings.webhook_secrets)
+        """The secrets that sign an event, by its job's API key name (auth.webhook_signer);
+        None: this process cannot sign it, so it is left for one that can."""
         self.sender: Sender = sender or HTTPSender(transport, settings.webhook_timeout_s)
         self.poll_s = poll_s
         self.random = random
@@ -436,9 +441,13 @@ class Dispatcher:
 
     async def _deliver(self, event: Event) -> None:
         at = time.time()
+        secrets = self.secrets_for(event.key)
+        if secrets is None:
+            await self._hand_off(event, at)
+            return
         try:
             body = body_of(event)
-            headers = headers_for(event, body, self.settings.webhook_secrets, at)
+            headers = headers_for(event, body, secrets, at)
             answer = await self.sender.post(event.url, headers, body)
         except Exception as exc:  # a bug: recorded as a failed attempt, never a lease loop
             log.exception("webhook %s for job %s could not be sent", event.id, event.job_id)
@@ -470,6 +479,21 @@ class Dispatcher:
             log.warning(
                 "webhook %s: attempt not recorded (%s); it will be made again", event.id, exc
             )
+
+    async def _hand_off(self, event: Event, now: float) -> None:
+        """Leave an event this process cannot sign (its job's API key may have its own
+        secret, and this node has no keys file) for a node that can: due again in
+        HANDOFF_S, no attempt recorded (docs/security.md)."""
+        event.next_at = now + HANDOFF_S
+        log.debug("webhook %s: key %s unknown here; left for another node", event.id, event.key)
+        try:
+            await self.queue.save_event(event)
+        except Exception as exc:  # the lease runs out and it comes due anyway
+            log.warning("webhook %s: not handed off (%s)", event.id, exc)
+
+
+HANDOFF_S = 1.0
+"""How long an event a process cannot sign waits before any dispatcher claims it again."""
 
 
 async def supervise(dispatcher: Dispatcher, *, base_s: float = 1.0, max_s: float = 60.0) -> None:
