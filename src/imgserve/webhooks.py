@@ -424,8 +424,10 @@ class Dispatcher:
                     task.add_done_callback(self._ended)
                 if free > 0 and len(claimed) == free:
                     continue  # a full batch: more may be due
+                # Jittered: processes polling in step would race for each due event
+                # the same way every time (a handed-off one would never change hands).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll_s)
+                    await asyncio.wait_for(self._wake.wait(), self.poll_s * (0.5 + self.random()))
                 self._wake.clear()
         finally:
             for task in list(self._inflight):
@@ -483,8 +485,10 @@ class Dispatcher:
     async def _hand_off(self, event: Event, now: float) -> None:
         """Leave an event this process cannot sign (its job's API key may have its own
         secret, and this node has no keys file) for a node that can: due again in
-        HANDOFF_S, no attempt recorded (docs/security.md)."""
-        event.next_at = now + HANDOFF_S
+        about HANDOFF_S, no attempt recorded (docs/security.md). The wait is jittered:
+        exactly HANDOFF_S would have it come due just as this process polls again, so
+        it would win every claim and the event never reach a node that can sign it."""
+        event.next_at = now + HANDOFF_S * (0.5 + self.random())
         log.debug("webhook %s: key %s unknown here; left for another node", event.id, event.key)
         try:
             await self.queue.save_event(event)
