@@ -50,7 +50,7 @@ from aiohttp_sse import EventSourceResponse, sse_response
 
 from imgserve import __version__, auth, errors, webhooks
 from imgserve.config import Settings
-from imgserve.destination import destination_target, substitute
+from imgserve.destination import TAG, destination_target, substitute
 from imgserve.intake import Admission, Intake
 from imgserve.planner import Planner
 from imgserve.planning import JobPlan, targets
@@ -215,21 +215,23 @@ def _check_source(caller: auth.Key | None, spec: JobSpec) -> None:
 
 def _check_templates(caller: auth.Key | None, spec: JobSpec) -> None:
     """Each destination whose template the source's name alone fills in, against the
-    key's ``destinations``, before the download. A size tag needs the plan: those are
-    checked by ``_check_destinations`` (before any placeholder either way)."""
+    key's ``destinations``, before the download. A size or extension tag needs the
+    plan (``{$ext}`` of an SVG source is png): those are checked by
+    ``_check_destinations``, before any placeholder either way."""
     if caller is None or caller.destinations is None:
         return
     for index, out in enumerate(spec.outputs):
-        if "{$width}" in out.url or "{$height}" in out.url:
+        if any(tag in _PLANNED_TAGS for tag in TAG.findall(out.url)):
             continue
-        url = substitute(
-            out.url, width=0, height=0, basename=spec.basename, extension=spec.extension
-        )
+        url = substitute(out.url, width=0, height=0, basename=spec.basename, extension="")
         caller.may_write(
             destination_target(url, out.form_field).url,
             os.path.realpath,
             where=_output(spec, index),
         )
+
+
+_PLANNED_TAGS = frozenset({"width", "height", "ext", "extension"})
 
 
 def _check_destinations(caller: auth.Key | None, spec: JobSpec, plan: JobPlan) -> None:

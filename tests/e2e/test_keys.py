@@ -124,6 +124,7 @@ def keyed(
         "alice": keys_add(keys_file, "alice"),
         "bob": keys_add(keys_file, "bob"),
         "ops": keys_add(keys_file, "ops", "--admin"),
+        "small": keys_add(keys_file, "small", "--max-pixels", "10000", "--max-outputs", "1"),
     }  # fmt: skip
     daemon = start_module_daemon("--keys", str(keys_file), "--file-root", str(files))
     yield Keyed(daemon, files, base, secrets, [])
@@ -230,6 +231,24 @@ def test_source_over_the_key_limit_is_413(keyed: Keyed, http_server: HTTPTestSer
     assert "max_download_bytes" in reply.body["detail"]
     other = keyed.as_("alice").post(resize(src, f"file://{keyed.daemon.out_dir}/big.jpg", width=8))
     assert other.status == 200, other.body
+
+
+def test_key_pixel_and_output_limits_tighten_the_servers(
+    keyed: Keyed, http_server: HTTPTestServer
+) -> None:
+    """A source over the key's max_pixels is 302, two outputs over its max_outputs
+    704; the same jobs from a key without limits are accepted."""
+    src = serve(http_server, "keys/any/px.jpg", jpeg(160, 120))  # 19,200 pixels
+    out = keyed.daemon.out_dir
+    job = resize(src, f"file://{out}/px.jpg", width=16)
+    small, alice = keyed.as_("small"), keyed.as_("alice")
+    refused = small.post(job)
+    assert (refused.status, refused.body["code"]) == (422, 302), refused.body
+    assert alice.post(job).status == 200
+    outputs = [{"url": f"file://{out}/o{i}.jpg", "width": 8} for i in (1, 2)]
+    two = {"source": src, "outputs": outputs}
+    assert small.jobs(two).body["code"] == 704
+    assert alice.jobs(two).status == 202
 
 
 def test_rate_limited_key_gets_429_with_retry_after(keyed: Keyed) -> None:
