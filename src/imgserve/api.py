@@ -15,6 +15,15 @@ replay that reply (the key is held in the queue, so across API nodes); ``DELETE
 ``GET /events`` streams the queue's change feed as Server-Sent Events (at most
 ``max_streams`` at once, ended when the daemon drains); ``POST
 /jobs/<id>/webhook`` re-arms a job's latest webhook event.
+
+API keys (docs/security.md): with keys configured, ``auth_middleware`` makes every
+endpoint but ``/health`` and ``/livez`` take ``Authorization: Bearer <key>`` (401,
+140/141). A job's key is rate-limited (429, 144) when the request arrives, its
+source checked against the key's ``sources`` before the download (403, 142), its
+destinations against its ``destinations`` before the download when no size tag is
+in them and, filled in, before any placeholder goes up (403, 143); the key's
+limits tighten the server's for the job. A key that is not ``admin`` sees only
+its own jobs (another's answers 404, as an unknown one).
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
+import os
 import re
 import time
 import uuid
@@ -37,8 +48,9 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp_sse import EventSourceResponse, sse_response
 
-from imgserve import __version__, errors, webhooks
+from imgserve import __version__, auth, errors, webhooks
 from imgserve.config import Settings
+from imgserve.destination import TAG, destination_target, substitute
 from imgserve.intake import Admission, Intake
 from imgserve.planner import Planner
 from imgserve.planning import JobPlan, targets
@@ -102,6 +114,9 @@ class Service:
     streams: int = field(default=0, init=False)
     closing: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     """Set when the HTTP server shuts down: open event streams end at once."""
+    keys: auth.Keyring | None = None
+    """The API keys; None: no authentication (0.2's behaviour)."""
+    limiter: auth.RateLimiter = field(default_factory=auth.RateLimiter, init=False)
 
     @property
     def watermarks(self) -> frozenset[str]:
@@ -122,9 +137,16 @@ def error_reply(exc: errors.ImgserveError) -> web.Response:
     else:
         msg = "request invalid" if exc.status < 500 else exc.message
         body = {"msg": msg, "code": exc.code, "detail": redact_url(exc.detail)}
-    busy = exc.status == 503 or isinstance(exc, errors.IdempotencyKeyBusy)
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if busy else None
-    return web.json_response(body, status=exc.status, headers=headers)
+    headers: dict[str, str] = {}
+    if exc.status == 503 or isinstance(exc, errors.IdempotencyKeyBusy):
+        headers["Retry-After"] = str(RETRY_AFTER_S)
+    if isinstance(exc, errors.APIKeyRateLimited):
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    if isinstance(exc, errors.APIKeyMissing):
+        headers["WWW-Authenticate"] = 'Bearer realm="imgserve"'
+    if isinstance(exc, errors.APIKeyUnknown):
+        headers["WWW-Authenticate"] = 'Bearer realm="imgserve", error="invalid_token"'
+    return web.json_response(body, status=exc.status, headers=headers or None)
 
 
 @web.middleware
@@ -153,10 +175,105 @@ async def errors_middleware(
         return error_reply(errors.InternalError(f"{type(exc).__name__}"))
 
 
+# --- API keys ---------------------------------------------------------------------------
+
+_CALLER = "imgserve.caller"
+OPEN_PATHS = frozenset({"/health", "/livez"})
+"""Answered without a key: probes for load balancers and supervisors."""
+
+
+@web.middleware
+async def auth_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """With keys configured, every request but the probes carries a known key, which
+    the handlers read with ``_caller``. The key is never logged or echoed."""
+    service: Service = request.app[SERVICE]
+    if service.keys is not None and request.path not in OPEN_PATHS:
+        try:
+            key = service.keys.verify(auth.bearer_token(request.headers.get("Authorization")))
+        except errors.ImgserveError as exc:
+            log.info("%s %s refused: %s", request.method, request.path[:200], exc.detail)
+            raise
+        request[_CALLER] = key
+    return await handler(request)
+
+
+def _caller(request: web.Request) -> auth.Key | None:
+    """The key the request was made with (None: keys are not configured)."""
+    key = request.get(_CALLER)
+    return key if isinstance(key, auth.Key) else None
+
+
+def _admit_job(service: Service, caller: auth.Key | None) -> None:
+    """A job arrives: the caller's rate limit (429, 144) before anything else."""
+    if caller is not None:
+        service.limiter.check(caller)
+
+
+def _check_source(caller: auth.Key | None, spec: JobSpec) -> None:
+    """The source URL against the key's ``sources``, before it is downloaded (an
+    uploaded source reads nothing, so it needs no scope)."""
+    if caller is not None and spec.source_url is not None:
+        caller.may_read(spec.source_url, os.path.realpath)
+
+
+def _check_templates(caller: auth.Key | None, spec: JobSpec) -> None:
+    """Each destination whose template the source's name alone fills in, against the
+    key's ``destinations``, before the download. A size or extension tag needs the
+    plan (``{$ext}`` of an SVG source is png): those are checked by
+    ``_check_destinations``, before any placeholder either way."""
+    if caller is None or caller.destinations is None:
+        return
+    for index, out in enumerate(spec.outputs):
+        if any(tag in _PLANNED_TAGS for tag in TAG.findall(out.url)):
+            continue
+        url = substitute(out.url, width=0, height=0, basename=spec.basename, extension="")
+        caller.may_write(
+            destination_target(url, out.form_field).url,
+            os.path.realpath,
+            where=_output(spec, index),
+        )
+
+
+_PLANNED_TAGS = frozenset({"width", "height", "ext", "extension"})
+
+
+def _check_destinations(caller: auth.Key | None, spec: JobSpec, plan: JobPlan) -> None:
+    """Every output's upload URL, tags filled in, against the key's ``destinations``."""
+    if caller is None or caller.destinations is None:
+        return
+    for index, target in enumerate(targets(spec, plan)):
+        caller.may_write(target.url, os.path.realpath, where=_output(spec, index))
+
+
+def _output(spec: JobSpec, index: int) -> str:
+    return "destination" if spec.operation is not None else f"outputs[{index}]"
+
+
+def _within_key_limit(charge: Charge, limit_bytes: int) -> Charge:
+    """``charge``, refusing a source past the key's ``max_download_bytes`` (301) as
+    its chunks arrive (the server's own limit is the transport's)."""
+    counted = 0
+
+    def charge_within(size: int) -> None:
+        nonlocal counted
+        counted += size
+        if counted > limit_bytes:
+            raise errors.SourceTooLarge(
+                f"source: over the key's max_download_bytes ({limit_bytes} bytes)"
+            )
+        charge(size)
+
+    return charge_within
+
+
 async def submit(request: web.Request) -> web.Response:
     """0.2's ``POST /``: one output, 0.2's reply."""
     service: Service = request.app[SERVICE]
-    key = _idempotency_key(request)
+    caller = _caller(request)
+    _admit_job(service, caller)
+    key = _idempotency_key(request, caller)
     body = await request.read()
     if len(body) > service.settings.server.max_request_bytes:
         raise errors.RequestTooLarge()
@@ -165,7 +282,7 @@ async def submit(request: web.Request) -> web.Response:
 
     async def answer() -> Reply:
         with service.intake.admit() as admission:
-            record = await _accept(service, spec, admission, None)
+            record = await _accept(service, spec, admission, None, caller)
         return Reply(200, {"dstURL": redact_url(record.dst_url), "jobId": record.id})
 
     return await _answer_once(service, key, _fingerprint(b"POST /", body), answer)
@@ -175,15 +292,19 @@ async def submit_jobs(request: web.Request) -> web.Response:
     """``POST /jobs``: a JSON job naming its source, or a multipart body carrying
     the source itself; 202 with every output's final URL and size."""
     service: Service = request.app[SERVICE]
-    key = _idempotency_key(request)
+    caller = _caller(request)
+    _admit_job(service, caller)
+    key = _idempotency_key(request, caller)
     max_outputs = service.settings.server.max_outputs
+    if caller is not None:
+        max_outputs = caller.outputs_limit(max_outputs)
     if request.content_type == "multipart/form-data":
         _refuse_when_stopping(service)
         with service.intake.admit() as admission:
-            spec, data, fingerprint = await _read_upload_within(request, service, admission)
+            spec, data, fingerprint = await _read_upload_within(request, service, admission, caller)
 
             async def accept_upload() -> Reply:
-                return _jobs_reply(await _accept(service, spec, admission, data))
+                return _jobs_reply(await _accept(service, spec, admission, data, caller))
 
             return await _answer_once(service, key, fingerprint, accept_upload)
     if request.content_type in ("application/json", "application/octet-stream"):
@@ -198,7 +319,7 @@ async def submit_jobs(request: web.Request) -> web.Response:
 
         async def accept_json() -> Reply:
             with service.intake.admit() as admission:
-                return _jobs_reply(await _accept(service, spec, admission, None))
+                return _jobs_reply(await _accept(service, spec, admission, None, caller))
 
         return await _answer_once(service, key, _fingerprint(b"POST /jobs", body), accept_json)
     raise errors.JobMediaTypeUnsupported(
@@ -238,9 +359,14 @@ class Reply:
         return cls(int(data["status"]), dict(data["body"]), dict(data.get("headers") or {}))
 
 
-def _idempotency_key(request: web.Request) -> str | None:
+def _idempotency_key(request: web.Request, caller: auth.Key | None) -> str | None:
+    """The request's Idempotency-Key, in the caller's own namespace: two keys using
+    the same value never see each other's replies."""
     value = request.headers.get("Idempotency-Key")
-    return None if value is None else idempotency_key(value)
+    if value is None:
+        return None
+    checked = idempotency_key(value)
+    return checked if caller is None else f"{caller.name}/{checked}"
 
 
 def _fingerprint(*parts: bytes) -> str:
@@ -315,14 +441,14 @@ def _refuse_when_stopping(service: Service) -> None:
 
 
 async def _read_upload_within(
-    request: web.Request, service: Service, admission: Admission
+    request: web.Request, service: Service, admission: Admission, caller: auth.Key | None
 ) -> tuple[JobSpec, bytes, str]:
     """``_read_upload`` within ``download_timeout_s``, as a download would be: a
     client trickling its upload does not hold an intake slot for longer (305)."""
     timeout_s = service.settings.transport.download_timeout_s
     try:
         async with asyncio.timeout(timeout_s):
-            return await _read_upload(request, service, admission)
+            return await _read_upload(request, service, admission, caller)
     except TimeoutError as exc:
         raise errors.DownloadTimeout(
             f"source: the upload did not arrive within {timeout_s:g} s"
@@ -330,7 +456,7 @@ async def _read_upload_within(
 
 
 async def _read_upload(
-    request: web.Request, service: Service, admission: Admission
+    request: web.Request, service: Service, admission: Admission, caller: auth.Key | None
 ) -> tuple[JobSpec, bytes, str]:
     """Read a multipart POST /jobs: its ``job`` part (the job without ``source``)
     and its ``source`` file part, in either order; the source's bytes count
@@ -342,6 +468,9 @@ async def _read_upload(
     limit = transport.max_download_bytes
     if service.queue.max_source_bytes is not None:
         limit = min(limit, service.queue.max_source_bytes)  # the queue keeps the only copy
+    max_outputs = server.max_outputs
+    if caller is not None:
+        limit, max_outputs = caller.download_limit(limit), caller.outputs_limit(max_outputs)
     job: dict[str, Any] | None = None
     job_bytes = b""
     data: bytes | None = None
@@ -372,7 +501,7 @@ async def _read_upload(
     if data is None or name is None:
         raise errors.JobUploadInvalid("source: missing (a file part holding the image)")
     spec = validate_jobs(
-        job, max_outputs=server.max_outputs, uploaded_name=name, watermarks=service.watermarks
+        job, max_outputs=max_outputs, uploaded_name=name, watermarks=service.watermarks
     )
     fingerprint = _fingerprint(b"POST /jobs multipart", job_bytes, name.encode(), data)
     return spec, data, fingerprint
@@ -393,11 +522,20 @@ async def _read_part(
 
 
 async def _accept(
-    service: Service, spec: JobSpec, admission: Admission, uploaded: bytes | None
+    service: Service,
+    spec: JobSpec,
+    admission: Admission,
+    uploaded: bytes | None,
+    caller: auth.Key | None,
 ) -> JobRecord:
-    """Check the job (source read, plan, placeholders) within the reply deadline,
-    then store it: the job is accepted once ``put`` returns."""
+    """Check the job (the key's scopes, source read, plan, placeholders) within the
+    reply deadline, then store it: the job is accepted once ``put`` returns."""
     server = service.settings.server
+    _check_source(caller, spec)
+    _check_templates(caller, spec)
+    charge: Charge = admission.charge
+    if caller is not None and caller.max_download_bytes is not None:
+        charge = _within_key_limit(charge, caller.max_download_bytes)
     counts = await service.queue.counts()
     if counts["queued"] + counts["running"] + service.intake.jobs > server.queue_max:
         raise errors.QueueFull(f"{server.queue_max} jobs waiting or being checked")
@@ -416,10 +554,10 @@ async def _accept(
                 data = uploaded
             else:
                 assert spec.source_url is not None
-                data = await service.transports.download(spec.source_url, admission.charge)
-            plan = await _check(service, spec, data, placed)
+                data = await service.transports.download(spec.source_url, charge)
+            plan = await _check(service, spec, data, placed, caller)
         # Outside the deadline: once the commit starts, the job is accepted.
-        return await _enqueue(service, spec, plan, data)
+        return await _enqueue(service, spec, plan, data, caller)
     except Exception as exc:
         # Outside the deadline, which may be what ended the check: a refused job
         # leaves no "being processed" placeholder behind.
@@ -461,14 +599,21 @@ class _Placed:
     outputs: list[int] = field(default_factory=list)
 
 
-async def _check(service: Service, spec: JobSpec, data: bytes, placed: _Placed) -> JobPlan:
-    """Plan the job and put each output's placeholder at its destination.
+async def _check(
+    service: Service, spec: JobSpec, data: bytes, placed: _Placed, caller: auth.Key | None
+) -> JobPlan:
+    """Plan the job (within the key's limits), check every destination against the
+    key's scope, and put each output's placeholder at its destination.
 
     Placeholders go up at once. When one is refused, the job is refused (205,
     naming the output); the caller then gives each output whose placeholder did
     go up the failure image instead (``_withdraw_placeholders``).
     """
-    plan, images = await service.planner.plan(spec, data, service.settings.imaging)
+    limits = service.settings.imaging
+    if caller is not None:
+        limits = caller.imaging(limits)
+    plan, images = await service.planner.plan(spec, data, limits)
+    _check_destinations(caller, spec, plan)
     if not spec.placeholder:
         return plan
     # Not forced to disk: after a power cut the stored job runs again and writes the result.
@@ -512,7 +657,9 @@ async def _withdraw_placeholders(service: Service, placed: _Placed) -> None:
         log.warning("placeholder of a refused job left in place: %s", redact_url(detail))
 
 
-async def _enqueue(service: Service, spec: JobSpec, plan: JobPlan, data: bytes) -> JobRecord:
+async def _enqueue(
+    service: Service, spec: JobSpec, plan: JobPlan, data: bytes, caller: auth.Key | None
+) -> JobRecord:
     job_id = uuid.uuid4().hex
     record = JobRecord(
         id=job_id,
@@ -520,11 +667,13 @@ async def _enqueue(service: Service, spec: JobSpec, plan: JobPlan, data: bytes) 
         plan=plan.to_dict(),
         dst_url=plan.dst_url,
         priority=spec.priority,
+        key=caller.name if caller is not None else None,
     )
     await service.queue.put(record, data, max_active=service.settings.server.queue_max)
     log.info(
-        "job %s accepted %s %s -> %s %dx%d%s",
+        "job %s accepted%s %s %s -> %s %dx%d%s",
         job_id,
+        f" key={caller.name}" if caller is not None else "",
         plan.operation,
         spec.source_url or f"(upload {spec.source_name!r}, {len(data)} bytes)",
         plan.dst_url,
@@ -561,6 +710,7 @@ def job_view(record: JobRecord, events: list[Event] | None = None) -> dict[str, 
         "sourceInfo": plan.source_info.view(),
         "metadata": spec.metadata,
         "priority": record.priority,
+        "key": record.key,
     }
     if events:
         view["webhook"] = webhook_view(events[-1])
@@ -606,7 +756,9 @@ async def _record(service: Service, request: web.Request) -> JobRecord:
         # Cannot be a job: answered without a trip to the queue (or echoing a long id).
         raise errors.JobNotFound("not a job id: imgserve's are 32 lower-case hex digits")
     record = await service.queue.get(job_id)
-    if record is None:
+    caller = _caller(request)
+    if record is None or (caller is not None and not caller.sees(record.key)):
+        # Another key's job is answered as an unknown one: its id says nothing.
         raise errors.JobNotFound(f"no job {job_id!r} (unknown, or pruned after it finished)")
     return record
 
@@ -626,7 +778,8 @@ async def cancel_job(request: web.Request) -> web.Response:
     record = await service.queue.cancel(record.id, event)
     if event is not None:
         service.on_event()
-    log.info("job %s cancelled", record.id)
+    caller = _caller(request)
+    log.info("job %s cancelled%s", record.id, f" by key={caller.name}" if caller else "")
     return web.json_response(await _full_view(service, record))
 
 
@@ -639,7 +792,9 @@ async def list_jobs(request: web.Request) -> web.Response:
     """``GET /jobs?state=&limit=&cursor=``: jobs newest first, a page at a time."""
     service: Service = request.app[SERVICE]
     state, limit, cursor = list_query(_single_params(request))
-    records, next_cursor = await service.queue.list_jobs(state, limit, cursor)
+    caller = _caller(request)
+    own = caller.name if caller is not None and not caller.admin else None
+    records, next_cursor = await service.queue.list_jobs(state, limit, cursor, key=own)
     views = await asyncio.gather(*(_full_view(service, record) for record in records))
     return web.json_response({"jobs": list(views), "nextCursor": next_cursor})
 
@@ -698,8 +853,10 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
             after = await service.queue.change_cursor()
         else:
             first = await service.queue.changes(after, STREAM_BATCH)
+        caller = _caller(request)
+        owners = _Owners(service.queue, None if caller is None or caller.admin else caller)
         async with sse_response(request, ping_interval=STREAM_HEARTBEAT_S) as stream:
-            await _send_changes(service, stream, after, first)
+            await _send_changes(service, stream, after, first, owners)
     finally:
         service.streams -= 1
     return stream
@@ -710,14 +867,49 @@ def _stream_open(service: Service, stream: EventSourceResponse) -> bool:
     return not stopping and stream.is_connected()
 
 
+class _Owners:
+    """Which changes a stream's key may see: its own jobs' (every job's for an admin
+    key, or without keys). Each job's owner is read once per stream."""
+
+    MAX_REMEMBERED = 10_000
+
+    def __init__(self, queue: JobQueue, caller: auth.Key | None) -> None:
+        self.queue = queue
+        self.caller = caller
+        self._known: dict[str, str | None] = {}
+
+    async def visible(self, change: Change) -> bool:
+        if self.caller is None:
+            return True
+        if change.job_id not in self._known:
+            if len(self._known) >= self.MAX_REMEMBERED:
+                self._known.clear()
+            record = await self.queue.get(change.job_id)
+            self._known[change.job_id] = record.key if record is not None else None
+            if record is None:  # pruned: nobody's to show
+                return False
+        return self.caller.sees(self._known[change.job_id])
+
+
 async def _send_changes(
-    service: Service, stream: EventSourceResponse, after: str | None, changes: list[Change]
+    service: Service,
+    stream: EventSourceResponse,
+    after: str | None,
+    changes: list[Change],
+    owners: _Owners,
 ) -> None:
     """Send ``changes``, then each change after them as it is written, until the
     client goes or the daemon drains (the stream ends; the client resumes with
-    Last-Event-ID)."""
+    Last-Event-ID). A key that is not admin is sent only its own jobs' changes."""
     while True:
         for change in changes:
+            after = change.id
+            try:
+                if not await owners.visible(change):
+                    continue
+            except errors.ImgserveError as exc:  # the queue is down: end; the client resumes
+                log.warning("event stream ended: %s", exc.detail)
+                return
             try:
                 await stream.send(
                     json.dumps(_change_data(change)),
@@ -726,7 +918,6 @@ async def _send_changes(
                 )
             except (ConnectionResetError, TimeoutError):  # gone, or stalled past send_timeout
                 return
-            after = change.id
         if len(changes) < STREAM_BATCH:
             with contextlib.suppress(TimeoutError):  # woken early only to end
                 await asyncio.wait_for(service.closing.wait(), STREAM_POLL_S)
@@ -767,10 +958,15 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response(body, status=503 if service.degraded else 200)
 
 
+async def livez(request: web.Request) -> web.Response:
+    """``GET /livez``: the process answers (no queue read); never needs a key."""
+    return web.json_response({"status": "alive"})
+
+
 def make_app(service: Service) -> web.Application:
     # The body limit is enforced here (413 -> code 125) with slack for the check above.
     app = web.Application(
-        middlewares=[errors_middleware],
+        middlewares=[errors_middleware, auth_middleware],
         client_max_size=service.settings.server.max_request_bytes + 1,
     )
     app[SERVICE] = service
@@ -782,6 +978,7 @@ def make_app(service: Service) -> web.Application:
     app.router.add_post("/jobs/{job_id}/webhook", redeliver_webhook)
     app.router.add_get("/events", stream_events)
     app.router.add_get("/health", health)
+    app.router.add_get("/livez", livez)
 
     async def end_streams(_app: web.Application) -> None:
         service.closing.set()  # before aiohttp waits for the handlers still running

@@ -13,11 +13,12 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from imgserve import __version__, config, daemon, urls
+from imgserve import __version__, config, daemon, keys_cli, urls
 
 COMMANDS = ("start", "stop", "restart", "status", "version", "serve", "worker")
-# A webhook secret, wherever argparse would echo one (a mistyped flag's value).
-_SECRET = re.compile(r"whsec_\S+")
+# A webhook secret or an API key, wherever argparse would echo one (a mistyped
+# flag's value, an argument it does not know).
+_SECRET = re.compile(r"(whsec_|isk_)\S+")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        super().error(_SECRET.sub("whsec_***", message))
+        super().error(_SECRET.sub(lambda m: m[1] + "***", message))
 
 
 class _RefuseSecret(argparse.Action):
@@ -90,6 +91,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     add("--webhook-url", dest="webhook_url", help="default completion-event URL for every job")
     add("--webhook-secrets-file", dest="webhook_secrets_file", help="file of whsec_ secrets")
     add("--webhook-secret", action=_RefuseSecret, help=argparse.SUPPRESS)
+    add("--keys", dest="keys", help="API keys file (TOML; see docs/security.md)")
     add(
         "--set",
         dest="assignments",
@@ -119,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         _common(child)
         if name == "serve":
             child.add_argument("--daemonized", action="store_true", help=argparse.SUPPRESS)
+    keys_cli.add_parser(sub, _Parser)
     return parser
 
 
@@ -149,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "version":
         print(f"imgserve {__version__}")
         return daemon.EXIT_OK
+    if args.command == "keys":
+        return _keys(args)
     try:
         settings = settings_from(args)
     except (ValueError, OSError) as exc:  # SettingsError is a ValueError
@@ -168,3 +173,14 @@ def main(argv: list[str] | None = None) -> int:
         daemon.stop(settings)
         return daemon.start(settings, passthrough, force=True)
     return daemon.status(settings)
+
+
+def _keys(args: argparse.Namespace) -> int:
+    """``imgserve keys ...`` on ``--keys``, else the keys file the daemon would read."""
+    try:
+        overrides = {"state_dir": args.state_dir, "keys_file": args.keys}
+        settings = config.load(overrides, config_file=args.config)
+    except (ValueError, OSError) as exc:
+        print(f"imgserve: bad settings: {exc}", file=sys.stderr)
+        return 2
+    return keys_cli.run(args, daemon.keys_file(settings))

@@ -156,6 +156,9 @@ class ServerSettings:
     redact_params: tuple[str, ...] = ()
     """Query-parameter names redacted from URLs in logs and replies, beside the
     built-in ones (signatures, tokens)."""
+    keys_file: Path | None = None
+    """The API keys file (TOML, docs/security.md). None: ``keys.toml`` in the state
+    directory when it exists; with no keys file, no authentication (0.2)."""
 
 
 WEBHOOK_SCHEDULE_S: tuple[float, ...] = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
@@ -209,6 +212,7 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "server.log_dir": ("logdir",),
     "server.queue_url": ("queue",),
     "server.redact_params": ("redact_param",),
+    "server.keys_file": ("keys",),
     "worker.nice": ("worker_nice",),
     "worker.threads": ("worker_threads",),
     "transport.policy.allow_nets": ("allow_net",),

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imgserve import logs
+from imgserve import auth, logs
 from imgserve.config import Settings
 from imgserve.urls import redact_url
 
@@ -214,7 +214,8 @@ async def _serve(settings: Settings, paths: Paths, *, linger_s: float = DEGRADED
             memory_limit_mb=settings.worker.memory_limit_mb,
         )
         stack.push_async_callback(asyncio.to_thread, planner.close)
-        dispatcher = _start_dispatcher(stack, queue, settings)
+        keys = load_keyring(settings)
+        dispatcher = _start_dispatcher(stack, queue, settings, keys)
         # With a Redis queue this node only accepts jobs; `imgserve worker` nodes run them.
         runner: Runner | None = None
         pool: ImagePool | None = None
@@ -233,6 +234,7 @@ async def _serve(settings: Settings, paths: Paths, *, linger_s: float = DEGRADED
             workers_alive=pool.workers_alive if pool else (lambda: 0),
             planner=planner,
             on_event=dispatcher.poke,
+            keys=keys,
         )
         app_runner = protocol.make_runner(
             api.make_app(service), access_log=None, handle_signals=False
@@ -257,6 +259,11 @@ async def _serve(settings: Settings, paths: Paths, *, linger_s: float = DEGRADED
             settings.worker.workers,
             paths.data_dir,
         )
+        if keys is not None:
+            log.info("API keys: %d from %s", len(keys), keys.source)
+        exposed = auth.exposure_warning(settings.server.host, keys is not None)
+        if exposed is not None:
+            log.warning("%s", exposed)
         pruner = asyncio.create_task(_prune_loop(queue, settings.server.keep_finished_s))
         stack.push_async_callback(_cancel, pruner)
         if runner is None:
@@ -274,7 +281,10 @@ async def _serve(settings: Settings, paths: Paths, *, linger_s: float = DEGRADED
 
 
 def _start_dispatcher(
-    stack: contextlib.AsyncExitStack, queue: Any, settings: Settings
+    stack: contextlib.AsyncExitStack,
+    queue: Any,
+    settings: Settings,
+    keys: auth.Keyring | None = None,
 ) -> webhooks.Dispatcher:
     """Deliver completion events from the queue's outbox in this process, until the
     stack closes (before the queue does). Every process that ends jobs runs one, and
@@ -286,7 +296,10 @@ def _start_dispatcher(
     hooks = settings.webhook
     if hooks.webhook_url is not None and not hooks.webhook_secrets:
         log.warning("no webhook secret is set: completion events are sent unsigned")
-    dispatcher = webhooks.Dispatcher(queue, hooks, settings.transport)
+    # A key may sign its jobs' events with its own secret; a node without the keys
+    # file leaves those events to one that has it (auth.webhook_signer).
+    signer = auth.webhook_signer(keys, hooks.webhook_secrets)
+    dispatcher = webhooks.Dispatcher(queue, hooks, settings.transport, secrets_for=signer)
     task = asyncio.create_task(webhooks.supervise(dispatcher))
     stack.push_async_callback(_cancel, task)
     return dispatcher
@@ -393,6 +406,7 @@ def run_worker(settings: Settings) -> int:
         return EXIT_FAIL
     try:
         _check_queue(settings.server.queue_url, Path("."))
+        load_keyring(settings)
     except StartupError as exc:
         print(f"imgserve worker: {exc}", file=sys.stderr)
         return EXIT_FAIL
@@ -414,7 +428,8 @@ async def _worker(settings: Settings) -> int:
         stack.push_async_callback(asyncio.to_thread, pool.close)
         transports = Transports(settings.transport)
         stack.push_async_callback(transports.aclose)
-        dispatcher = _start_dispatcher(stack, queue, settings)
+        # Worker nodes check no keys; given the keys file, they sign keyed events.
+        dispatcher = _start_dispatcher(stack, queue, settings, load_keyring(settings))
         runner = Runner(queue, transports, pool, settings, on_event=dispatcher.poke)
         stop = _drain_on_signals()
 
@@ -518,6 +533,30 @@ def preflight(settings: Settings, paths: Paths) -> None:
         except OSError as exc:
             raise StartupError(f"cannot write to {directory}: {exc.strerror or exc}") from exc
     _check_queue(settings.server.queue_url, paths.data_dir)
+    load_keyring(settings)
+
+
+# --- API keys (docs/security.md) -------------------------------------------------------
+
+
+def keys_file(settings: Settings) -> Path:
+    """Where the API keys are: ``keys_file``, else ``keys.toml`` in the state directory."""
+    return settings.server.keys_file or paths_for(settings).data_dir / "keys.toml"
+
+
+def load_keyring(settings: Settings) -> auth.Keyring | None:
+    """The API keys (None: no keys file, so no authentication, as 0.2). StartupError
+    naming the file and the entry when it cannot be used."""
+    path = keys_file(settings)
+    if settings.server.keys_file is None and not path.exists():
+        return None
+    try:
+        keys = auth.load_keys(path)
+    except auth.KeysFileError as exc:
+        raise StartupError(str(exc)) from None
+    if auth.loose_permissions(path):
+        log.warning("keys file %s is readable by other users: chmod 600 it", path)
+    return keys
 
 
 def _check_queue(url: str | None, data_dir: Path) -> None:
@@ -555,6 +594,9 @@ def start(
             file=sys.stderr,
         )
         return EXIT_FAIL
+    exposed = auth.exposure_warning(settings.server.host, load_keyring(settings) is not None)
+    if exposed is not None:
+        print(f"imgserve: warning: {exposed}", file=sys.stderr)
     from imgserve.pool import MALLOC_ENV  # for the forkserver: workers and planners
 
     with open(paths.startup_log, "wb") as err:

@@ -202,6 +202,55 @@ class IdempotencyKeyInvalid(ImgserveError):
     message = "Idempotency-Key header invalid"
 
 
+# --- API keys (140-144): docs/security.md ----------------------------------------------
+
+
+class APIKeyMissing(ImgserveError):
+    """Keys are configured and the request carries no ``Authorization: Bearer`` key."""
+
+    code = 140
+    status = 401
+    message = "API key missing"
+
+
+class APIKeyUnknown(ImgserveError):
+    """The ``Authorization: Bearer`` key is not one of the configured keys."""
+
+    code = 141
+    status = 401
+    message = "API key unknown"
+
+
+class SourceOutOfScope(ImgserveError):
+    """The key's ``sources`` do not include the job's source URL."""
+
+    code = 142
+    status = 403
+    message = "source outside the key's scope"
+
+
+class DestinationOutOfScope(ImgserveError):
+    """The key's ``destinations`` do not include one of the job's destinations."""
+
+    code = 143
+    status = 403
+    message = "destination outside the key's scope"
+
+
+class APIKeyRateLimited(ImgserveError):
+    """The key started more jobs than its ``rate`` (and ``burst``) allow on this node;
+    the reply's Retry-After says when the next one may start."""
+
+    code = 144
+    status = 429
+    message = "too many jobs for this key, retry later"
+    retryable = True
+
+    def __init__(self, detail: str | None = None, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
+
+
 # --- 0.2's source and destination codes ----------------------------------------------
 
 

@@ -169,6 +169,7 @@ def event_for(
         payload=payload,
         created_at=at,
         next_at=at + settings.webhook_schedule_s[0],
+        key=record.key,
     )
 
 
@@ -389,9 +390,13 @@ class Dispatcher:
         sender: Sender | None = None,
         poll_s: float = 0.25,
         random: Callable[[], float] = _random.random,
+        secrets_for: Callable[[str | None], Sequence[str] | None] | None = None,
     ) -> None:
         self.queue = queue
         self.settings = settings
+        self.secrets_for = secrets_for or (lambda _key: settings.webhook_secrets)
+        """The secrets that sign an event, by its job's API key name (auth.webhook_signer);
+        None: this process cannot sign it, so it is left for one that can."""
         self.sender: Sender = sender or HTTPSender(transport, settings.webhook_timeout_s)
         self.poll_s = poll_s
         self.random = random
@@ -433,8 +438,10 @@ class Dispatcher:
                     task.add_done_callback(self._ended)
                 if free > 0 and len(claimed) == free:
                     continue  # a full batch: more may be due
+                # Jittered: processes polling in step would race for each due event
+                # the same way every time (a handed-off one would never change hands).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll_s)
+                    await asyncio.wait_for(self._wake.wait(), self.poll_s * (0.5 + self.random()))
                 self._wake.clear()
         finally:
             for task in list(self._inflight):
@@ -450,9 +457,13 @@ class Dispatcher:
 
     async def _deliver(self, event: Event) -> None:
         at = time.time()
+        secrets = self.secrets_for(event.key)
+        if secrets is None:
+            await self._hand_off(event, at)
+            return
         try:
             body = body_of(event)
-            headers = headers_for(event, body, self.settings.webhook_secrets, at)
+            headers = headers_for(event, body, secrets, at)
             answer = await self.sender.post(event.url, headers, body)
         except Exception as exc:  # a bug: recorded as a failed attempt, never a lease loop
             log.exception("webhook %s for job %s could not be sent", event.id, event.job_id)
@@ -484,6 +495,23 @@ class Dispatcher:
             log.warning(
                 "webhook %s: attempt not recorded (%s); it will be made again", event.id, exc
             )
+
+    async def _hand_off(self, event: Event, now: float) -> None:
+        """Leave an event this process cannot sign (its job's API key may have its own
+        secret, and this node has no keys file) for a node that can: due again in
+        about HANDOFF_S, no attempt recorded (docs/security.md). The wait is jittered:
+        exactly HANDOFF_S would have it come due just as this process polls again, so
+        it would win every claim and the event never reach a node that can sign it."""
+        event.next_at = now + HANDOFF_S * (0.5 + self.random())
+        log.debug("webhook %s: key %s unknown here; left for another node", event.id, event.key)
+        try:
+            await self.queue.save_event(event)
+        except Exception as exc:  # the lease runs out and it comes due anyway
+            log.warning("webhook %s: not handed off (%s)", event.id, exc)
+
+
+HANDOFF_S = 1.0
+"""How long an event a process cannot sign waits before any dispatcher claims it again."""
 
 
 async def supervise(dispatcher: Dispatcher, *, base_s: float = 1.0, max_s: float = 60.0) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from imgserve import errors
 from imgserve.queue import open_queue
+from imgserve.queue.arq_redis import RedisQueue
 from imgserve.queue.base import Event, JobQueue, JobRecord, KeyEntry, State
 
 
@@ -747,6 +748,58 @@ async def test_list_jobs_forgets_pruned_jobs(queue: JobQueue) -> None:
     assert await queue.list_jobs(State.DONE, 10, None) == ([], None)
 
 
+async def test_list_jobs_filters_by_key_with_state_and_pages(queue: JobQueue) -> None:
+    """list_jobs(key=): only that key's jobs, newest first, across pages, with a state
+    filter too; the key round-trips on the record; a pruned job leaves its key's list."""
+    base = time.time()
+    mine = [record(created_at=base + i, key="alice") for i in range(5)]
+    theirs = [record(created_at=base + i + 0.5, key="bob") for i in range(3)]
+    keyless = record(created_at=base + 10)
+    for job in mine + theirs + [keyless]:
+        await queue.put(job, b"x", max_active=100)
+    await queue.fail(mine[1].id, 202, "x")
+    await queue.fail(mine[3].id, 202, "x")
+    await queue.fail(theirs[2].id, 202, "x")
+
+    seen: list[str] = []
+    cursor: str | None = None
+    while True:
+        page, cursor = await queue.list_jobs(None, 2, cursor, key="alice")
+        seen += [job.id for job in page]
+        assert all(job.key == "alice" for job in page)
+        if cursor is None:
+            break
+    assert seen == [job.id for job in reversed(mine)]
+    failed, cursor = await queue.list_jobs(State.FAILED, 10, None, key="alice")
+    assert [j.id for j in failed] == [mine[3].id, mine[1].id] and cursor is None
+    first, cursor = await queue.list_jobs(State.FAILED, 1, None, key="alice")
+    assert [j.id for j in first] == [mine[3].id] and cursor is not None
+    assert [j.id for j in (await queue.list_jobs(State.FAILED, 1, cursor, key="alice"))[0]] == [
+        mine[1].id
+    ]
+    assert [j.id for j in (await queue.list_jobs(None, 10, None, key="bob"))[0]] == [
+        j.id for j in reversed(theirs)
+    ]
+    assert await queue.list_jobs(None, 10, None, key="carol") == ([], None)
+    assert len((await queue.list_jobs(None, 20, None))[0]) == 9  # no key: every job
+    stored = await queue.get(mine[0].id)
+    assert stored is not None and stored.key == "alice"
+    again = await queue.get(keyless.id)
+    assert again is not None and again.key is None
+
+    await asyncio.sleep(0.05)
+    assert await queue.prune(older_than_s=0.01) == 3
+    assert [j.id for j in (await queue.list_jobs(None, 10, None, key="bob"))[0]] == [
+        theirs[1].id,
+        theirs[0].id,
+    ]
+    assert await queue.list_jobs(State.FAILED, 10, None, key="alice") == ([], None)
+    if isinstance(queue, RedisQueue):  # the index entries went with the records
+        async with queue._redis_call() as r:
+            assert await r.zcard(queue._by_key_key("alice")) == 3
+            assert await r.zcard(queue._by_key_key("bob")) == 2
+
+
 async def test_change_feed_has_every_put_and_state_change_in_order(queue: JobQueue) -> None:
     """changes(): one Change per put and per state change, oldest first, resumable
     after any id; change_cursor() is the newest id."""
@@ -916,7 +969,7 @@ async def test_sqlite_database_of_the_previous_release_opens_and_works(tmp_path:
     with sqlite3.connect(tmp_path / "jobs.db") as db:
         db.executescript(_PREVIOUS_SCHEMA)
         stored = old.to_dict()
-        del stored["priority"]  # the previous release's record had none
+        del stored["priority"], stored["key"]  # the previous release's record had neither
         db.execute(
             "INSERT INTO jobs (id, state, record, run_at, created_at) VALUES (?,?,?,?,?)",
             (old.id, "queued", json.dumps(stored), 0.0, old.created_at),
@@ -931,6 +984,10 @@ async def test_sqlite_database_of_the_previous_release_opens_and_works(tmp_path:
         assert len(await queue.job_events(old.id)) == 1
         assert [c.state for c in await queue.changes(None, 10)] == [State.RUNNING, State.DONE]
         assert [j.id for j in (await queue.list_jobs(State.DONE, 5, None))[0]] == [old.id]
+        assert await queue.list_jobs(None, 5, None, key="alice") == ([], None)
+        keyed = record(key="alice")
+        await queue.put(keyed, b"x", max_active=10)
+        assert [j.id for j in (await queue.list_jobs(None, 5, None, key="alice"))[0]] == [keyed.id]
         assert await queue.reserve_key("k", "fp", 60.0) is None
     finally:
         await queue.close()

@@ -112,9 +112,9 @@ that lost its lease to a later try is dropped (see _update)."""
 # full: a crash can never leave a record that no worker will run, and two API
 # nodes cannot both take the last place (the check and the writes are atomic).
 # KEYS: job, src, state:queued, state:running, created, bystate:queued, changes,
-#       arq job, arq queue
+#       arq job, arq queue, bykey:<name> (the API key's index)
 # ARGV: id, record, created_at, max_active, keep_changes, now, arq job, arq job
-#       ttl ms, arq score, keep source (0/1), source
+#       ttl ms, arq score, keep source (0/1), source, has a key (0/1)
 _PUT = """
 local active = redis.call('SCARD', KEYS[3]) + redis.call('SCARD', KEYS[4])
 if active >= tonumber(ARGV[4]) then return {'full', active} end
@@ -128,6 +128,7 @@ redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[5], '*',
            'job_id', ARGV[1], 'state', 'queued', 'at', ARGV[6])
 redis.call('PSETEX', KEYS[8], ARGV[8], ARGV[7])
 redis.call('ZADD', KEYS[9], ARGV[9], ARGV[1])
+if ARGV[12] == '1' then redis.call('ZADD', KEYS[10], ARGV[3], ARGV[1]) end
 return {'ok', 0}
 """
 # Renews the lease of a running try: 1 while it is still this try's, else 0
@@ -289,6 +290,10 @@ class RedisQueue(JobQueue):
     def _by_state_key(self, state: State) -> str:
         return f"{self.prefix}:bystate:{state.value}"
 
+    def _by_key_key(self, name: str) -> str:
+        """Jobs submitted with the API key ``name``, scored by created_at (list_jobs)."""
+        return f"{self.prefix}:bykey:{name}"
+
     def _event_key(self, event_id: str) -> str:
         return f"{self.prefix}:event:{event_id}"
 
@@ -367,6 +372,8 @@ class RedisQueue(JobQueue):
                     self._changes_key,
                     job_key_prefix + record.id,
                     self.queue_name,
+                    # API keys (#15): the per-key index list_jobs(key=) reads.
+                    self._by_key_key(record.key) if record.key else self._job_key(record.id),
                 ],
                 args=[
                     record.id,
@@ -378,6 +385,7 @@ class RedisQueue(JobQueue):
                     *self._arq_job(record.id, record.priority, now),
                     "1" if keep_source else "0",
                     source if keep_source else b"",
+                    "1" if record.key else "0",
                 ],
             )
         if outcome == b"full":
@@ -431,7 +439,10 @@ class RedisQueue(JobQueue):
                 for job_id in ids:
                     pipe.lrange(self._job_events_key(job_id), 0, -1)
                 event_ids = [e.decode() for batch in await pipe.execute() for e in batch]
+            owners = self._owners(await r.mget([self._job_key(i) for i in ids]), ids)
             async with r.pipeline(transaction=True) as pipe:
+                for name, owned in owners.items():
+                    pipe.zrem(self._by_key_key(name), *owned)
                 pipe.delete(*(self._job_key(i) for i in ids))
                 pipe.delete(*(self._job_events_key(i) for i in ids))
                 if event_ids:
@@ -444,6 +455,16 @@ class RedisQueue(JobQueue):
                 pipe.zrem(self._finished_key, *ids)
                 await pipe.execute()
         return len(ids)
+
+    @staticmethod
+    def _owners(raws: list[Any], ids: list[str]) -> dict[str, list[str]]:
+        """The jobs of ``ids`` (records ``raws``) by the API key that submitted them."""
+        owners: dict[str, list[str]] = {}
+        for job_id, raw in zip(ids, raws, strict=True):
+            name = json.loads(raw).get("key") if raw is not None else None
+            if name is not None:
+                owners.setdefault(name, []).append(job_id)
+        return owners
 
     async def nodes(self) -> list[dict[str, Any]]:
         # O(nodes), whatever the number of jobs: no keyspace scan.
@@ -584,11 +605,16 @@ class RedisQueue(JobQueue):
     # --- listing and the change feed ---------------------------------------------------
 
     async def list_jobs(
-        self, state: State | None, limit: int, cursor: str | None
+        self, state: State | None, limit: int, cursor: str | None, *, key: str | None = None
     ) -> tuple[list[JobRecord], str | None]:
         # One sorted set per state (kept in the same MULTI as the state sets): a page
         # of 50 failed jobs among 100k done ones reads 51 entries, not 100k records.
-        index = self._created_key if state is None else self._by_state_key(state)
+        # With a key, its own index; a state then is checked against the state's set.
+        if key is not None:
+            index = self._by_key_key(key)
+        else:
+            index = self._created_key if state is None else self._by_state_key(state)
+        state_filter = self._by_state_key(state) if key is not None and state else None
         after = decode_list_cursor(cursor) if cursor is not None else None
         top: float | str = "+inf" if after is None else after[0]
         want = limit + 1
@@ -596,12 +622,18 @@ class RedisQueue(JobQueue):
         async with self._redis_call() as r:
             offset = 0
             while len(entries) < want:
+                # Filtering by state drops entries: read more at a time.
+                num = want - len(entries) if state_filter is None else max(want, 200)
                 batch: list[tuple[bytes, float]] = await r.zrevrangebyscore(
-                    index, top, "-inf", start=offset, num=want - len(entries), withscores=True
+                    index, top, "-inf", start=offset, num=num, withscores=True
                 )
                 if not batch:
                     break
                 offset += len(batch)
+                if state_filter is not None:
+                    members = [member.decode() for member, _ in batch]
+                    scores = await r.zmscore(state_filter, members)
+                    batch = [e for e, s in zip(batch, scores, strict=True) if s is not None]
                 for member, score in batch:
                     job_id = member.decode()
                     # Ties on created_at are ordered by id, as the cursor is.

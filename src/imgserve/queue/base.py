@@ -74,6 +74,8 @@ class JobRecord:
     """Once done: what each output looks like (pipeline.Rendered.preview), in order."""
     priority: str = "interactive"
     """One of PRIORITIES."""
+    key: str | None = None
+    """The name of the API key that submitted the job (None: keys were not configured)."""
 
     @property
     def finished(self) -> bool:
@@ -153,6 +155,9 @@ class Event:
     attempts: list[dict[str, Any]] = field(default_factory=list)
     """One ``{"at", "status", "error"}`` per attempt, oldest first (status None when
     no HTTP answer came)."""
+    key: str | None = None
+    """The name of the API key its job was submitted with: a key may have its own
+    signing secret (auth.webhook_signer)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -329,11 +334,12 @@ class JobQueue(abc.ABC):
 
     @abc.abstractmethod
     async def list_jobs(
-        self, state: State | None, limit: int, cursor: str | None
+        self, state: State | None, limit: int, cursor: str | None, *, key: str | None = None
     ) -> tuple[list[JobRecord], str | None]:
-        """Jobs newest first (by created_at, then id), optionally in one state; at most
-        ``limit``, after ``cursor`` (opaque, from the previous page); the cursor of the
-        next page, or None on the last."""
+        """Jobs newest first (by created_at, then id), optionally in one state and only
+        those submitted with the API key named ``key``; at most ``limit``, after
+        ``cursor`` (opaque, from the previous page); the cursor of the next page, or
+        None on the last. The key filter reads an index, not every job."""
 
     @abc.abstractmethod
     async def changes(self, after: str | None, limit: int) -> list[Change]:

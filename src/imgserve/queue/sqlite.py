@@ -127,6 +127,8 @@ _INDEXES = """
 CREATE INDEX IF NOT EXISTS jobs_lane ON jobs (state, priority, run_at);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at, id);
 CREATE INDEX IF NOT EXISTS jobs_state_created ON jobs (state, created_at, id);
+CREATE INDEX IF NOT EXISTS jobs_key_created ON jobs (key, created_at, id);
+CREATE INDEX IF NOT EXISTS jobs_key_state_created ON jobs (key, state, created_at, id);
 """
 _ENDED_SQL = "('done', 'failed', 'cancelled')"
 
@@ -210,6 +212,8 @@ class SQLiteQueue(JobQueue):
                     db.execute("ALTER TABLE jobs ADD COLUMN lease_until REAL")
                 if "priority" not in columns:  # a database from before lanes (0.3)
                     db.execute("ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0")
+                if "key" not in columns:  # a database from before API keys (#15)
+                    db.execute("ALTER TABLE jobs ADD COLUMN key TEXT")
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -284,8 +288,8 @@ class SQLiteQueue(JobQueue):
                     if active >= max_active:
                         raise errors.QueueFull(f"{active} jobs waiting, the limit is {max_active}")
                     db.execute(
-                        "INSERT INTO jobs (id, state, record, run_at, created_at, priority) "
-                        "VALUES (?,?,?,?,?,?)",
+                        "INSERT INTO jobs (id, state, record, run_at, created_at, priority, key) "
+                        "VALUES (?,?,?,?,?,?,?)",
                         (
                             record.id,
                             record.state.value,
@@ -293,6 +297,7 @@ class SQLiteQueue(JobQueue):
                             record.run_at,
                             record.created_at,
                             lane,
+                            record.key,
                         ),
                     )
             except BaseException:
@@ -495,13 +500,16 @@ class SQLiteQueue(JobQueue):
         return await self._update(job_id, JobRecord.mark_cancelled, event, cancelling=True)
 
     async def list_jobs(
-        self, state: State | None, limit: int, cursor: str | None
+        self, state: State | None, limit: int, cursor: str | None, *, key: str | None = None
     ) -> tuple[list[JobRecord], str | None]:
         after = decode_list_cursor(cursor) if cursor is not None else None
 
         def op(db: sqlite3.Connection) -> list[JobRecord]:
             where: list[str] = []
             args: list[str | float] = []
+            if key is not None:
+                where.append("key=?")
+                args.append(key)
             if state is not None:
                 where.append("state=?")
                 args.append(state.value)
