@@ -61,10 +61,14 @@ from imgserve.imaging import vips
 
 SAMPLE_PX = 48
 """Longest side of the point sample colours are counted on."""
+MIN_SAMPLES = 8
+"""Fewest rows (columns) sampled from a frame that has as many."""
 WHOLE_FETCH_PX = 4_000_000
 """Frames up to this many pixels are fetched whole and sampled in NumPy."""
 HASH_PX = 24
 """Longest side of the image the hashes are made from (ThumbHash allows 100)."""
+MIN_HASH_SIDE_PX = 4
+"""Shortest side the hashes are made from: ThumbHash has up to 7 components a side."""
 MAX_COMPONENTS = 9
 """BlurHash's limit on components along each axis."""
 _QUANT_BITS = 4
@@ -114,7 +118,7 @@ def describe(image: vips.Image, components: tuple[int, int] = (4, 3)) -> Preview
     x_components, y_components = check_components(components)
     colour, alpha = _sample(image)
     average = _average(colour, alpha)
-    small_colour, small_alpha = _halve(colour, alpha)
+    small_colour, small_alpha = _widen(*_halve(colour, alpha))
     height, width = small_colour.shape[:2]
     if small_alpha is None:
         rgb = np.rint(small_colour).astype(np.uint8)
@@ -143,9 +147,16 @@ def _sample(image: vips.Image) -> tuple[Pixels, Pixels | None]:
         raise ValueError(f"cannot describe an image of {pixel_format} pixels")
     if image.get_typeof("page-height") and 0 < image.get("page-height") < height:
         height = image.get("page-height")
+    # One step for both sides keeps the aspect ratio (ThumbHash records it), except
+    # that a short side keeps at least MIN_SAMPLES rows or columns: a 4000x2 output
+    # sampled every 84 pixels would show one of its two rows.
     step = max(1, math.ceil(max(width, height) / SAMPLE_PX))
-    x_step, y_step = min(step, width), min(step, height)
-    rows = math.ceil(height / y_step)
+    x_step = min(step, max(1, width // MIN_SAMPLES))
+    y_step = min(step, max(1, height // MIN_SAMPLES))
+    # Sample each step's centre, not its corner: corners leave the last step out,
+    # which darkens the mean of a gradient by half a step.
+    left, top = x_step // 2, y_step // 2
+    rows = math.ceil((height - top) / y_step)
     dtype = np.uint8 if pixel_format == "uchar" else np.uint16
     try:
         # A region is computed in this thread, with no libvips pipeline (thread pool)
@@ -155,10 +166,11 @@ def _sample(image: vips.Image) -> tuple[Pixels, Pixels | None]:
         if width * height <= WHOLE_FETCH_PX:
             data = pyvips.Region.new(image).fetch(0, 0, width, height)
             whole = np.frombuffer(data, dtype=dtype).reshape(height, width, bands)
-            pixels = whole[::y_step, ::x_step]
+            pixels = whole[top::y_step, left::x_step]
         else:
-            sampled = image.subsample(x_step, y_step)
-            columns = sampled.width
+            corner = image.crop(left, top, width - left, image.height - top)
+            sampled = corner.subsample(x_step, y_step)
+            columns, rows = sampled.width, min(rows, sampled.height)
             data = pyvips.Region.new(sampled).fetch(0, 0, columns, rows)
             pixels = np.frombuffer(data, dtype=dtype).reshape(rows, columns, bands)
     except pyvips.Error as exc:
@@ -196,6 +208,22 @@ def _halve(colour: Pixels, alpha: Pixels | None) -> tuple[Pixels, Pixels | None]
         premultiplied, mean_alpha, out=np.zeros_like(premultiplied), where=mean_alpha > 0
     )
     return mean_colour, mean_alpha
+
+
+def _widen(colour: Pixels, alpha: Pixels | None) -> tuple[Pixels, Pixels | None]:
+    """Repeat each pixel so the shorter side has at least MIN_HASH_SIDE_PX (the same
+    factor on both sides keeps the aspect ratio ThumbHash records). On a side of
+    fewer pixels than half its components, a cosine component aliases to the
+    constant one: a flat 1x1 image's ThumbHash decodes far from its colour."""
+    short = min(colour.shape[:2])
+    if short >= MIN_HASH_SIDE_PX:
+        return colour, alpha
+    factor = math.ceil(MIN_HASH_SIDE_PX / short)
+
+    def repeat(values: Pixels) -> Pixels:
+        return np.repeat(np.repeat(values, factor, axis=0), factor, axis=1)
+
+    return repeat(colour), None if alpha is None else repeat(alpha)
 
 
 def _average(colour: Pixels, alpha: Pixels | None) -> Pixels:
