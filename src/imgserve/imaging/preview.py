@@ -60,7 +60,7 @@ from imgserve import errors
 from imgserve.imaging import vips
 
 SAMPLE_PX = 48
-"""Longest side of the point sample colours are counted on."""
+"""Longest side of the point sample: colours are counted on it, hashes made from it."""
 MIN_SAMPLES = 8
 """Fewest rows (columns) sampled from a frame that has as many."""
 WHOLE_FETCH_PX = 500_000
@@ -115,7 +115,12 @@ def check_components(components: tuple[int, int]) -> tuple[int, int]:
 
 
 def describe(image: vips.Image, components: tuple[int, int] = (4, 3)) -> Preview:
-    """BlurHash (``components`` = x, y), ThumbHash and colours of ``image``'s first frame."""
+    """BlurHash (``components`` = x, y), ThumbHash and colours of ``image``'s first frame.
+
+    ``image`` is the output as the render holds it before encoding (in memory: the
+    pixels are read, never decoded). ValueError: components outside 1..9, or pixels
+    that are not 8 or 16-bit integers; InternalError (601): libvips failed to read.
+    """
     x_components, y_components = check_components(components)
     colour, alpha = _sample(image)
     average = _average(colour, alpha)
