@@ -2,7 +2,7 @@
 independent decoders, the colours against the pixels.
 
 BlurHash is decoded with halcy's ``blurhash`` (pure Python) and ThumbHash with
-``fast-thumbhash`` (evanw's reference Rust crate): neither shares code with the
+``thumbhash-rs`` (evanw's reference Rust crate): neither shares code with the
 encoders describe uses. A decoded preview's mean colour is compared with the
 image's own mean, computed here from every pixel of the first frame (describe
 only samples): BlurHash's mean in linear light (its DC term is a linear mean),
@@ -15,10 +15,10 @@ import base64
 from pathlib import Path
 
 import blurhash as halcy_blurhash
-import fast_thumbhash
 import numpy as np
 import pytest
 import pyvips
+import thumbhash as reference_thumbhash  # thumbhash-rs: evanw's Rust crate
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -113,9 +113,10 @@ def blurhash_mean_srgb(result: Preview) -> np.ndarray:
 
 
 def thumbhash_decoded(result: Preview) -> np.ndarray:
-    """The ThumbHash decoded by fast-thumbhash, as float RGBA (height, width, 4)."""
-    width, height, pixels = fast_thumbhash.thumb_hash_to_rgba(base64.b64decode(result.thumbhash))
-    return np.array(pixels, dtype=np.float64).reshape(height, width, 4)
+    """The ThumbHash decoded by thumbhash-rs, as float RGBA (height, width, 4)."""
+    hashed = base64.b64decode(result.thumbhash)
+    width, height, pixels = reference_thumbhash.thumb_hash_to_rgba(hashed)
+    return np.frombuffer(pixels, dtype=np.uint8).astype(np.float64).reshape(height, width, 4)
 
 
 def assert_close(found: np.ndarray, expected: np.ndarray, tolerance: float, what: str) -> None:
@@ -186,7 +187,7 @@ def test_thumbhash_keeps_the_aspect_ratio() -> None:
     result = describe(gradient(640, 360).copy_memory())
     decoded = thumbhash_decoded(result)
     assert decoded.shape[1] > decoded.shape[0]
-    ratio = fast_thumbhash.thumb_hash_to_approximate_aspect_ratio(
+    ratio = reference_thumbhash.thumb_hash_to_approximate_aspect_ratio(
         base64.b64decode(result.thumbhash)
     )
     assert ratio == pytest.approx(640 / 360, rel=0.2)

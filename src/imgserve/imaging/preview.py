@@ -25,7 +25,7 @@ The encoders are libraries: ThumbHash by ``thash``'s NumPy backend (byte for
 byte the output of evanw's reference Rust crate on the images checked), BlurHash
 by ``fast-blurhash`` (the Rust ``blurhash`` crate); both take raw pixels, so no
 Pillow. The tests decode both hashes with other implementations (halcy's
-``blurhash``, ``fast-thumbhash``).
+``blurhash``, ``thumbhash-rs``).
 
 Colours, as ``#rrggbb``, over the visible pixels (alpha weighs each pixel):
 
