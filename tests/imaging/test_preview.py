@@ -324,13 +324,6 @@ def test_animation_describes_its_first_frame(fmt: str) -> None:
     assert_hashes_match(image, result)
 
 
-def test_describe_never_decodes() -> None:
-    """describe works on the pixels it is given: an image made in memory, with no
-    source bytes behind it, is described."""
-    image = gradient(100, 100).copy_memory()
-    assert isinstance(describe(image), Preview)
-
-
 # --- bad input ----------------------------------------------------------------------
 
 
