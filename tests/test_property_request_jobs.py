@@ -49,6 +49,7 @@ valid_output_values: dict[str, st.SearchStrategy[Any]] = {
     "blur": st.floats(0.3, 100),
     "sharpen": st.floats(0.3, 10),
     "grayscale": st.booleans(),
+    "blurhash_components": st.lists(st.integers(1, 9), min_size=2, max_size=2),
     "pad": st.dictionaries(
         st.sampled_from(["top", "right", "bottom", "left"]), st.integers(0, 4096)
     ),
@@ -118,6 +119,7 @@ near_misses: dict[str, st.SearchStrategy[Any]] = {
     "grayscale": st.sampled_from(["yes", 1]),
     "pad": st.sampled_from([{"top": -1}, {"x": 1}, 5, {"left": 4097}, {"top": 1.5}]),
     "watermark": st.sampled_from([{"name": "nope"}, {}, "logo", {"name": 3}]),
+    "blurhash_components": st.sampled_from([[0, 3], [4], [4, 3, 1], "4x3", [10, 1], [True, 3]]),
     "priority": st.sampled_from(["Batch", "low", "", None]),
     "webhook": st.one_of(urls(), st.sampled_from(["ftp://h/x", "http:///x", "https://h:99999/"])),
 }

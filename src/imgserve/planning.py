@@ -219,6 +219,7 @@ def _plan_output(
         quality=out.quality,
         keep_metadata=out.keep_metadata,
         ops=out.ops,
+        blurhash_components=out.blurhash_components,
     )
     planned = pipeline.plan_output(info, spec, limits)
     dst_url = substitute(

@@ -53,6 +53,7 @@ METADATA_MAX_BYTES = 8 * 1024
 OPERATION_FIELDS = frozenset(
     {"crop", "rotate", "flip", "flop", "blur", "sharpen", "grayscale", "pad", "watermark"}
 )
+PREVIEW_FIELDS = frozenset({"blurhash_components"})
 JOB_FIELDS = frozenset({"source", "outputs", "placeholder", "metadata", "webhook", "priority"})
 WEBHOOK_SCHEMES = frozenset({"http", "https"})
 OUTPUT_FIELDS = frozenset(
@@ -70,6 +71,7 @@ OUTPUT_FIELDS = frozenset(
         "background",
         "form_field",
         *OPERATION_FIELDS,
+        *PREVIEW_FIELDS,
     }
 )
 
@@ -260,7 +262,24 @@ def _output(path: str, out: Any, watermarks: frozenset[str] = frozenset()) -> Ou
         background=background,
         form_field=form_field,
         ops=_operations(out, path, background, watermarks),
+        blurhash_components=_components(out, path),
     )
+
+
+def _components(out: dict[str, Any], path: str) -> tuple[int, int]:
+    """``blurhash_components``: [across, down], 1 to 9 each (BlurHash's own limit)."""
+    if "blurhash_components" not in out:
+        return (4, 3)
+    value = out["blurhash_components"]
+    if not (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(positive_int(n) and n <= 9 for n in value)
+    ):
+        raise errors.JobFieldInvalid(
+            f"{path}.blurhash_components: not two integers from 1 to 9 (got {shown(value)})"
+        )
+    return (int(value[0]), int(value[1]))
 
 
 # --- operations (imaging/operations.py) ---------------------------------------------

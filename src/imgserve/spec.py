@@ -54,6 +54,8 @@ class OutputRequest:
     (203) instead of being kept at its own size."""
     ops: Operations = field(default_factory=Operations)
     """crop, rotate, flip, flop, blur, sharpen, grayscale, pad, watermark."""
+    blurhash_components: tuple[int, int] = (4, 3)
+    """The BlurHash's components across and down (1-9 each) in the output's preview."""
 
     def to_dict(self) -> dict[str, Any]:
         data = dict(vars(self))
@@ -66,6 +68,9 @@ class OutputRequest:
     def from_dict(cls, data: dict[str, Any]) -> OutputRequest:
         values = _known(cls, data)
         values["ops"] = Operations.from_dict(values.get("ops"))
+        if values.get("blurhash_components") is not None:
+            x, y = values["blurhash_components"]
+            values["blurhash_components"] = (x, y)
         if values.get("format") is not None:
             values["format"] = Format(values["format"])
         if values.get("background") is not None:

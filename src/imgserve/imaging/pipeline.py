@@ -25,7 +25,7 @@ from typing import Any
 
 from imgserve import errors
 from imgserve.config import ImagingLimits
-from imgserve.imaging import formats, geometry, operations, vips
+from imgserve.imaging import formats, geometry, operations, preview, vips
 from imgserve.imaging.formats import Format
 from imgserve.imaging.geometry import Size
 from imgserve.imaging.operations import Operations
@@ -92,6 +92,7 @@ class OutputSpec:
     refuse_small: bool = False
     """0.2's rule: a raster source smaller than a requested side is refused (203)."""
     ops: Operations = field(default_factory=Operations)
+    blurhash_components: tuple[int, int] = (4, 3)
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class OutputPlan:
     frame: Size | None = None
     """With a crop or a rotation: the whole upright source at the scale that makes
     its region ``scaled``, the size it is decoded at (see ``decode_size``)."""
+    blurhash_components: tuple[int, int] = (4, 3)
 
     @property
     def content_type(self) -> str:
@@ -141,6 +143,7 @@ class OutputPlan:
         data["scaled"] = [self.scaled.width, self.scaled.height] if self.scaled else None
         data["ops"] = self.ops.to_dict() if self.ops.any else None
         data["frame"] = [self.frame.width, self.frame.height] if self.frame else None
+        data["blurhash_components"] = list(self.blurhash_components)
         return data
 
     @classmethod
@@ -160,6 +163,9 @@ class OutputPlan:
         if values.get("frame") is not None:
             values["frame"] = Size(*values["frame"])
         values["ops"] = Operations.from_dict(values.get("ops"))
+        if values.get("blurhash_components") is not None:
+            x, y = values["blurhash_components"]
+            values["blurhash_components"] = (x, y)
         return cls(**values)
 
 
@@ -288,6 +294,7 @@ def plan_output(info: SourceInfo, spec: OutputSpec, limits: ImagingLimits) -> Ou
         scaled=fitted.scaled,
         ops=ops,
         frame=frame,
+        blurhash_components=spec.blurhash_components,
     )
 
 
@@ -605,13 +612,15 @@ def render_outputs(
         out = outs[index]
         for step in STEPS:
             image = step(image, info, out, marks)
+        # What it looks like, from the image about to be encoded (no second decode).
+        looks = preview.describe(image, out.blurhash_components).to_dict()
         result = vips.save(image, out.output, out.quality, out.keep_metadata)
         if len(result) > limits.max_result_bytes:
             where = f"outputs[{index}]: " if len(outs) > 1 else ""
             raise errors.ResultOverLimit(
                 f"{where}result is {len(result)} bytes, over the limit of {limits.max_result_bytes}"
             )
-        encoded[index] = Rendered(result)
+        encoded[index] = Rendered(result, looks)
     return [encoded[i] for i in range(len(outs))]
 
 

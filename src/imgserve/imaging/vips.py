@@ -475,3 +475,16 @@ def watermark(image: pyvips.Image, overlay: pyvips.Image, mark: Any) -> pyvips.I
     out = image.composite2(overlay, "over", x=x, y=y).cast(image.format)
     # Over an opaque image the result is opaque: keep the image's bands.
     return out if had_alpha else out[: image.bands]
+
+
+def fetch_rows(image: pyvips.Image, rows: range) -> bytes:
+    """The pixels of ``rows`` (full width, band-interleaved), computed in this thread
+    through a region: no libvips pipeline (and thread pool) to start, which is what
+    makes a preview cheap (preview.py). Contiguous rows are fetched at once."""
+    try:
+        region = pyvips.Region.new(image)
+        if rows.step == 1:
+            return bytes(region.fetch(0, rows.start, image.width, len(rows)))
+        return b"".join(region.fetch(0, y, image.width, 1) for y in rows)
+    except pyvips.Error as exc:
+        raise errors.InternalError(str(exc)) from exc
