@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seconds-per-round",
         dest="seconds",
         type=float,
-        help="measured seconds per system per workload per round (default 3; smoke 0.5)",
+        help="measured seconds per system per workload per round (default 3; smoke 1)",
     )
     add(
         "--warmup",
@@ -90,7 +90,7 @@ def options_from(args: argparse.Namespace) -> runner.Options:
     workers = args.workers or os.cpu_count() or 2
     return runner.Options(
         rounds=args.rounds or (1 if smoke else 3),
-        seconds=args.seconds or (0.5 if smoke else 3.0),
+        seconds=args.seconds or (1.0 if smoke else 3.0),
         warmup_s=args.warmup_s if args.warmup_s is not None else (0.1 if smoke else 0.5),
         workloads=workloads.select(args.workloads),
         skip_thumbor=bool(args.skip_thumbor) or smoke,
