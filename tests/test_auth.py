@@ -65,6 +65,9 @@ def allowed(patterns: list[str], url: str) -> bool:
         ("file:///srv/thumbs/", "file://evil/srv/thumbs/a.jpg", False),
         ("file:///srv/thumbs/", "file:///srv/thumbs/a%00.jpg", False),
         ("s3://media/u/*", "s3://media/u/a.jpg", True),
+        # the s3 transport writes keys literally: %75 is not "u" (review of #15)
+        ("s3://media/u/**", "s3://media/%75/evil.jpg", False),
+        ("s3://media/u/**", "s3://media/u/a%20b.jpg", False),
         ("s3://media/u/*", "s3://media/u/a/b.jpg", False),
         ("s3://media/u/*", "s3://media/v/a.jpg", False),
         ("s3://media/u/*", "s3://media2/u/a.jpg", False),
@@ -204,7 +207,7 @@ admin = true
     assert uploader.webhook_secret == WHSEC and not uploader.admin
     assert keys.verify("o" * 40).admin
     limits = uploader.imaging(ImagingLimits())
-    assert limits.max_pixels == 1000
+    assert limits.max_pixels == 1000 and limits.max_result_pixels == 1000
     assert uploader.download_limit(10**9) == 2000 and uploader.outputs_limit(16) == 2
     shown = uploader.describe()
     assert shown["destinations"] == ["s3://media/u/*", "file:///srv/thumbs/"]
@@ -318,6 +321,9 @@ def test_webhook_signer_picks_the_key_secret_or_hands_off() -> None:
     assert sign("removed") == server
     keyless = auth.webhook_signer(None, server)
     assert keyless(None) == server and keyless("own") is None
+    # an API node with keys turned off signs what is left with the server's secrets
+    turned_off = auth.webhook_signer(None, server, hand_off=False)
+    assert turned_off("own") == server
 
 
 def test_scope_refusals_are_403_codes_naming_the_url() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import time
@@ -762,3 +763,13 @@ async def test_metadata_with_a_lone_surrogate_is_still_delivered(
     (got,) = receiver.received()
     payload = Webhook(SECRET_A).verify(got.body, got.headers)
     assert payload["data"]["metadata"] == {"name": "\ud800"}
+
+
+def test_a_keyed_jobs_event_names_its_key() -> None:
+    """A job submitted with an API key says which in its event's data (receivers that
+    several keys' jobs reach can tell them apart); a job without a key has no such field."""
+    keyed = dataclasses.replace(record(), key="cms")
+    made = webhooks.event_for(keyed, spec(), plan(), "job.completed", SETTINGS, now=0.0)
+    assert made is not None and made.payload["data"]["key"] == "cms"
+    plain = webhooks.event_for(record(), spec(), plan(), "job.completed", SETTINGS, now=0.0)
+    assert plain is not None and "key" not in plain.payload["data"]

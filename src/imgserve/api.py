@@ -218,6 +218,14 @@ def _check_source(caller: auth.Key | None, spec: JobSpec) -> None:
         caller.may_read(spec.source_url, os.path.realpath)
 
 
+def _hop_check(caller: auth.Key | None) -> Callable[[str], None] | None:
+    """Each URL a keyed source download is redirected to, against the key's
+    ``sources`` (an open redirect on an allowed host must not lead outside them)."""
+    if caller is None or caller.sources is None:
+        return None
+    return lambda url: caller.may_read(url, os.path.realpath)
+
+
 def _check_templates(caller: auth.Key | None, spec: JobSpec) -> None:
     """Each destination whose template the source's name alone fills in, against the
     key's ``destinations``, before the download. A size or extension tag needs the
@@ -554,7 +562,9 @@ async def _accept(
                 data = uploaded
             else:
                 assert spec.source_url is not None
-                data = await service.transports.download(spec.source_url, charge)
+                data = await service.transports.download(
+                    spec.source_url, charge, _hop_check(caller)
+                )
             plan = await _check(service, spec, data, placed, caller)
         # Outside the deadline: once the commit starts, the job is accepted.
         return await _enqueue(service, spec, plan, data, caller)

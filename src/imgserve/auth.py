@@ -129,6 +129,8 @@ def place_of(url: str, *, pattern: bool = False) -> Place:
         host, port = parts.netloc, None
         if not host or "@" in host:
             raise OutOfScope("an s3:// URL without a plain bucket")
+        if "%" in parts.path:  # the s3 transport writes "%75" as three characters
+            raise OutOfScope("a % in an s3:// key (the s3 transport takes keys literally)")
     else:
         host = (parts.hostname or "").rstrip(".")
         if not host:
@@ -261,10 +263,16 @@ class Key:
         return self.admin or owner == self.name
 
     def imaging(self, limits: ImagingLimits) -> ImagingLimits:
-        """The server's limits, tightened by this key's ``max_pixels``."""
+        """The server's limits, tightened by this key's ``max_pixels``: the largest
+        image its jobs may read, and the largest each of their outputs may make (or
+        an SVG be drawn at)."""
         if self.max_pixels is None:
             return limits
-        return dataclasses.replace(limits, max_pixels=min(limits.max_pixels, self.max_pixels))
+        return dataclasses.replace(
+            limits,
+            max_pixels=min(limits.max_pixels, self.max_pixels),
+            max_result_pixels=min(limits.max_result_pixels, self.max_pixels),
+        )
 
     def download_limit(self, server_bytes: int) -> int:
         return min(server_bytes, self.max_download_bytes or server_bytes)
@@ -331,17 +339,20 @@ def bearer_token(header: str | None) -> str:
 
 
 def webhook_signer(
-    keys: Keyring | None, server_secrets: Sequence[str]
+    keys: Keyring | None, server_secrets: Sequence[str], *, hand_off: bool = True
 ) -> Callable[[str | None], Sequence[str] | None]:
     """What signs the webhook events of a job submitted with a key (by name): its
     own ``webhook_secret``, else the server's secrets. None: this node cannot tell
-    (it has no keys file) and leaves the event to a node that can."""
+    (it has no keys file) and leaves the event to a node that can. ``hand_off``
+    False (an API node: keys are configured where jobs are accepted, so one with
+    none has turned them off) signs them with the server's secrets instead: they
+    would otherwise wait forever."""
 
     def secrets_for(key_name: str | None) -> Sequence[str] | None:
         if key_name is None:
             return server_secrets
         if keys is None:
-            return None
+            return None if hand_off else server_secrets
         key = keys.get(key_name)
         if key is None or key.webhook_secret is None:
             return server_secrets  # a key removed since: its jobs' events still go

@@ -285,6 +285,8 @@ def _start_dispatcher(
     queue: Any,
     settings: Settings,
     keys: auth.Keyring | None = None,
+    *,
+    hand_off: bool = False,
 ) -> webhooks.Dispatcher:
     """Deliver completion events from the queue's outbox in this process, until the
     stack closes (before the queue does). Every process that ends jobs runs one, and
@@ -298,7 +300,7 @@ def _start_dispatcher(
         log.warning("no webhook secret is set: completion events are sent unsigned")
     # A key may sign its jobs' events with its own secret; a node without the keys
     # file leaves those events to one that has it (auth.webhook_signer).
-    signer = auth.webhook_signer(keys, hooks.webhook_secrets)
+    signer = auth.webhook_signer(keys, hooks.webhook_secrets, hand_off=hand_off)
     dispatcher = webhooks.Dispatcher(queue, hooks, settings.transport, secrets_for=signer)
     task = asyncio.create_task(webhooks.supervise(dispatcher))
     stack.push_async_callback(_cancel, task)
@@ -429,7 +431,9 @@ async def _worker(settings: Settings) -> int:
         transports = Transports(settings.transport)
         stack.push_async_callback(transports.aclose)
         # Worker nodes check no keys; given the keys file, they sign keyed events.
-        dispatcher = _start_dispatcher(stack, queue, settings, load_keyring(settings))
+        dispatcher = _start_dispatcher(
+            stack, queue, settings, load_keyring(settings), hand_off=True
+        )
         runner = Runner(queue, transports, pool, settings, on_event=dispatcher.poke)
         stop = _drain_on_signals()
 

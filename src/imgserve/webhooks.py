@@ -153,6 +153,8 @@ def event_for(
     }
     if plan is not None:
         data["sourceInfo"] = plan.source_info.view()
+    if record.key is not None:  # which API key's job: receivers shared by tenants can tell
+        data["key"] = record.key
     if error is not None:
         data["error"] = {
             "code": error.code,

@@ -32,6 +32,13 @@ Upload = tuple[Target, bytes, str]
 """Where to, what, and its content type."""
 
 
+def _refuse_redirect(url: str) -> None:
+    raise errors.SourceOutOfScope(
+        f"source: redirected to {url}: a keyed job's download on a worker node follows no "
+        "redirect (the key's sources are checked where the job was accepted)"
+    )
+
+
 async def upload_all(transports: Transports, uploads: Sequence[Upload]) -> None:
     """Upload every output at once; when any fails, raise the first failure (in
     the outputs' order) once all have ended, so none is left half-sent."""
@@ -143,7 +150,10 @@ class Runner:
             return kept, True
         if spec.source_url is None:
             raise errors.SourceNotFound("the uploaded source is no longer stored in the queue")
-        return await self.transports.download(spec.source_url), False
+        # A keyed job's redirects were checked against the key's sources on the API
+        # node; this node has no keys, so a keyed job's download follows none.
+        hops = _refuse_redirect if record.key is not None else None
+        return await self.transports.download(spec.source_url, hop_check=hops), False
 
     async def _failed(self, record: JobRecord, exc: errors.ImgserveError) -> None:
         attempts_left = record.attempts < self.settings.worker.max_attempts

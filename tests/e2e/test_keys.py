@@ -125,6 +125,11 @@ def keyed(
         "bob": keys_add(keys_file, "bob"),
         "ops": keys_add(keys_file, "ops", "--admin"),
         "small": keys_add(keys_file, "small", "--max-pixels", "10000", "--max-outputs", "1"),
+        "redirector": keys_add(
+            keys_file, "redirector",
+            "--sources", str(http_server.url("/redirect")),
+            "--destinations", f"file://{files}/u/",
+        ),
     }  # fmt: skip
     daemon = start_module_daemon("--keys", str(keys_file), "--file-root", str(files))
     yield Keyed(daemon, files, base, secrets, [])
@@ -219,6 +224,21 @@ def test_source_out_of_scope_is_refused_before_any_download(keyed: Keyed) -> Non
         listener.setblocking(False)
         with pytest.raises(BlockingIOError):
             listener.accept()  # nobody knocked
+
+
+def test_a_redirect_out_of_the_key_sources_is_refused(
+    keyed: Keyed, http_server: HTTPTestServer
+) -> None:
+    """An in-scope source that redirects outside the key's sources: 403 code 142 naming
+    where it led, nothing written (an open redirect on an allowed host leads nowhere)."""
+    serve(http_server, "keys/private/secret.jpg", jpeg(300, 100))
+    target = http_server.url("/files/keys/private/secret.jpg")
+    src = f"{http_server.url('/redirect')}?to={target}"
+    client = keyed.as_("redirector")
+    reply = client.post(resize(src, f"file://{keyed.files}/u/redir.jpg", width=30))
+    assert (reply.status, reply.body["code"]) == (403, 142), reply.body
+    assert "/files/keys/private/secret.jpg" in reply.body["detail"]
+    assert not (keyed.files / "u" / "redir.jpg").exists()
 
 
 def test_source_over_the_key_limit_is_413(keyed: Keyed, http_server: HTTPTestServer) -> None:

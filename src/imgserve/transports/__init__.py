@@ -21,7 +21,7 @@ from imgserve.errors import (
     URLInvalid,
 )
 from imgserve.retry import backoff_s
-from imgserve.transports.base import Charge, Target, Transport
+from imgserve.transports.base import Charge, HopCheck, Target, Transport
 from imgserve.urls import redact_url, scheme_of
 
 __all__ = ["SCHEMES", "Target", "Transport", "Transports"]
@@ -87,12 +87,15 @@ class Transports:
             self._instances[import_string] = transport
         return transport
 
-    async def download(self, url: str, charge: Charge | None = None) -> bytes:
+    async def download(
+        self, url: str, charge: Charge | None = None, hop_check: HopCheck | None = None
+    ) -> bytes:
         """Download ``url`` (SrcSchemeUnsupported for an unknown scheme), calling
-        ``charge`` with the size of each chunk as it arrives."""
+        ``charge`` with the size of each chunk as it arrives and ``hop_check`` with
+        each URL a redirect leads to, before it is fetched (it raises to refuse)."""
         if not self.supports(scheme_of(url)):
             raise SrcSchemeUnsupported(f"cannot download {redact_url(url)}")
-        return await self.for_url(url).download(url, charge)
+        return await self.for_url(url).download(url, charge, hop_check)
 
     async def upload(self, target: Target, data: bytes, content_type: str) -> None:
         """Upload, retrying retryable failures with full-jitter backoff.

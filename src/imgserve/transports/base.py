@@ -22,6 +22,9 @@ from imgserve.transports import outcomes
 Charge = Callable[[int], None]
 """Called with the size of each chunk of a download as it arrives (the API's
 intake byte budget, intake.Admission.charge); raises to stop the download."""
+HopCheck = Callable[[str], None]
+"""Called with each URL a download is redirected to, before it is fetched (an API
+key's sources scope); raises to refuse the redirect."""
 
 
 class Chunks:
@@ -73,7 +76,9 @@ class Transport(abc.ABC):
         self.settings = settings
 
     @abc.abstractmethod
-    async def download(self, url: str, charge: Charge | None = None) -> bytes:
+    async def download(
+        self, url: str, charge: Charge | None = None, hop_check: HopCheck | None = None
+    ) -> bytes:
         """Fetch the whole object at ``url``.
 
         Enforces ``settings.max_download_bytes`` (counted on decoded bytes)

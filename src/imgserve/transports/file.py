@@ -31,7 +31,7 @@ from urllib.parse import unquote, urlsplit
 from imgserve.config import TransportSettings
 from imgserve.errors import FileSchemeDisabled, NotARegularFile, PathOutsideRoots, URLInvalid
 from imgserve.transports import outcomes
-from imgserve.transports.base import Charge, Chunks, Target, Transport
+from imgserve.transports.base import Charge, Chunks, HopCheck, Target, Transport
 from imgserve.transports.threads import BlockingExecutor
 from imgserve.urls import redact_url
 
@@ -87,7 +87,9 @@ class FileTransport(Transport):
 
     # --- download -----------------------------------------------------------------
 
-    async def download(self, url: str, charge: Charge | None = None) -> bytes:
+    async def download(
+        self, url: str, charge: Charge | None = None, hop_check: HopCheck | None = None
+    ) -> bytes:
         path = self._lexical_path(url)
         timeout_s = self.settings.download_timeout_s
         with outcomes.translated(outcomes.DOWNLOAD, url):

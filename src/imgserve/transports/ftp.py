@@ -46,7 +46,7 @@ from urllib.parse import unquote, urlsplit
 from imgserve.config import NetPolicy, TransportSettings
 from imgserve.errors import AddressRefused, URLInvalid
 from imgserve.transports import outcomes, policy
-from imgserve.transports.base import Charge, Chunks, Target, Transport
+from imgserve.transports.base import Charge, Chunks, HopCheck, Target, Transport
 from imgserve.transports.threads import BlockingExecutor
 from imgserve.urls import redact_url
 
@@ -262,7 +262,9 @@ class FTPTransport(Transport):
 
     # --- download -----------------------------------------------------------------
 
-    async def download(self, url: str, charge: Charge | None = None) -> bytes:
+    async def download(
+        self, url: str, charge: Charge | None = None, hop_check: HopCheck | None = None
+    ) -> bytes:
         parsed = _parse(url)
         with outcomes.translated(outcomes.DOWNLOAD, url):
             try:

@@ -30,7 +30,7 @@ from yarl import URL
 from imgserve.config import NetPolicy, TransportSettings
 from imgserve.errors import AddressRefused, RedirectSchemeRefused, TooManyRedirects, URLInvalid
 from imgserve.transports import outcomes, policy
-from imgserve.transports.base import Charge, Chunks, Target, Transport
+from imgserve.transports.base import Charge, Chunks, HopCheck, Target, Transport
 from imgserve.urls import redact_url
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -213,16 +213,18 @@ class HTTPTransport(Transport):
 
     # --- download -----------------------------------------------------------------
 
-    async def download(self, url: str, charge: Charge | None = None) -> bytes:
+    async def download(
+        self, url: str, charge: Charge | None = None, hop_check: HopCheck | None = None
+    ) -> bytes:
         timeout_s = self.settings.download_timeout_s
         with outcomes.translated(outcomes.DOWNLOAD, url):
             try:
                 async with asyncio.timeout(timeout_s):
-                    return await self._download(url, charge)
+                    return await self._download(url, charge, hop_check)
             except TimeoutError as exc:
                 raise outcomes.Timeout(f"not downloaded within {timeout_s}s") from exc
 
-    async def _download(self, url: str, charge: Charge | None) -> bytes:
+    async def _download(self, url: str, charge: Charge | None, hop_check: HopCheck | None) -> bytes:
         current, auth = parse_url(url)
         for _hop in range(self.settings.max_redirects + 1):
             self._check_literal(current)
@@ -234,6 +236,8 @@ class HTTPTransport(Transport):
                 ) as resp:
                     if resp.status in _REDIRECTS:
                         current, auth = self._next_hop(current, auth, resp)
+                        if hop_check is not None:
+                            hop_check(str(current))
                         continue
                     if resp.status >= 400:
                         raise outcomes.http_status(resp.status)(f"HTTP {resp.status}")

@@ -30,7 +30,7 @@ from botocore.config import Config
 from imgserve.config import TransportSettings
 from imgserve.errors import URLInvalid
 from imgserve.transports import outcomes
-from imgserve.transports.base import Charge, Chunks, Target, Transport
+from imgserve.transports.base import Charge, Chunks, HopCheck, Target, Transport
 from imgserve.transports.threads import BlockingExecutor
 from imgserve.urls import redact_url
 
@@ -120,7 +120,9 @@ class S3Transport(Transport):
 
     # --- download -----------------------------------------------------------------
 
-    async def download(self, url: str, charge: Charge | None = None) -> bytes:
+    async def download(
+        self, url: str, charge: Charge | None = None, hop_check: HopCheck | None = None
+    ) -> bytes:
         bucket, key = _parse(url)
         timeout_s = self.settings.download_timeout_s
         with outcomes.translated(outcomes.DOWNLOAD, url):
