@@ -32,6 +32,11 @@ Upload = tuple[Target, bytes, str]
 """Where to, what, and its content type."""
 
 
+def _key_field(record: JobRecord) -> str:
+    """`` key=NAME`` for a job submitted with an API key (its name, never its secret)."""
+    return f" key={record.key}" if record.key is not None else ""
+
+
 def _refuse_redirect(url: str) -> None:
     raise errors.SourceOutOfScope(
         f"source: redirected to {url}: a keyed job's download on a worker node follows no "
@@ -138,7 +143,13 @@ class Runner:
             event = self._event(record, "job.completed", output_bytes=sizes, previews=previews)
             await self.queue.complete(record.id, sizes, event=event, previews=previews)
             self._announce(event)
-            log.info("job %s done attempt=%d outputs=%d", record.id, record.attempts, len(results))
+            log.info(
+                "job %s done attempt=%d outputs=%d%s",
+                record.id,
+                record.attempts,
+                len(results),
+                _key_field(record),
+            )
 
     async def _source(self, record: JobRecord, spec: JobSpec) -> tuple[bytes | str, bool]:
         """The source (its bytes or a file holding them), and whether it is the
@@ -174,10 +185,11 @@ class Runner:
             await self.queue.retry(record.id, delay, exc.code, exc.detail)
             return
         log.error(
-            "job %s failed code=%d attempts=%d: %s",
+            "job %s failed code=%d attempts=%d%s: %s",
             record.id,
             exc.code,
             record.attempts,
+            _key_field(record),
             exc.detail,
         )
         # The failure image goes first: once the job reads "failed", it is in place.

@@ -174,6 +174,7 @@ def test_0_2_post_with_a_key_runs_and_names_the_key(
     assert (keyed.files / "u/a.jpg").stat().st_size > 0
     log = (keyed.daemon.state_dir / "imgserve.log").read_text()
     assert f"job {reply.body['jobId']} accepted key=scoped" in log
+    assert f"job {reply.body['jobId']} done attempt=1 outputs=1 key=scoped" in log
 
 
 def test_destination_out_of_scope_gets_nothing_not_even_a_placeholder(

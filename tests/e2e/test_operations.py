@@ -16,6 +16,7 @@ import thumbhash as reference_thumbhash  # thumbhash-rs: evanw's Rust crate
 
 from tests.e2e.conftest import Daemon, decode, post_jobs, serve
 from tests.e2e.test_webhooks import SECRET, hook_flags
+from tests.imaging.test_preview import linear_to_srgb, srgb_to_linear
 from tests.servers import HTTPTestServer
 from tests.webhook_receiver import (
     Receiver,
@@ -23,16 +24,6 @@ from tests.webhook_receiver import (
 )
 
 pytestmark = pytest.mark.slow
-
-
-def _srgb_to_linear(c: np.ndarray) -> np.ndarray:
-    c = c / 255.0
-    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-
-
-def _linear_to_srgb(c: np.ndarray) -> np.ndarray:
-    c = np.clip(c, 0, 1)
-    return 255.0 * np.where(c <= 0.0031308, c * 12.92, 1.055 * c ** (1 / 2.4) - 0.055)
 
 
 def _pixels(image: pyvips.Image) -> np.ndarray:
@@ -99,9 +90,9 @@ def test_operations_and_previews_through_the_daemon(
         assert (image.width, image.height) == size == (output["width"], output["height"])
         pixels = _pixels(image)
         mean = pixels.reshape(-1, 3).mean(axis=0)
-        linear_mean = _linear_to_srgb(_srgb_to_linear(pixels).reshape(-1, 3).mean(axis=0))
+        linear_mean = linear_to_srgb(srgb_to_linear(pixels).reshape(-1, 3).mean(axis=0))
         blur = np.array(halcy_blurhash.decode(output["blurhash"], 32, 32, linear=True))
-        assert np.abs(_linear_to_srgb(blur.reshape(-1, 3).mean(axis=0)) - linear_mean).max() < 14
+        assert np.abs(linear_to_srgb(blur.reshape(-1, 3).mean(axis=0)) - linear_mean).max() < 14
         width, height, rgba = reference_thumbhash.thumb_hash_to_rgba(
             base64.b64decode(output["thumbhash"])
         )

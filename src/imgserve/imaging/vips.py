@@ -210,6 +210,16 @@ def pad(
 
     ``alpha``: the output holds alpha, so the canvas keeps ``rgba``'s; otherwise the
     canvas is opaque (any alpha of the image is flattened later)."""
+    image, colour = _on_background(image, rgba, alpha=alpha)
+    return image.embed(left, top, width, height, extend="background", background=colour)
+
+
+def _on_background(
+    image: pyvips.Image, rgba: tuple[int, int, int, int], *, alpha: bool
+) -> tuple[pyvips.Image, list[float]]:
+    """``image`` ready to be drawn on ``rgba`` (sRGB; an alpha band added when the
+    output holds alpha and the colour is see-through), and the colour in its bands
+    and range: what padding and turning fill new pixels with."""
     if image.bands < 3:
         image = image.colourspace("srgb")  # a grey image on a coloured canvas
     peak = 65535 if image.format == "ushort" else 255
@@ -218,7 +228,7 @@ def pad(
         image = image.bandjoin(peak)
     if image.hasalpha():
         colour.append((rgba[3] if alpha else 255) * peak / 255)
-    return image.embed(left, top, width, height, extend="background", background=colour)
+    return image, colour
 
 
 def first_frame(image: pyvips.Image) -> pyvips.Image:
@@ -377,14 +387,7 @@ def rotate(
     turns = degrees % 360
     if turns in (90, 180, 270):
         return image.rot(f"d{int(turns)}")
-    if image.bands < 3:
-        image = image.colourspace("srgb")
-    peak = 65535 if image.format == "ushort" else 255
-    colour = [channel * peak / 255 for channel in rgba[:3]]
-    if alpha and rgba[3] < 255 and not image.hasalpha():
-        image = image.bandjoin(peak)
-    if image.hasalpha():
-        colour.append((rgba[3] if alpha else 255) * peak / 255)
+    image, colour = _on_background(image, rgba, alpha=alpha)
     return image.rotate(turns, background=colour)
 
 
