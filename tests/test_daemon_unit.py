@@ -127,3 +127,15 @@ def test_every_setting_flag_is_a_setting() -> None:
     parser = cli.build_parser()
     dests = {a.dest for a in parser._subparsers._group_actions[0].choices["serve"]._actions}  # type: ignore[union-attr]
     assert set(cli._SETTING_FLAGS) <= dests
+
+
+def test_a_watermark_file_that_is_not_an_image_stops_the_start(tmp_path: Path) -> None:
+    """--watermark names a file imgserve cannot decode: StartupError naming it, before
+    any job could fail on it; a PNG passes."""
+    bad = tmp_path / "logo.png"
+    bad.write_text("not an image")
+    with pytest.raises(daemon.StartupError, match="watermark 'logo'"):
+        daemon.check_watermarks(config.load({"watermark": [f"logo={bad}"]}))
+    good = tmp_path / "good.png"
+    good.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 32)
+    daemon.check_watermarks(config.load({"watermark": [f"logo={good}"]}))

@@ -408,6 +408,7 @@ def run_worker(settings: Settings) -> int:
         return EXIT_FAIL
     try:
         _check_queue(settings.server.queue_url, Path("."))
+        check_watermarks(settings)
         load_keyring(settings)
     except StartupError as exc:
         print(f"imgserve worker: {exc}", file=sys.stderr)
@@ -538,6 +539,21 @@ def preflight(settings: Settings, paths: Paths) -> None:
             raise StartupError(f"cannot write to {directory}: {exc.strerror or exc}") from exc
     _check_queue(settings.server.queue_url, paths.data_dir)
     load_keyring(settings)
+    check_watermarks(settings)
+
+
+def check_watermarks(settings: Settings) -> None:
+    """Each ``--watermark`` file is an image of a raster format imgserve decodes
+    (StartupError naming it): a bad one would fail every job that names it."""
+    from imgserve.imaging import formats
+
+    for name, path in settings.imaging.watermark_files().items():
+        try:
+            head = path.read_bytes()
+        except OSError as exc:
+            raise StartupError(f"watermark {name!r}: {path}: {exc.strerror or exc}") from exc
+        if formats.sniff(head) not in formats.RASTER_SOURCES:
+            raise StartupError(f"watermark {name!r}: {path} is not a PNG, JPEG, WebP, ... image")
 
 
 # --- API keys (docs/security.md) -------------------------------------------------------

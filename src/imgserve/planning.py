@@ -222,6 +222,12 @@ def _plan_output(
         blurhash_components=out.blurhash_components,
     )
     planned = pipeline.plan_output(info, spec, limits)
+    mark = out.ops.watermark
+    if mark is not None and 2 * mark.margin >= min(planned.result.width, planned.result.height):
+        raise errors.JobFieldInvalid(
+            f"{path}.watermark.margin: {mark.margin} px on each side leaves no room in the "
+            f"{planned.result.width}x{planned.result.height} result"
+        )
     dst_url = substitute(
         out.url,
         width=planned.result.width,

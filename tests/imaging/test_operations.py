@@ -311,3 +311,73 @@ def test_a_decoded_render_round_trips_its_plan(card: bytes) -> None:
     (result,) = planning.render(again, card, ImagingLimits(), planned=True)
     image = decode(result)
     assert (image.width, image.height) == (63, 120)
+
+
+# --- review of #16 --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def big_photo() -> dict[str, bytes]:
+    """An 800x600 quadrant card as JPEG and PNG: large enough that a one-output job's
+    shrink-on-load decode is read as a stream (a 400x200 card is not)."""
+    card = quadrants(800, 600)
+    return {"jpeg": bytes(card.jpegsave_buffer(Q=95)), "png": bytes(card.pngsave_buffer())}
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "png"])
+@pytest.mark.parametrize(
+    ("ops", "gravity", "expect"),
+    [
+        (Operations(flip=True), "centre", (BLUE, YELLOW, RED, GREEN)),
+        (Operations(rotate=90), "centre", (BLUE, RED, YELLOW, GREEN)),
+        (Operations(rotate=180), "centre", (YELLOW, BLUE, GREEN, RED)),
+        (Operations(crop=Crop(0, 0, 800, 600)), "smart", (RED, GREEN, BLUE, YELLOW)),
+    ],
+    ids=["flip", "rotate90", "rotate180", "smart+crop"],
+)
+def test_a_one_output_job_cuts_and_turns_a_large_source(
+    big_photo: dict[str, bytes],
+    kind: str,
+    ops: Operations,
+    gravity: str,
+    expect: tuple[Any, ...],
+) -> None:
+    """One output of an 800x600 JPEG or PNG, enlarged to 1000 wide, flipped, turned or
+    smart-cropped after a crop: rendered (it read the streamed decode out of order: 202)."""
+    size = (1000, 750) if ops.rotate in (0, 180) else (1000, 1333)
+    spec = OutputSpec(Format.PNG, width=1000, enlarge=True, gravity=gravity, ops=ops)
+    if gravity == "smart":
+        spec = OutputSpec(Format.PNG, width=1000, height=750, gravity="smart", ops=ops,
+                          enlarge=True)  # fmt: skip
+    _info, _plans, (image,) = make(big_photo[kind], [spec])
+    assert (image.width, image.height) == size
+    assert quads(image, *expect), corners(image)
+
+
+def test_an_enlarged_crop_is_cut_at_the_source_size_then_enlarged() -> None:
+    """A 100x100 crop of a 4000x3000 source at width 400 is accepted: it is cut from
+    the source at its own size (never decoded at 16000x12000) and enlarged."""
+    source = quadrants(4000, 3000).jpegsave_buffer(Q=80)
+    crop = {"left": 2100, "top": 100, "width": 100, "height": 100}  # in the green quadrant
+    body = {
+        "source": "https://h/big.jpg",
+        "outputs": [{"url": "s3://b/a.png", "width": 400, "enlarge": True, "crop": crop}],
+    }
+    job = planning.plan(validate_jobs(body, max_outputs=4), bytes(source), ImagingLimits())
+    out = job.outputs[0].plan
+    assert out.frame is not None and out.frame.pixels <= 4000 * 3000
+    (result,) = planning.render(job, bytes(source), ImagingLimits(), planned=True)
+    image = decode(result)
+    assert (image.width, image.height) == (400, 400)
+    assert all(close(p, GREEN) for p in corners(image))
+
+
+def test_a_watermark_margin_that_leaves_no_room_is_703() -> None:
+    body = {"source": "https://h/a.png",
+            "outputs": [{"url": "s3://b/a.png", "width": 100,
+                         "watermark": {"name": "logo", "margin": 25}}]}  # fmt: skip
+    spec = validate_jobs(body, max_outputs=4, watermarks=frozenset({"logo"}))
+    card = bytes(quadrants(400, 200).pngsave_buffer())  # 100x50 at width 100
+    with pytest.raises(errors.JobFieldInvalid) as info:
+        planning.plan(spec, card, ImagingLimits(watermarks=("logo=/dev/null",)))
+    assert info.value.detail.startswith("outputs[0].watermark.margin: 25 px on each side")

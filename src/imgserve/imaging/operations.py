@@ -149,8 +149,9 @@ def rotated_size(size: Size, degrees: float) -> Size:
 
 
 def frame_size(source: Size, ops: Operations, scaled: Size) -> Size:
-    """The whole upright source at the scale that makes its ``ops.region`` ``scaled``:
-    the size to decode at before cutting and turning."""
+    """The whole upright source at the scale that makes its ``ops.region`` ``scaled``,
+    never above the source's own size: the size to decode at before cutting and
+    turning (an enlarged crop is cut from the source at its size, then enlarged)."""
     region = ops.region(source)
-    factor = max(scaled.width / region.width, scaled.height / region.height)
+    factor = min(1.0, max(scaled.width / region.width, scaled.height / region.height))
     return Size(max(1, round(source.width * factor)), max(1, round(source.height * factor)))

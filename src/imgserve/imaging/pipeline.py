@@ -406,6 +406,10 @@ def _geometry(image: vips.Image, info: SourceInfo, out: OutputPlan, marks: Marks
     ops = out.ops
     if not ops.geometric:
         return image
+    if not info.vector:
+        # A shrink-on-load decode is read top to bottom once: a flip, a turn or a
+        # smart crop reads it out of order. Its size is the planned frame.
+        image = vips.materialize(image, info.format)
     if ops.crop is not None:
         image = vips.crop_scaled(image, info.size, ops.crop)
     if ops.rotate:
