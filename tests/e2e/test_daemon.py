@@ -280,7 +280,9 @@ def test_segfaulting_job_fails_after_attempts(
 
 def test_job_timeout_and_memory_cap(start_daemon: Any, http_server: HTTPTestServer) -> None:
     """A runaway render is killed at the job timeout (306); a memory hog gets 307."""
-    daemon = start_daemon("--job-timeout", "1", "--memory-limit-mb", "1500")
+    # 3 s: a loaded machine (the suite runs 4 workers on 2 cores) takes over a second
+    # to fault in 1.5 GB, and the hog must reach the cap before the timeout.
+    daemon = start_daemon("--job-timeout", "3", "--memory-limit-mb", "1500")
     hang = serve(http_server, "l/hang.jpg", jpeg(300, 200, b"IMGSERVE-FAULT-SLEEP"))
     hog = serve(http_server, "l/hog.jpg", jpeg(300, 200, b"IMGSERVE-FAULT-HOG"))
     hang_id = daemon.post(resize(hang, f"file://{daemon.out_dir}/l/h.jpg", width=30)).body["jobId"]
