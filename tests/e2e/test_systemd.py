@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
 import subprocess
+import sys
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -17,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from imgserve import notify
+from imgserve import cli, notify
 from tests.e2e.conftest import IMGSERVE, Daemon, jpeg, resize
 from tests.redis_server import RedisServer
 from tests.servers import BASIC_PASSWORD, BASIC_USER, HTTPTestServer
@@ -152,3 +154,41 @@ def test_notify_reaches_an_abstract_socket_and_is_silent_without_one() -> None:
     assert not notify.notify(notify.READY, {})
     assert not notify.notify(notify.READY, {"NOTIFY_SOCKET": "vsock:2:1"})
     assert not notify.notify(notify.READY, {"NOTIFY_SOCKET": "@" + name})  # closed now
+
+
+CONTRIB = Path(__file__).parents[2] / "contrib"
+UNITS = ["imgserve.service", "imgserve-worker.service"]
+
+
+def _exec_start(unit: Path) -> list[str]:
+    """ExecStart's words, its line continuations joined."""
+    text = unit.read_text().replace("\\\n", " ")
+    line = next(ln for ln in text.splitlines() if ln.startswith("ExecStart="))
+    return line.removeprefix("ExecStart=").split()
+
+
+@pytest.mark.parametrize("name", UNITS)
+def test_unit_file_runs_a_notify_service_with_flags_the_cli_takes(name: str) -> None:
+    """Each contrib unit is Type=notify and its ExecStart parses with imgserve's CLI."""
+    unit = CONTRIB / name
+    assert "\nType=notify\n" in unit.read_text()
+    program, *argv = _exec_start(unit)
+    assert program.endswith("/bin/imgserve")
+    args = cli.build_parser().parse_args([a.replace("%d", "/run/credentials/x") for a in argv])
+    assert args.command == ("serve" if name == "imgserve.service" else "worker")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_unit_files_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    """systemd-analyze verify accepts both units (ExecStart pointed at this imgserve)."""
+    here = Path(sys.executable).with_name("imgserve")
+    for name in UNITS:
+        text = (CONTRIB / name).read_text()
+        (tmp_path / name).write_text(text.replace("/opt/imgserve/.venv/bin/imgserve", str(here)))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", *(str(tmp_path / n) for n in UNITS)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
