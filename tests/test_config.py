@@ -63,6 +63,7 @@ def _watermarks(tmp_path: Path) -> tuple[Any, str, Any]:
 # Fields whose values are checked beyond their type get samples that pass the check.
 CHECKED_SAMPLES: dict[str, Any] = {
     "imaging.watermarks": _watermarks,
+    "server.log_format": lambda _: ("json", "json", "json"),
     "webhook.webhook_url": lambda _: (
         "http://h.example/",
         "http://h.example/",

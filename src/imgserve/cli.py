@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from imgserve import __version__, config, daemon, keys_cli, urls
+from imgserve import __version__, config, daemon, keys_cli, logs, urls
 
 COMMANDS = ("start", "stop", "restart", "status", "version", "serve", "worker")
 # A webhook secret or an API key, wherever argparse would echo one (a mistyped
@@ -87,6 +87,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     add("--max-result-bytes", dest="max_result_bytes", type=int, help="largest encoded result")
     add("--log-max-bytes", dest="log_max_bytes", type=int, help="rotate the log at this size")
     add("--log-backups", dest="log_backups", type=int, help="rotated logs kept (5)")
+    add("--log-format", dest="log_format", choices=logs.LOG_FORMATS, help="text or json")
     add("--redact-param", dest="redact_param", action="append", help="query parameter to hide")
     add("--webhook-url", dest="webhook_url", help="default completion-event URL for every job")
     add("--webhook-secrets-file", dest="webhook_secrets_file", help="file of whsec_ secrets")

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imgserve.logs import LOG_FORMATS
+
 MiB = 1024 * 1024
 
 
@@ -147,6 +149,9 @@ class ServerSettings:
     """None: the embedded SQLite queue; redis://host:port/db: distributed mode."""
     log_max_bytes: int = 10 * MiB
     log_backups: int = 5
+    log_format: str = "text"
+    """How log lines are written: ``text`` (one line each) or ``json`` (one JSON
+    object each, for log shippers); docs/systemd.md."""
     planners: int = 2
     """Planner processes: they read each source's header for the reply (untrusted
     bytes parsed outside the API process). Two, so one hostile file that spins
@@ -478,6 +483,11 @@ def _check_watermarks(pairs: tuple[str, ...]) -> None:
             raise ValueError(f"watermark {name!r}: {path} is not a file")
 
 
+def _check_log_format(value: str) -> None:
+    if value not in LOG_FORMATS:
+        raise ValueError(f"expected one of {', '.join(LOG_FORMATS)}, got {value!r}")
+
+
 def _check_schedule(schedule: tuple[float, ...]) -> None:
     if not 1 <= len(schedule) <= MAX_WEBHOOK_ATTEMPTS:
         raise ValueError(f"expected 1 to {MAX_WEBHOOK_ATTEMPTS} waits, got {len(schedule)}")
@@ -494,6 +504,7 @@ def _check_secrets(secrets: tuple[str, ...]) -> None:
 # Checks of a whole value, after it is converted and normalised; each raises
 # ValueError saying what is wrong (never echoing a secret).
 _CHECKS: dict[str, Any] = {
+    "server.log_format": _check_log_format,
     "webhook.webhook_url": _check_webhook_url,
     "webhook.webhook_schedule_s": _check_schedule,
     "webhook.webhook_secrets": _check_secrets,

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imgserve import auth, logs
+from imgserve import auth, logs, notify
 from imgserve.config import Settings
 from imgserve.urls import redact_url
 
@@ -161,6 +161,7 @@ def serve(settings: Settings, *, to_file: bool, force: bool) -> int:
             paths.log_file if to_file else None,
             max_bytes=settings.server.log_max_bytes,
             backups=settings.server.log_backups,
+            log_format=settings.server.log_format,
         )
         write_pid_file(paths, force=force)
     except (StartupError, RuntimeError, OSError) as exc:
@@ -250,8 +251,13 @@ async def _serve(settings: Settings, paths: Paths, *, linger_s: float = DEGRADED
         )
         await site.start()
 
-        stop = _drain_on_signals(on_first=lambda: setattr(service, "draining", True))
+        def draining() -> None:
+            service.draining = True
+            notify.notify(notify.STOPPING)
+
+        stop = _drain_on_signals(on_first=draining)
         _write_runtime_file(paths, settings)
+        notify.notify(notify.READY)  # the port is listening
         log.info(
             "imgserve listening on %s:%d with %d workers, state in %s",
             settings.server.host,
@@ -402,7 +408,12 @@ def _drain_on_signals(on_first: Any = None) -> asyncio.Event:
 
 def run_worker(settings: Settings) -> int:
     """``imgserve worker``: a worker node of the distributed mode, in the foreground."""
-    logs.configure(None, max_bytes=settings.server.log_max_bytes, backups=0)
+    logs.configure(
+        None,
+        max_bytes=settings.server.log_max_bytes,
+        backups=0,
+        log_format=settings.server.log_format,
+    )
     if not settings.server.queue_url:
         print("imgserve worker: --queue redis://host:port/db is required", file=sys.stderr)
         return EXIT_FAIL
@@ -436,7 +447,7 @@ async def _worker(settings: Settings) -> int:
             stack, queue, settings, load_keyring(settings), hand_off=True
         )
         runner = Runner(queue, transports, pool, settings, on_event=dispatcher.poke)
-        stop = _drain_on_signals()
+        stop = _drain_on_signals(on_first=lambda: notify.notify(notify.STOPPING))
 
         async def announce() -> None:
             while True:
@@ -460,6 +471,7 @@ async def _worker(settings: Settings) -> int:
         )
         announcer = asyncio.create_task(announce())
         stack.push_async_callback(_cancel, announcer)
+        notify.notify(notify.READY)  # _run_jobs starts consuming at once
         ended = await _run_jobs(stack, runner, stop, settings.server.shutdown_timeout_s)
         await _cancel(announcer)  # no heartbeat after the leave
         with contextlib.suppress(Exception):
