@@ -241,3 +241,40 @@ def test_metrics_listen_takes_ipv6_in_brackets() -> None:
     settings = config.load({"metrics_listen": "[::1]:9100"})
     assert settings.server.metrics_listen == "[::1]:9100"
     assert config.listen_address("[::1]:9100") == ("::1", 9100)
+
+
+async def test_a_metrics_address_in_use_names_the_flag() -> None:
+    """--metrics-listen on a port already taken: a StartupError naming the flag and
+    the address (not the main port's "address in use")."""
+    import contextlib
+    import socket
+
+    from imgserve import daemon
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        async with contextlib.AsyncExitStack() as stack:
+            with pytest.raises(daemon.StartupError, match=f"--metrics-listen {address}: "):
+                await daemon._serve_metrics(stack, Metrics(), address)
+
+
+async def test_the_metrics_listener_serves_metrics_alone(unused_tcp_port: int) -> None:
+    """The --metrics-listen app answers /metrics with the exposition, nothing else."""
+    import contextlib
+
+    from imgserve import daemon
+
+    metrics = Metrics()
+    metrics.accepted.labels("rasterize").inc()
+    address = f"127.0.0.1:{unused_tcp_port}"
+    async with contextlib.AsyncExitStack() as stack:
+        await daemon._serve_metrics(stack, metrics, address)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://{address}/metrics") as resp:
+                assert resp.status == 200
+                _, samples = parse(await resp.text())
+            async with session.get(f"http://{address}/health") as resp:
+                assert resp.status == 404
+    assert value(samples, "imgserve_jobs_accepted_total", operation="rasterize") == 1

@@ -367,7 +367,10 @@ async def _serve_metrics(
     runner = web.AppRunner(metrics_app.make_app(metrics), access_log=None, handle_signals=False)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
-    await web.TCPSite(runner, host, port, reuse_address=True).start()
+    try:
+        await web.TCPSite(runner, host, port, reuse_address=True).start()
+    except OSError as exc:  # not the main port's "address in use": say which one
+        raise StartupError(f"--metrics-listen {address}: {exc.strerror or exc}") from exc
     log.info("metrics on http://%s/metrics (no key: keep it on a private interface)", address)
 
 
@@ -446,7 +449,11 @@ def run_worker(settings: Settings) -> int:
     except StartupError as exc:
         print(f"imgserve worker: {exc}", file=sys.stderr)
         return EXIT_FAIL
-    return asyncio.run(_worker(settings))
+    try:
+        return asyncio.run(_worker(settings))
+    except StartupError as exc:  # --metrics-listen cannot be bound
+        print(f"imgserve worker: {exc}", file=sys.stderr)
+        return EXIT_FAIL
 
 
 async def _worker(settings: Settings) -> int:

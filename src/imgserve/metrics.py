@@ -15,6 +15,7 @@ the name (``_seconds``, ``_bytes``), ``_total`` on counters.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -52,6 +53,9 @@ UNMATCHED_ROUTE = "unmatched"
 """The ``route`` label of a request no route matched (the raw path would be unbounded)."""
 
 _PAGE_SIZE = 4096
+
+CLIENT_CLOSED = 499
+"""The ``status`` of a request whose client closed the connection before the reply."""
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 """The classic text format, which every Prometheus server reads (Debian 12's 2.42
@@ -273,6 +277,9 @@ def request_timer(metrics: Metrics) -> Middleware:
             return response
         except web.HTTPException as exc:
             status = exc.status
+            raise
+        except asyncio.CancelledError:  # the client went away first (nginx's 499)
+            status = CLIENT_CLOSED
             raise
         finally:
             metrics.requests.labels(route_of(request), request.method, str(status)).observe(
