@@ -55,7 +55,9 @@ UNMATCHED_ROUTE = "unmatched"
 _PAGE_SIZE = 4096
 
 CLIENT_CLOSED = 499
-"""The ``status`` of a request whose client closed the connection before the reply."""
+"""The ``status`` of a request cut off before its reply (the handler cancelled, as
+when the daemon stops under it; aiohttp does not cancel on a client's disconnect).
+nginx's code for a request that got no reply."""
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 """The classic text format, which every Prometheus server reads (Debian 12's 2.42
@@ -278,7 +280,7 @@ def request_timer(metrics: Metrics) -> Middleware:
         except web.HTTPException as exc:
             status = exc.status
             raise
-        except asyncio.CancelledError:  # the client went away first (nginx's 499)
+        except asyncio.CancelledError:  # cut off before a reply: the server stopping under it
             status = CLIENT_CLOSED
             raise
         finally:
