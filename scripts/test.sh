@@ -19,9 +19,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests use: a real Redis server and real image corpora.
+# Debian packages the tests use: a real Redis server, a real Prometheus (it
+# scrapes a test daemon's /metrics) and real image corpora.
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 [ -d /usr/share/desktop-base ] || need+=(desktop-base)
 [ -d /usr/share/wallpapers/Autumn ] || need+=(plasma-workspace-wallpapers)
 if [ ${#need[@]} -gt 0 ]; then

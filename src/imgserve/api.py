@@ -52,6 +52,7 @@ from imgserve import __version__, auth, errors, webhooks
 from imgserve.config import Settings
 from imgserve.destination import TAG, destination_target, substitute
 from imgserve.intake import Admission, Intake
+from imgserve.metrics import Metrics, exposition, request_timer
 from imgserve.planner import Planner
 from imgserve.planning import JobPlan, targets
 from imgserve.queue.base import Change, Event, JobQueue, JobRecord
@@ -117,6 +118,8 @@ class Service:
     keys: auth.Keyring | None = None
     """The API keys; None: no authentication (0.2's behaviour)."""
     limiter: auth.RateLimiter = field(default_factory=auth.RateLimiter, init=False)
+    metrics: Metrics = field(default_factory=Metrics)
+    """What ``GET /metrics`` exports (the daemon shares it with the runner)."""
 
     @property
     def watermarks(self) -> frozenset[str]:
@@ -126,6 +129,7 @@ class Service:
     def __post_init__(self) -> None:
         server = self.settings.server
         self.intake = Intake(server.intake_max, server.intake_max_bytes)
+        self.metrics.watch_queue(self.queue.counts)
 
 
 SERVICE = web.AppKey("service", Service)
@@ -562,21 +566,28 @@ async def _accept(
                 data = uploaded
             else:
                 assert spec.source_url is not None
-                data = await service.transports.download(
-                    spec.source_url, charge, _hop_check(caller)
-                )
+                with service.metrics.phase("download"):
+                    data = await service.transports.download(
+                        spec.source_url, charge, _hop_check(caller)
+                    )
+                service.metrics.count_download(spec.source_url, len(data))
             plan = await _check(service, spec, data, placed, caller)
         # Outside the deadline: once the commit starts, the job is accepted.
-        return await _enqueue(service, spec, plan, data, caller)
+        record = await _enqueue(service, spec, plan, data, caller)
     except Exception as exc:
         # Outside the deadline, which may be what ended the check: a refused job
         # leaves no "being processed" placeholder behind.
         await _withdraw_placeholders(service, placed)
         if isinstance(exc, TimeoutError) and deadline.expired():
+            service.metrics.refused.labels(str(errors.ReplyTimeout.code)).inc()
             raise errors.ReplyTimeout(
                 f"not checked within {server.reply_timeout_s:g} s (download, plan, placeholders)"
             ) from exc
+        code = exc.code if isinstance(exc, errors.ImgserveError) else errors.InternalError.code
+        service.metrics.refused.labels(str(code)).inc()
         raise
+    service.metrics.accepted.labels(plan.operation).inc()
+    return record
 
 
 async def _check_webhook(service: Service, url: str) -> None:
@@ -622,7 +633,8 @@ async def _check(
     limits = service.settings.imaging
     if caller is not None:
         limits = caller.imaging(limits)
-    plan, images = await service.planner.plan(spec, data, limits)
+    with service.metrics.phase("plan"):
+        plan, images = await service.planner.plan(spec, data, limits)
     _check_destinations(caller, spec, plan)
     if not spec.placeholder:
         return plan
@@ -633,11 +645,13 @@ async def _check(
     async def put(index: int, image: bytes) -> None:
         target, content_type = placed.destinations[index], plan.outputs[index].plan.content_type
         await service.transports.upload(target, image, content_type)
+        service.metrics.count_upload(target.url, len(image))
         placed.outputs.append(index)
 
-    outcomes = await asyncio.gather(
-        *(put(index, image) for index, image in enumerate(images)), return_exceptions=True
-    )
+    with service.metrics.phase("placeholder"):
+        outcomes = await asyncio.gather(
+            *(put(index, image) for index, image in enumerate(images)), return_exceptions=True
+        )
     for index, outcome in enumerate(outcomes):
         if isinstance(outcome, errors.UploadFailed | errors.UploadRefused):
             named = f"outputs[{index}]: " if spec.operation is None else ""
@@ -947,6 +961,7 @@ def _change_data(change: Change) -> dict[str, Any]:
 async def health(request: web.Request) -> web.Response:
     service: Service = request.app[SERVICE]
     counts = await service.queue.counts()
+    service.metrics.queue_counts = counts  # fresh for the next scrape too
     nodes = await service.queue.nodes()
     status = "degraded" if service.degraded else "draining" if service.draining else "ok"
     body: dict[str, Any] = {
@@ -968,6 +983,12 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response(body, status=503 if service.degraded else 200)
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: the Prometheus text format (docs/operating.md); with keys
+    configured it needs one, as every endpoint but the probes."""
+    return await exposition(request.app[SERVICE].metrics)
+
+
 async def livez(request: web.Request) -> web.Response:
     """``GET /livez``: the process answers (no queue read); never needs a key."""
     return web.json_response({"status": "alive"})
@@ -976,7 +997,7 @@ async def livez(request: web.Request) -> web.Response:
 def make_app(service: Service) -> web.Application:
     # The body limit is enforced here (413 -> code 125) with slack for the check above.
     app = web.Application(
-        middlewares=[errors_middleware, auth_middleware],
+        middlewares=[request_timer(service.metrics), errors_middleware, auth_middleware],
         client_max_size=service.settings.server.max_request_bytes + 1,
     )
     app[SERVICE] = service
@@ -989,6 +1010,7 @@ def make_app(service: Service) -> web.Application:
     app.router.add_get("/events", stream_events)
     app.router.add_get("/health", health)
     app.router.add_get("/livez", livez)
+    app.router.add_get("/metrics", metrics)
 
     async def end_streams(_app: web.Application) -> None:
         service.closing.set()  # before aiohttp waits for the handlers still running

@@ -94,6 +94,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     add("--webhook-secret", action=_RefuseSecret, help=argparse.SUPPRESS)
     add("--keys", dest="keys", help="API keys file (TOML; see docs/security.md)")
     add(
+        "--metrics-listen",
+        dest="metrics_listen",
+        metavar="HOST:PORT",
+        help="serve /metrics here too, without a key (a private interface)",
+    )
+    add(
         "--set",
         dest="assignments",
         action="append",

@@ -164,6 +164,10 @@ class ServerSettings:
     keys_file: Path | None = None
     """The API keys file (TOML, docs/security.md). None: ``keys.toml`` in the state
     directory when it exists; with no keys file, no authentication (0.2)."""
+    metrics_listen: str | None = None
+    """``HOST:PORT`` of a second listener serving only ``/metrics``, without a key
+    (docs/operating.md: bind it to a private interface). None: ``/metrics`` is
+    served on the main port only, behind the API keys like every endpoint."""
 
 
 WEBHOOK_SCHEDULE_S: tuple[float, ...] = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
@@ -488,6 +492,20 @@ def _check_log_format(value: str) -> None:
         raise ValueError(f"expected one of {', '.join(LOG_FORMATS)}, got {value!r}")
 
 
+def listen_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as (host, port); ValueError if not."""
+    host, sep, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    return host, int(port)
+
+
+def _check_listen(address: str | None) -> None:
+    if address is not None:
+        listen_address(address)
+
+
 def _check_schedule(schedule: tuple[float, ...]) -> None:
     if not 1 <= len(schedule) <= MAX_WEBHOOK_ATTEMPTS:
         raise ValueError(f"expected 1 to {MAX_WEBHOOK_ATTEMPTS} waits, got {len(schedule)}")
@@ -509,6 +527,7 @@ _CHECKS: dict[str, Any] = {
     "webhook.webhook_schedule_s": _check_schedule,
     "webhook.webhook_secrets": _check_secrets,
     "imaging.watermarks": _check_watermarks,
+    "server.metrics_listen": _check_listen,
 }
 
 OPTIONS: dict[str, Option] = _build_options(Settings, _ALIASES)

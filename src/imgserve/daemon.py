@@ -35,6 +35,7 @@ from imgserve.urls import redact_url
 
 if TYPE_CHECKING:
     from imgserve import webhooks
+    from imgserve.metrics import Metrics
 
 log = logging.getLogger("imgserve.daemon")
 
@@ -197,6 +198,7 @@ async def _serve(settings: Settings, paths: Paths, *, linger_s: float = DEGRADED
 
     from imgserve import api, protocol
     from imgserve.imaging import vips
+    from imgserve.metrics import Metrics
     from imgserve.planner import Planner
     from imgserve.pool import ImagePool
     from imgserve.transports import Transports
@@ -217,6 +219,7 @@ async def _serve(settings: Settings, paths: Paths, *, linger_s: float = DEGRADED
         stack.push_async_callback(asyncio.to_thread, planner.close)
         keys = load_keyring(settings)
         dispatcher = _start_dispatcher(stack, queue, settings, keys)
+        metrics = Metrics()
         # With a Redis queue this node only accepts jobs; `imgserve worker` nodes run them.
         runner: Runner | None = None
         pool: ImagePool | None = None
@@ -226,7 +229,10 @@ async def _serve(settings: Settings, paths: Paths, *, linger_s: float = DEGRADED
                 log.info("recovered %d unfinished jobs from the queue", recovered)
             pool = ImagePool(settings.worker, settings.imaging)
             stack.push_async_callback(asyncio.to_thread, pool.close)
-            runner = Runner(queue, transports, pool, settings, on_event=dispatcher.poke)
+            runner = Runner(
+                queue, transports, pool, settings, on_event=dispatcher.poke, metrics=metrics
+            )
+            _watch_pool(metrics, pool)
         service = api.Service(
             settings=settings,
             queue=queue,
@@ -236,6 +242,7 @@ async def _serve(settings: Settings, paths: Paths, *, linger_s: float = DEGRADED
             planner=planner,
             on_event=dispatcher.poke,
             keys=keys,
+            metrics=metrics,
         )
         app_runner = protocol.make_runner(
             api.make_app(service), access_log=None, handle_signals=False
@@ -250,6 +257,7 @@ async def _serve(settings: Settings, paths: Paths, *, linger_s: float = DEGRADED
             backlog=1024,
         )
         await site.start()
+        await _serve_metrics(stack, metrics, settings.server.metrics_listen)
 
         def draining() -> None:
             service.draining = True
@@ -344,6 +352,34 @@ async def _cancel(task: asyncio.Task[Any]) -> None:
         await task
 
 
+def _watch_pool(metrics: Metrics, pool: Any) -> None:
+    processes = pool.processes
+    metrics.watch_pool(pool.settings.workers, processes.pids, lambda: processes.replacements)
+
+
+async def _serve_metrics(
+    stack: contextlib.AsyncExitStack, metrics: Metrics, address: str | None
+) -> None:
+    """``--metrics-listen HOST:PORT``: ``/metrics`` alone, without a key, until the
+    stack closes (docs/operating.md)."""
+    if address is None:
+        return
+    from aiohttp import web
+
+    from imgserve import metrics as metrics_app
+    from imgserve.config import listen_address
+
+    host, port = listen_address(address)
+    runner = web.AppRunner(metrics_app.make_app(metrics), access_log=None, handle_signals=False)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    try:
+        await web.TCPSite(runner, host, port, reuse_address=True).start()
+    except OSError as exc:  # not the main port's "address in use": say which one
+        raise StartupError(f"--metrics-listen {address}: {exc.strerror or exc}") from exc
+    log.info("metrics on http://%s/metrics (no key: keep it on a private interface)", address)
+
+
 def _write_runtime_file(paths: Paths, settings: Settings) -> None:
     paths.runtime_file.write_text(
         json.dumps(
@@ -424,12 +460,17 @@ def run_worker(settings: Settings) -> int:
     except StartupError as exc:
         print(f"imgserve worker: {exc}", file=sys.stderr)
         return EXIT_FAIL
-    return asyncio.run(_worker(settings))
+    try:
+        return asyncio.run(_worker(settings))
+    except StartupError as exc:  # --metrics-listen cannot be bound
+        print(f"imgserve worker: {exc}", file=sys.stderr)
+        return EXIT_FAIL
 
 
 async def _worker(settings: Settings) -> int:
     import socket
 
+    from imgserve.metrics import Metrics
     from imgserve.pool import ImagePool
     from imgserve.transports import Transports
     from imgserve.worker import Runner
@@ -446,7 +487,12 @@ async def _worker(settings: Settings) -> int:
         dispatcher = _start_dispatcher(
             stack, queue, settings, load_keyring(settings), hand_off=True
         )
-        runner = Runner(queue, transports, pool, settings, on_event=dispatcher.poke)
+        metrics = Metrics()
+        _watch_pool(metrics, pool)
+        runner = Runner(
+            queue, transports, pool, settings, on_event=dispatcher.poke, metrics=metrics
+        )
+        await _serve_metrics(stack, metrics, settings.server.metrics_listen)
         stop = _drain_on_signals(on_first=lambda: notify.notify(notify.STOPPING))
 
         async def announce() -> None:

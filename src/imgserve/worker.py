@@ -11,13 +11,15 @@ with its completion event (webhooks.event_for), in the same write.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from imgserve import errors, webhooks
 from imgserve.config import Settings
 from imgserve.imaging import pipeline
+from imgserve.metrics import Metrics
 from imgserve.planning import JobPlan, targets
 from imgserve.pool import ImagePool
 from imgserve.queue.base import Event, JobQueue, JobRecord
@@ -35,6 +37,12 @@ Upload = tuple[Target, bytes, str]
 def _key_field(record: JobRecord) -> str:
     """`` key=NAME`` for a job submitted with an API key (its name, never its secret)."""
     return f" key={record.key}" if record.key is not None else ""
+
+
+def _operation(record: JobRecord) -> str:
+    """The job's operation for the metrics' labels, read without trusting the record."""
+    operation = record.plan.get("operation") if isinstance(record.plan, dict) else None
+    return operation if isinstance(operation, str) else "unknown"
 
 
 def _refuse_redirect(url: str) -> None:
@@ -78,6 +86,7 @@ class Runner:
         settings: Settings,
         *,
         on_event: Callable[[], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.queue = queue
         self.transports = transports
@@ -89,6 +98,8 @@ class Runner:
         self.concurrency = max(2, settings.worker.workers * 2)
         self.running = 0
         self.stopping = asyncio.Event()
+        self.metrics = metrics or Metrics()
+        """How jobs end and how long their phases take (GET /metrics)."""
 
     async def serve(self) -> None:
         """Run jobs from the queue until ``stopping`` is set and running jobs end."""
@@ -102,10 +113,12 @@ class Runner:
         delivers the job again (JobQueue.consume's contract).
         """
         self.running += 1
+        self.metrics.running.inc()
         try:
             await self._run(record)
         finally:
             self.running -= 1
+            self.metrics.running.dec()
 
     async def _run(self, record: JobRecord) -> None:
         max_attempts = self.settings.worker.max_attempts
@@ -117,21 +130,24 @@ class Runner:
             await self._failed(record, exc)
             return
         log.debug("job %s running attempt=%d dst=%s", record.id, record.attempts, record.dst_url)
+        self._observe_queue_wait(record)
         try:
             spec = JobSpec.from_dict(record.job)
             plan = JobPlan.from_dict(record.plan)
             source, planned = await self._source(record, spec)
             # One task renders every output from one decode of the source.
-            results = await self.pool.render(source, record.plan, planned=planned)
-            await upload_all(
-                self.transports,
-                [
-                    (target, result.data, rendition.plan.content_type)
-                    for target, result, rendition in zip(
-                        targets(spec, plan), results, plan.outputs, strict=True
-                    )
-                ],
-            )
+            with self._rendering():
+                results = await self.pool.render(source, record.plan, planned=planned)
+            uploads = [
+                (target, result.data, rendition.plan.content_type)
+                for target, result, rendition in zip(
+                    targets(spec, plan), results, plan.outputs, strict=True
+                )
+            ]
+            with self.metrics.phase("upload"):
+                await upload_all(self.transports, uploads)
+            for target, data, _ in uploads:
+                self.metrics.count_upload(target.url, len(data))
         except errors.ImgserveError as exc:
             await self._failed(record, exc)
         except Exception as exc:  # a bug: record it, never lose the job silently
@@ -142,6 +158,7 @@ class Runner:
             previews = [result.preview for result in results]
             event = self._event(record, "job.completed", output_bytes=sizes, previews=previews)
             await self.queue.complete(record.id, sizes, event=event, previews=previews)
+            self.metrics.done.labels(_operation(record)).inc()
             self._announce(event)
             log.info(
                 "job %s done attempt=%d outputs=%d%s",
@@ -164,7 +181,30 @@ class Runner:
         # A keyed job's redirects were checked against the key's sources on the API
         # node; this node has no keys, so a keyed job's download follows none.
         hops = _refuse_redirect if record.key is not None else None
-        return await self.transports.download(spec.source_url, hop_check=hops), False
+        with self.metrics.phase("download"):
+            data = await self.transports.download(spec.source_url, hop_check=hops)
+        self.metrics.count_download(spec.source_url, len(data))
+        return data, False
+
+    def _observe_queue_wait(self, record: JobRecord) -> None:
+        """From when the job was due (accepted, or its retry's backoff over) to its start."""
+        if record.started_at is not None:
+            due = max(record.created_at, record.run_at)
+            self.metrics.phases.labels("queue_wait").observe(max(0.0, record.started_at - due))
+
+    @contextlib.contextmanager
+    def _rendering(self) -> Iterator[None]:
+        """Time a render and count it busy; a worker process lost on it (crashed,
+        killed past the job timeout) is a restart: pebble starts another."""
+        self.metrics.rendering.inc()
+        try:
+            with self.metrics.phase("render"):
+                yield
+        except (errors.WorkerCrashed, errors.ProcessingTimeout):
+            self.metrics.restarts.inc()
+            raise
+        finally:
+            self.metrics.rendering.dec()
 
     async def _failed(self, record: JobRecord, exc: errors.ImgserveError) -> None:
         attempts_left = record.attempts < self.settings.worker.max_attempts
@@ -183,6 +223,7 @@ class Runner:
                 exc.detail,
             )
             await self.queue.retry(record.id, delay, exc.code, exc.detail)
+            self.metrics.retried.labels(_operation(record), str(exc.code)).inc()
             return
         log.error(
             "job %s failed code=%d attempts=%d%s: %s",
@@ -196,6 +237,7 @@ class Runner:
         await self._upload_failure_image(record)
         event = self._event(record, "job.failed", error=exc)
         await self.queue.fail(record.id, exc.code, exc.detail, event=event)
+        self.metrics.failed.labels(_operation(record), str(exc.code)).inc()
         self._announce(event)
 
     def _event(self, record: JobRecord, type: str, **details: Any) -> Event | None:
