@@ -454,8 +454,9 @@ def test_redis_restart_during_a_long_job(
     cluster: Any, private_redis: RedisServer, http_server: HTTPTestServer
 ) -> None:
     """Redis killed for 2 s (AOF, restarted) while a job runs: the node's poll loop
-    waits for Redis instead of cancelling its jobs, so the job (its 6 s lease outlives
-    the outage) finishes in its first try."""
+    waits for Redis instead of cancelling its jobs, and a failed renewal is retried
+    every 0.25 s, so the job's 6 s lease (renewed at most 2 s before the outage)
+    outlives it and the job finishes in its first try."""
     lease_s = 6.0
     api, _nodes = cluster(1, "--lease", str(lease_s))
     src = serve(http_server, "l/outage.jpg", jpeg(320, 240, b"IMGSERVE-FAULT-DELAY=5"))

@@ -96,6 +96,8 @@ PROMOTE_EVERY_S = 0.05
 NODE_TTL_S = 15.0
 """A worker node not heard from for this long is left out of ``nodes()`` (they
 announce themselves every 5 s)."""
+RENEW_RETRY_S = 0.25
+"""How soon a lease renewal that failed (Redis unreachable or busy) is tried again."""
 RECONCILE_EVERY_S = 60.0
 ORPHAN_GRACE_S = 60.0
 """A queued record younger than this is never taken for an orphan: a release
@@ -806,13 +808,20 @@ class RedisQueue(JobQueue):
 
         async def keep() -> None:
             nonlocal lost
+            every_s = self.lease_s / 3
+            wait_s = every_s
             while True:
-                await asyncio.sleep(self.lease_s / 3)
+                await asyncio.sleep(wait_s)
                 try:
                     held = await self._renew(job_id, job_try)
                 except Exception as exc:  # Redis down, BUSY, READONLY...: not a lost lease
-                    log.warning("job %s: lease renewal failed (%s); trying again", job_id, exc)
+                    if wait_s == every_s:  # the first failure of a run of them
+                        log.warning("job %s: lease renewal failed (%s); retrying", job_id, exc)
+                    # Soon, not a third of a lease later: the lease then survives an
+                    # outage of up to two thirds of it, not one third.
+                    wait_s = min(every_s, RENEW_RETRY_S)
                     continue
+                wait_s = every_s
                 if not held:
                     lost = True
                     inner.cancel()
