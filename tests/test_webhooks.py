@@ -485,7 +485,8 @@ async def dispatching(
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await task
+            async with asyncio.timeout(15):  # a stop that hangs fails here, named
+                await task
 
 
 async def end_job(
@@ -513,7 +514,8 @@ async def end_job(
             await queue.fail(running.id, error.code, error.detail, event=made)
         stopping.set()
 
-    await queue.consume(handler, 1, stopping)
+    async with asyncio.timeout(30):  # a delivery that never comes fails here, named
+        await queue.consume(handler, 1, stopping)
     return made
 
 
