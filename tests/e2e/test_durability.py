@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -19,9 +20,16 @@ pytestmark = pytest.mark.slow
 
 
 def kill_tree(pid: int) -> None:
-    for p in descendants(pid) | {pid}:
-        if alive(p):
+    """SIGKILL ``pid`` and its descendants, and wait until they are gone: a process
+    still exiting counts as running, and a restart right after would refuse."""
+    victims = {p for p in descendants(pid) | {pid} if alive(p)}
+    for p in victims:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in victims):
+        assert time.monotonic() < deadline, f"still alive after SIGKILL: {victims}"
+        time.sleep(0.02)
 
 
 def test_kill_9_daemon_with_30_jobs_in_flight(
