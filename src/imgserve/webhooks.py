@@ -442,8 +442,11 @@ class Dispatcher:
                     continue  # a full batch: more may be due
                 # Jittered: processes polling in step would race for each due event
                 # the same way every time (a handed-off one would never change hands).
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a
+                # cancel that lands as the wait ends, and the dispatcher then never stops.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll_s * (0.5 + self.random()))
+                    async with asyncio.timeout(self.poll_s * (0.5 + self.random())):
+                        await self._wake.wait()
                 self._wake.clear()
         finally:
             for task in list(self._inflight):

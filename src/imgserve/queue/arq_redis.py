@@ -909,8 +909,9 @@ class RedisQueue(JobQueue):
             else:
                 if found:
                     log.warning("queued again %d jobs that arq had no entry for", found)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), RECONCILE_EVERY_S)
+            with contextlib.suppress(TimeoutError):  # (not wait_for: 3.11 can lose a cancel)
+                async with asyncio.timeout(RECONCILE_EVERY_S):
+                    await stopping.wait()
 
     async def reconcile(self) -> int:
         """Find records still queued or running that arq has no job for (left by a
