@@ -944,7 +944,8 @@ async def _send_changes(
                 return
         if len(changes) < STREAM_BATCH:
             with contextlib.suppress(TimeoutError):  # woken early only to end
-                await asyncio.wait_for(service.closing.wait(), STREAM_POLL_S)
+                async with asyncio.timeout(STREAM_POLL_S):  # (3.11's wait_for can lose a cancel)
+                    await service.closing.wait()
         if not _stream_open(service, stream):
             return
         try:

@@ -288,7 +288,8 @@ async def _serve(settings: Settings, paths: Paths, *, linger_s: float = DEGRADED
             service.degraded = f"the job runner stopped: {ended}"
             log.critical("%s; no job can run, exiting in %.0f s", service.degraded, linger_s)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), linger_s)
+                async with asyncio.timeout(linger_s):  # (3.11's wait_for can lose a cancel)
+                    await stop.wait()
             return EXIT_FAIL
     log.info("imgserve stopped")
     return EXIT_OK

@@ -339,7 +339,8 @@ class SQLiteQueue(JobQueue):
                     delay = backoff_s(claim_failures, base_s=0.1, max_s=5.0, min_fraction=0.5)
                     log.error("job queue: claim failed (%s); trying again in %.1f s", exc, delay)
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stopping.wait(), delay)
+                        async with asyncio.timeout(delay):  # (3.11's wait_for loses cancels)
+                            await stopping.wait()
                     continue
                 claim_failures = 0
                 task = asyncio.create_task(self._deliver(handler, record))
