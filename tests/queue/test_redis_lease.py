@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -346,3 +347,63 @@ async def test_redis_busy_neither_cancels_a_running_job_nor_stops_its_renewals(
         await queue.close()
         await other.close()
         client.close()
+
+
+async def test_a_running_trys_reads_and_writes_ride_out_a_redis_restart(
+    private_redis: RedisServer,
+) -> None:
+    """Redis killed (and restarted 1 s later) just as a running try reads its source,
+    and again just as it writes its end: both calls wait for Redis instead of raising,
+    so the job is done in its first try (it used to be delivered again: an attempt
+    spent on an outage, the CI failure of test_redis_restart_during_a_long_job)."""
+    queue = RedisQueue(private_redis.url, lease_s=3.0)
+    try:
+        job = record()
+        await queue.put(job, b"the source", max_active=10)
+        tries: list[int] = []
+        read: list[bytes | None] = []
+
+        restarts: list[threading.Timer] = []
+
+        async def outage() -> None:
+            await asyncio.to_thread(private_redis.kill)
+            restarts.append(threading.Timer(1.0, private_redis.start))
+            restarts[-1].start()
+
+        async def handler(delivered: JobRecord) -> None:
+            tries.append(delivered.attempts)
+            await outage()
+            read.append(await queue.source(delivered.id))
+            await outage()
+            await queue.complete(delivered.id)
+
+        stopping, task = await consuming(queue, handler)
+
+        async def ended() -> bool:
+            while len(restarts) < 2 or restarts[-1].is_alive():
+                await asyncio.sleep(0.02)  # (queue.get would meet the outage)
+            return (await queue.get(job.id)).state is State.DONE  # type: ignore[union-attr]
+
+        await until(ended)
+        await stop(stopping, task)
+        done = await queue.get(job.id)
+        assert tries == [1] and done is not None and done.attempts == 1
+        assert read == [b"the source"]
+    finally:
+        await queue.close()
+
+
+async def test_an_outage_longer_than_the_lease_allows_is_608(private_redis: RedisServer) -> None:
+    """A running try waits for Redis only while its lease could outlive the outage (two
+    thirds of it); then the call fails with 608 like any other."""
+    queue = RedisQueue(private_redis.url, lease_s=0.9)
+    try:
+        job = record()
+        await queue.put(job, b"x", max_active=10)
+        private_redis.kill()
+        started = time.monotonic()
+        with pytest.raises(errors.QueueUnavailable):
+            await queue.source(job.id)
+        assert 0.3 <= time.monotonic() - started < 5.0
+    finally:
+        await queue.close()

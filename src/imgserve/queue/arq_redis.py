@@ -33,8 +33,8 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from imgserve import errors
@@ -103,6 +103,8 @@ ORPHAN_GRACE_S = 60.0
 """A queued record younger than this is never taken for an orphan: a release
 before 0.4 wrote the record and the enqueue in two steps."""
 _STREAM_ID = re.compile(r"\d+-\d+")
+
+_T = TypeVar("_T")
 
 _DELIVERY: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar(
     "imgserve_redis_delivery", default=None
@@ -419,9 +421,30 @@ class RedisQueue(JobQueue):
         return None if raw is None else JobRecord.from_dict(json.loads(raw))
 
     async def source(self, job_id: str) -> bytes | None:
-        async with self._redis_call() as r:
-            data = await r.get(self._src_key(job_id))
-        return None if data is None else bytes(data)
+        async def read() -> bytes | None:
+            async with self._redis_call() as r:
+                data = await r.get(self._src_key(job_id))
+            return None if data is None else bytes(data)
+
+        return await self._through_outage(read)
+
+    async def _through_outage(self, call: Callable[[], Awaitable[_T]]) -> _T:
+        """``call()``, tried again every RENEW_RETRY_S while Redis is unavailable, for
+        as long as a lease outlives an outage (two thirds of it, see _run_leased):
+        a running try's own reads and writes ride out a Redis restart instead of
+        costing the job an attempt (a redelivery for a fault that is not the job's)."""
+        give_up_at = time.monotonic() + self.lease_s * 2 / 3
+        warned = False
+        while True:
+            try:
+                return await call()
+            except errors.QueueUnavailable as exc:
+                if time.monotonic() + RENEW_RETRY_S > give_up_at:
+                    raise
+                if not warned:
+                    log.warning("%s; trying again while the lease lasts", exc)
+                    warned = True
+            await asyncio.sleep(RENEW_RETRY_S)
 
     async def counts(self) -> dict[str, int]:
         async with self._redis_call() as r, r.pipeline(transaction=False) as pipe:
@@ -508,8 +531,21 @@ class RedisQueue(JobQueue):
         that ``cancelling`` refuses it (JobNotCancellable). ``by_runner``: the change
         comes from a delivery, and is dropped if a later try has taken the job
         over (this one lost its lease)."""
+        if by_runner:  # a running try: ride out a Redis restart (see _through_outage)
+            return await self._through_outage(
+                lambda: self._update_once(job_id, change, event, cancelling, _DELIVERY.get())
+            )
+        return await self._update_once(job_id, change, event, cancelling, None)
+
+    async def _update_once(
+        self,
+        job_id: str,
+        change: Callable[[JobRecord], None],
+        event: Event | None,
+        cancelling: bool,
+        delivery: tuple[str, int] | None,
+    ) -> JobRecord:
         key = self._job_key(job_id)
-        delivery = _DELIVERY.get() if by_runner else None
         async with self._redis_call() as r, r.pipeline(transaction=True) as pipe:
             while True:
                 await pipe.watch(key)
