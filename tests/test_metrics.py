@@ -126,6 +126,8 @@ async def test_an_accepted_job_is_counted_with_its_phases_and_bytes(
     assert value(samples, "imgserve_download_bytes_total", scheme="http") == len(source)
     assert value(samples, "imgserve_upload_bytes_total", scheme="file") > 0
     assert value(samples, "imgserve_queue_jobs", state="queued") == 1
+    assert value(samples, "imgserve_queue_lane_jobs", lane="interactive") == 1
+    assert value(samples, "imgserve_queue_lane_jobs", lane="batch") == 0
     assert (
         value(
             samples,
@@ -206,10 +208,10 @@ async def test_queue_depth_goes_missing_when_the_queue_is_down() -> None:
     async def broken() -> dict[str, int]:
         raise ConnectionError("queue down")
 
-    metrics.watch_queue(broken)
+    metrics.watch_queue(broken, broken)
     await metrics.refresh()
     types, _ = parse(metrics.render().decode())
-    assert "imgserve_queue_jobs" not in types
+    assert "imgserve_queue_jobs" not in types and "imgserve_queue_lane_jobs" not in types
     assert "imgserve_jobs_accepted" in types
 
 
@@ -220,13 +222,17 @@ def test_pool_gauges_read_at_scrape_time() -> None:
 
     metrics = Metrics()
     restarts = [0]
-    metrics.watch_pool(2, lambda: [os.getpid()], lambda: restarts[0])
+    peak: list[int | None] = [None]
+    metrics.watch_pool(2, lambda: [os.getpid()], lambda: restarts[0], lambda: peak[0])
+    assert "imgserve_vips_memory_peak_bytes" not in parse(metrics.render().decode())[0]
     restarts[0] = 4
+    peak[0] = 5 << 20
     _, samples = parse(metrics.render().decode())
     assert value(samples, "imgserve_workers", state="configured") == 2
     assert value(samples, "imgserve_workers", state="alive") == 1
     assert value(samples, "imgserve_workers_resident_memory_bytes") > 1 << 20
     assert value(samples, "imgserve_worker_pool_restarts_total") == 4
+    assert value(samples, "imgserve_vips_memory_peak_bytes") == 5 << 20
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1", "127.0.0.1:0", ":9100", "host:port", "a:70000"])

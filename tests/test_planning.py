@@ -81,7 +81,7 @@ def test_a_plan_stored_by_the_previous_release_still_renders(
 ) -> None:
     """A worker renders a job whose plan is the previous release's flat dict."""
     out = pyvips.Image.new_from_buffer(
-        pool._render(source, dict(stored), ImagingLimits(), planned)[0].data, ""
+        pool._render(source, dict(stored), ImagingLimits(), planned).outputs[0].data, ""
     )
     assert (out.width, out.height) == size
     assert out.get("vips-loader") == loader
@@ -147,6 +147,6 @@ def test_fields_a_later_release_adds_are_ignored() -> None:
     stored["outputs"][0]["fit"] = "cover"
     assert planning.JobPlan.from_dict(stored) == plan
     out = pyvips.Image.new_from_buffer(
-        pool._render(RED_JPEG, stored, ImagingLimits(), True)[0].data, ""
+        pool._render(RED_JPEG, stored, ImagingLimits(), True).outputs[0].data, ""
     )
     assert (out.width, out.height) == (32, 24)

@@ -590,6 +590,26 @@ async def test_receiver_failing_twice_then_recovering(
     assert len(receiver.verified(SECRET_A)) == 3
 
 
+async def test_each_attempt_is_timed_and_counted_by_its_outcome(
+    queue: SQLiteQueue, receiver: Receiver
+) -> None:
+    """Two failed attempts then a delivery: the webhook phase is timed three times, and
+    the attempts are counted as 2 pending (tried again later) and 1 delivered."""
+    receiver.answer(Reply(500), Reply(503))
+    settings = hook_settings()
+    async with dispatching(queue, settings) as dispatcher:
+        made = await end_job(queue, receiver.url(), settings)
+        assert (await settled(queue, made.job_id)).state == "delivered"
+    registry = dispatcher.metrics.registry
+    phase = {"phase": "webhook"}
+    assert registry.get_sample_value("imgserve_job_phase_duration_seconds_count", phase) == 3
+    counted = {
+        outcome: registry.get_sample_value("imgserve_webhook_attempts_total", {"outcome": outcome})
+        for outcome in ("pending", "delivered", "failed")
+    }
+    assert counted == {"pending": 2, "delivered": 1, "failed": 0}
+
+
 async def test_receiver_always_failing_gets_the_whole_schedule(
     queue: SQLiteQueue, receiver: Receiver
 ) -> None:

@@ -129,7 +129,7 @@ class Service:
     def __post_init__(self) -> None:
         server = self.settings.server
         self.intake = Intake(server.intake_max, server.intake_max_bytes)
-        self.metrics.watch_queue(self.queue.counts)
+        self.metrics.watch_queue(self.queue.counts, self.queue.lanes)
 
 
 SERVICE = web.AppKey("service", Service)

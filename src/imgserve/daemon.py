@@ -218,8 +218,8 @@ async def _serve(settings: Settings, paths: Paths, *, linger_s: float = DEGRADED
         )
         stack.push_async_callback(asyncio.to_thread, planner.close)
         keys = load_keyring(settings)
-        dispatcher = _start_dispatcher(stack, queue, settings, keys)
         metrics = Metrics()
+        dispatcher = _start_dispatcher(stack, queue, settings, metrics, keys)
         # With a Redis queue this node only accepts jobs; `imgserve worker` nodes run them.
         runner: Runner | None = None
         pool: ImagePool | None = None
@@ -299,6 +299,7 @@ def _start_dispatcher(
     stack: contextlib.AsyncExitStack,
     queue: Any,
     settings: Settings,
+    metrics: Metrics,
     keys: auth.Keyring | None = None,
     *,
     hand_off: bool = False,
@@ -316,7 +317,9 @@ def _start_dispatcher(
     # A key may sign its jobs' events with its own secret; a node without the keys
     # file leaves those events to one that has it (auth.webhook_signer).
     signer = auth.webhook_signer(keys, hooks.webhook_secrets, hand_off=hand_off)
-    dispatcher = webhooks.Dispatcher(queue, hooks, settings.transport, secrets_for=signer)
+    dispatcher = webhooks.Dispatcher(
+        queue, hooks, settings.transport, secrets_for=signer, metrics=metrics
+    )
     task = asyncio.create_task(webhooks.supervise(dispatcher))
     stack.push_async_callback(_cancel, task)
     return dispatcher
@@ -355,7 +358,12 @@ async def _cancel(task: asyncio.Task[Any]) -> None:
 
 def _watch_pool(metrics: Metrics, pool: Any) -> None:
     processes = pool.processes
-    metrics.watch_pool(pool.settings.workers, processes.pids, lambda: processes.replacements)
+    metrics.watch_pool(
+        pool.settings.workers,
+        processes.pids,
+        lambda: processes.replacements,
+        lambda: pool.vips_peak_bytes,
+    )
 
 
 async def _serve_metrics(
@@ -485,10 +493,10 @@ async def _worker(settings: Settings) -> int:
         transports = Transports(settings.transport)
         stack.push_async_callback(transports.aclose)
         # Worker nodes check no keys; given the keys file, they sign keyed events.
-        dispatcher = _start_dispatcher(
-            stack, queue, settings, load_keyring(settings), hand_off=True
-        )
         metrics = Metrics()
+        dispatcher = _start_dispatcher(
+            stack, queue, settings, metrics, load_keyring(settings), hand_off=True
+        )
         _watch_pool(metrics, pool)
         runner = Runner(
             queue, transports, pool, settings, on_event=dispatcher.poke, metrics=metrics

@@ -36,11 +36,12 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from imgserve.queue.base import PRIORITIES
 from imgserve.urls import scheme_of
 
 log = logging.getLogger("imgserve.metrics")
 
-PHASES = ("download", "plan", "placeholder", "queue_wait", "render", "upload")
+PHASES = ("download", "plan", "placeholder", "queue_wait", "render", "upload", "webhook")
 """The phases of a job that are timed (``imgserve_job_phase_duration_seconds``)."""
 
 # Image work spans milliseconds (a thumbnail) to a minute (the job timeout).
@@ -111,7 +112,8 @@ class Metrics:
         self.phases = Histogram(
             "imgserve_job_phase_duration_seconds",
             "Time a job spends in each phase: "
-            "download, plan, placeholder (API); queue_wait, render, upload (runner)",
+            "download, plan, placeholder (API); queue_wait, render, upload (runner); "
+            "webhook (one delivery attempt, any process)",
             ["phase"],
             buckets=_PHASE_BUCKETS_S,
             registry=reg,
@@ -128,6 +130,15 @@ class Metrics:
             ["scheme"],
             registry=reg,
         )
+        self.webhooks = Counter(
+            "imgserve_webhook_attempts_total",
+            "Completion event delivery attempts, by what the event is after it: "
+            "delivered, pending (tried again later) or failed (for good)",
+            ["outcome"],
+            registry=reg,
+        )
+        for outcome in ("delivered", "pending", "failed"):
+            self.webhooks.labels(outcome)  # known outcomes start at 0, not missing
         self.restarts = Counter(
             "imgserve_worker_restarts_total",
             "Worker processes lost during a render (crashed, or killed past the job "
@@ -148,21 +159,29 @@ class Metrics:
         PlatformCollector(registry=reg)
         self.queue_counts: dict[str, int] | None = None
         """The queue's counts at the last ``refresh`` (None: not read yet, or unreadable)."""
+        self.lane_counts: dict[str, int] | None = None
+        """Its queued jobs by lane at the last ``refresh``."""
         self._refreshers: list[Callable[[], Awaitable[None]]] = []
         self._state = _StateCollector(self)
         reg.register(self._state)
 
     # --- wiring --------------------------------------------------------------------------
 
-    def watch_queue(self, counts: Callable[[], Awaitable[dict[str, int]]]) -> None:
-        """Export the queue's depth by state, read by ``refresh`` before each scrape."""
+    def watch_queue(
+        self,
+        counts: Callable[[], Awaitable[dict[str, int]]],
+        lanes: Callable[[], Awaitable[dict[str, int]]],
+    ) -> None:
+        """Export the queue's depth by state and its queued jobs by lane, read by
+        ``refresh`` before each scrape."""
 
         async def read() -> None:
             try:
                 self.queue_counts = await counts()
+                self.lane_counts = await lanes()
             except Exception as exc:  # the queue is down: the depth goes missing, not /metrics
                 log.warning("queue counts not read for /metrics: %s", exc)
-                self.queue_counts = None
+                self.queue_counts = self.lane_counts = None
 
         self._refreshers.append(read)
 
@@ -171,9 +190,11 @@ class Metrics:
         workers: int,
         pids: Callable[[], Iterable[int]],
         replacements: Callable[[], int],
+        vips_peak_bytes: Callable[[], int | None] = lambda: None,
     ) -> None:
-        """Export the pool's processes (configured, alive, their memory) and restarts."""
-        self._state.pool = _Pool(workers, pids, replacements)
+        """Export the pool's processes (configured, alive, their memory, libvips' peak)
+        and restarts."""
+        self._state.pool = _Pool(workers, pids, replacements, vips_peak_bytes)
 
     async def refresh(self) -> None:
         """Read what collectors cannot read synchronously (the queue's counts)."""
@@ -203,11 +224,16 @@ class Metrics:
 
 class _Pool:
     def __init__(
-        self, workers: int, pids: Callable[[], Iterable[int]], replacements: Callable[[], int]
+        self,
+        workers: int,
+        pids: Callable[[], Iterable[int]],
+        replacements: Callable[[], int],
+        vips_peak_bytes: Callable[[], int | None],
     ) -> None:
         self.workers = workers
         self.pids = pids
         self.replacements = replacements
+        self.vips_peak_bytes = vips_peak_bytes
 
 
 class _StateCollector(Collector):
@@ -226,6 +252,16 @@ class _StateCollector(Collector):
             for state in QUEUE_STATES:
                 depth.add_metric([state], counts.get(state, 0))
             yield depth
+        lanes = self.metrics.lane_counts
+        if lanes is not None:
+            waiting = GaugeMetricFamily(
+                "imgserve_queue_lane_jobs",
+                "Queued jobs (waiting to run, retries among them) by lane (all nodes)",
+                labels=["lane"],
+            )
+            for lane in PRIORITIES:
+                waiting.add_metric([lane], lanes.get(lane, 0))
+            yield waiting
         if self.pool is None:
             return
         pids = list(self.pool.pids())
@@ -240,6 +276,14 @@ class _StateCollector(Collector):
             "Resident memory of the worker processes together (libvips' pixels among it)",
             value=sum(_resident_bytes(pid) for pid in pids),
         )
+        peak = self.pool.vips_peak_bytes()
+        if peak is not None:
+            yield GaugeMetricFamily(
+                "imgserve_vips_memory_peak_bytes",
+                "The most memory libvips has held for pixels in one worker process "
+                "(its own accounting, as the workers report after each render)",
+                value=peak,
+            )
         yield CounterMetricFamily(
             "imgserve_worker_pool_restarts",
             "Worker pools replaced after one broke (a process died outside a task)",

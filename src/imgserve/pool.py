@@ -22,6 +22,7 @@ import os
 import resource
 import signal
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pebble
@@ -75,13 +76,23 @@ def _fault(data: bytes) -> None:
         inject_fault(data, b"IMGSERVE-FAULT-")
 
 
+@dataclass(frozen=True)
+class Answer:
+    """What a worker sends back for one job."""
+
+    outputs: list[Rendered]
+    vips_peak_bytes: int | None
+    """The most memory libvips has held for pixels in that worker process so far."""
+
+
 def _render(
     source: bytes | str, plan: dict[str, Any], limits: ImagingLimits, planned: bool
-) -> list[Rendered]:
+) -> Answer:
     """Worker-side entry point: render every output of the stored plan (in order, from
     one decode) from the source bytes, or from a spooled file read here (libvips
     still decodes from bytes only)."""
     from imgserve import planning
+    from imgserve.imaging.vips import tracked_memory_bytes
 
     if isinstance(source, str):
         with open(source, "rb") as fh:
@@ -91,13 +102,15 @@ def _render(
     try:
         _fault(data)
         job_plan = planning.JobPlan.from_dict(plan)
-        return planning.render_outputs(job_plan, data, limits, planned=planned)
+        outputs = planning.render_outputs(job_plan, data, limits, planned=planned)
     except MemoryError as exc:
         raise errors.WorkerMemoryExceeded("the worker ran out of memory") from exc
     except errors.ImgserveError as exc:
         if any(sign in exc.detail for sign in _OUT_OF_MEMORY):
             raise errors.WorkerMemoryExceeded(exc.detail) from exc
         raise
+    memory = tracked_memory_bytes()
+    return Answer(outputs, None if memory is None else memory[1])
 
 
 # How libvips and its loaders say they ran out of memory (under RLIMIT_AS).
@@ -119,6 +132,9 @@ class ImagePool:
     ) -> None:
         self.settings = settings
         self.limits = limits
+        self.vips_peak_bytes: int | None = None
+        """The most pixel memory libvips has held in one worker process (as the
+        workers report after each render); None before the first report."""
         # The forkserver (and so every worker) is exec'd with this environment.
         for name, value in MALLOC_ENV.items():
             os.environ.setdefault(name, value)
@@ -143,7 +159,7 @@ class ImagePool:
         pool = processes.pebble
         try:
             future, pool = processes.schedule(_render, (source, plan, self.limits, planned))
-            return await processes.answer(future, pool)  # type: ignore[no-any-return]
+            answer: Answer = await processes.answer(future, pool)
         except FutureTimeout as exc:
             raise errors.ProcessingTimeout(
                 f"rendering took longer than {self.settings.job_timeout_s:g} s"
@@ -163,6 +179,9 @@ class ImagePool:
             raise errors.WorkerCrashed(f"worker pool failed: {exc}") from exc
         except Exception as exc:
             raise errors.InternalError(f"worker error: {type(exc).__name__}: {exc}") from exc
+        if answer.vips_peak_bytes is not None:
+            self.vips_peak_bytes = max(self.vips_peak_bytes or 0, answer.vips_peak_bytes)
+        return answer.outputs
 
     def workers_alive(self) -> int:
         return len(self.processes.pids())

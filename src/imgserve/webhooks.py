@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 from imgserve import __version__, errors
 from imgserve.config import WEBHOOK_SECRET_PREFIX, TransportSettings, WebhookSettings
+from imgserve.metrics import Metrics
 from imgserve.planning import JobPlan
 from imgserve.queue.base import Event, JobQueue, JobRecord
 from imgserve.retry import backoff_s
@@ -393,8 +394,11 @@ class Dispatcher:
         poll_s: float = 0.25,
         random: Callable[[], float] = _random.random,
         secrets_for: Callable[[str | None], Sequence[str] | None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.queue = queue
+        self.metrics = metrics or Metrics()
+        """Times each attempt (the ``webhook`` phase) and counts how attempts end."""
         self.settings = settings
         self.secrets_for = secrets_for or (lambda _key: settings.webhook_secrets)
         """The secrets that sign an event, by its job's API key name (auth.webhook_signer);
@@ -469,12 +473,14 @@ class Dispatcher:
         try:
             body = body_of(event)
             headers = headers_for(event, body, secrets, at)
-            answer = await self.sender.post(event.url, headers, body)
+            with self.metrics.phase("webhook"):
+                answer = await self.sender.post(event.url, headers, body)
         except Exception as exc:  # a bug: recorded as a failed attempt, never a lease loop
             log.exception("webhook %s for job %s could not be sent", event.id, event.job_id)
             answer = Answer(None, f"not sent: {type(exc).__name__}", permanent=True)
         schedule = self.settings.webhook_schedule_s
         record_attempt(event, answer, at, schedule, self.random, answered_at=time.time())
+        self.metrics.webhooks.labels(event.state).inc()
         shown = redact_url(event.url)
         if event.state == "delivered":
             log.info(

@@ -187,6 +187,9 @@ def test_prometheus_counts_the_jobs_a_daemon_ran(
     server.wait_for('sum(imgserve_job_phase_duration_seconds_count{phase="render"})', 4)
     server.wait_for('imgserve_queue_jobs{state="done"}', 3)
     server.wait_for('imgserve_workers{state="configured"}', 2)
+    server.wait_for('sum(imgserve_queue_lane_jobs{job="imgserve"})', 0)
+    # libvips' own accounting, read in the workers: a 200x150 decode holds pixels.
+    server.wait_for("imgserve_vips_memory_peak_bytes > bool 100000", 1)
     queries = doc_queries()
     assert len(queries) >= 10
     for expr in queries:  # the documented queries parse and name metrics that exist

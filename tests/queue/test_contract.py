@@ -174,6 +174,42 @@ async def test_retry_waits_for_its_delay(queue: JobQueue) -> None:
     assert calls[1][1] - calls[0][1] >= 0.45
 
 
+async def test_lanes_count_the_queued_jobs_of_each_lane(queue: JobQueue) -> None:
+    """lanes() counts queued jobs by lane: two interactive and one batch put; the
+    running one leaves its lane, comes back to it when retried, and leaves it done."""
+    jobs = [
+        record(priority="interactive"),
+        record(priority="interactive"),
+        record(priority="batch"),
+    ]
+    for job in jobs:
+        await queue.put(job, b"x", max_active=10)
+    assert await queue.lanes() == {"interactive": 2, "batch": 1}
+    seen: list[dict[str, int]] = []
+    release = asyncio.Event()
+
+    async def handler(delivered: JobRecord) -> None:
+        if delivered.id != jobs[2].id:
+            await release.wait()  # the interactive ones stay running
+        elif delivered.attempts == 1:
+            seen.append(await queue.lanes())  # all three running
+            await queue.retry(delivered.id, 60.0, 501, "upload failed")
+            seen.append(await queue.lanes())
+            return
+        await queue.complete(delivered.id)
+
+    stopping, task = await consuming(queue, handler, concurrency=3)
+    await wait_state(queue, jobs[2].id, State.QUEUED)
+    while len(seen) < 2:
+        await asyncio.sleep(0.02)
+    release.set()
+    for job in jobs[:2]:
+        await wait_state(queue, job.id, State.DONE)
+    await stop(stopping, task)
+    assert seen == [{"interactive": 0, "batch": 0}, {"interactive": 0, "batch": 1}]
+    assert await queue.lanes() == {"interactive": 0, "batch": 1}
+
+
 async def test_fail_records_the_error(queue: JobQueue) -> None:
     """fail is terminal and keeps the code and detail."""
     job = record()

@@ -10,6 +10,7 @@ to it. pyvips errors become imgserve errors here.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 from dataclasses import dataclass
@@ -48,6 +49,32 @@ def _harden() -> None:
 _harden()
 
 Image = pyvips.Image
+
+
+@functools.cache
+def _tracked() -> tuple[Any, Any] | None:
+    """libvips' own memory accounting (vips_tracked_get_mem, _highwater), which pyvips
+    does not bind: looked up in the libvips this process loaded (None when it cannot
+    be found, as off Linux)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            path = next(line.split()[-1] for line in maps if "/libvips" in line)
+        lib = ctypes.CDLL(path)
+        now, peak = lib.vips_tracked_get_mem, lib.vips_tracked_get_mem_highwater
+    except (OSError, StopIteration, AttributeError, IndexError):
+        return None
+    now.restype = peak.restype = ctypes.c_size_t
+    return now, peak
+
+
+def tracked_memory_bytes() -> tuple[int, int] | None:
+    """(now, highest since the process started) of the memory libvips allocated for
+    pixels in this process; None when libvips' accounting cannot be read."""
+    tracked = _tracked()
+    if tracked is None:
+        return None
+    now, peak = tracked
+    return int(now()), int(peak())
 
 
 @dataclass(frozen=True)

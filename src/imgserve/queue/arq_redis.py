@@ -116,7 +116,7 @@ that lost its lease to a later try is dropped (see _update)."""
 # full: a crash can never leave a record that no worker will run, and two API
 # nodes cannot both take the last place (the check and the writes are atomic).
 # KEYS: job, src, state:queued, state:running, created, bystate:queued, changes,
-#       arq job, arq queue, bykey:<name> (the API key's index)
+#       arq job, arq queue, bykey:<name> (the API key's index), lane:<priority>
 # ARGV: id, record, created_at, max_active, keep_changes, now, arq job, arq job
 #       ttl ms, arq score, keep source (0/1), source, has a key (0/1)
 _PUT = """
@@ -133,6 +133,7 @@ redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[5], '*',
 redis.call('PSETEX', KEYS[8], ARGV[8], ARGV[7])
 redis.call('ZADD', KEYS[9], ARGV[9], ARGV[1])
 if ARGV[12] == '1' then redis.call('ZADD', KEYS[10], ARGV[3], ARGV[1]) end
+redis.call('SADD', KEYS[11], ARGV[1])
 return {'ok', 0}
 """
 # Renews the lease of a running try: 1 while it is still this try's, else 0
@@ -294,6 +295,10 @@ class RedisQueue(JobQueue):
     def _by_state_key(self, state: State) -> str:
         return f"{self.prefix}:bystate:{state.value}"
 
+    def _lane_key(self, priority: str) -> str:
+        """The queued jobs of one lane (lanes(); a job is in it while it is queued)."""
+        return f"{self.prefix}:lane:{priority}"
+
     def _by_key_key(self, name: str) -> str:
         """Jobs submitted with the API key ``name``, scored by created_at (list_jobs)."""
         return f"{self.prefix}:bykey:{name}"
@@ -378,6 +383,7 @@ class RedisQueue(JobQueue):
                     self.queue_name,
                     # API keys (#15): the per-key index list_jobs(key=) reads.
                     self._by_key_key(record.key) if record.key else self._job_key(record.id),
+                    self._lane_key(record.priority),
                 ],
                 args=[
                     record.id,
@@ -452,6 +458,13 @@ class RedisQueue(JobQueue):
                 pipe.scard(self._state_key(state))
             values = await pipe.execute()
         return {state.value: int(n) for state, n in zip(State, values, strict=True)}
+
+    async def lanes(self) -> dict[str, int]:
+        async with self._redis_call() as r, r.pipeline(transaction=False) as pipe:
+            for lane in PRIORITIES:
+                pipe.scard(self._lane_key(lane))
+            values = await pipe.execute()
+        return {lane: int(n) for lane, n in zip(PRIORITIES, values, strict=True)}
 
     async def prune(self, older_than_s: float) -> int:
         async with self._redis_call() as r:
@@ -591,6 +604,10 @@ class RedisQueue(JobQueue):
                     pipe.zrem(self._by_state_key(state), job_id)
             pipe.sadd(self._state_key(record.state), job_id)
             pipe.zadd(self._by_state_key(record.state), {job_id: record.created_at})
+            if record.state is State.QUEUED:
+                pipe.sadd(self._lane_key(record.priority), job_id)
+            else:
+                pipe.srem(self._lane_key(record.priority), job_id)
             self._add_change(pipe, record)
         if (
             record.state is State.QUEUED

@@ -312,6 +312,10 @@ class JobQueue(abc.ABC):
     async def counts(self) -> dict[str, int]:
         """Number of jobs in each state."""
 
+    @abc.abstractmethod
+    async def lanes(self) -> dict[str, int]:
+        """Number of queued jobs in each lane (PRIORITIES), retries waiting among them."""
+
     async def recover(self) -> int:
         """On start: hand back jobs a previous run left running; return how many."""
         return 0

@@ -638,6 +638,16 @@ class SQLiteQueue(JobQueue):
             await self._run(lambda db: None)
         return dict(self._counts)
 
+    async def lanes(self) -> dict[str, int]:
+        def op(db: sqlite3.Connection) -> dict[str, int]:
+            rows = db.execute(
+                "SELECT priority, COUNT(*) FROM jobs WHERE state='queued' GROUP BY priority"
+            ).fetchall()
+            return {PRIORITIES[lane]: int(n) for lane, n in rows}
+
+        counted = await self._run(op, writes=False)
+        return {lane: counted.get(lane, 0) for lane in PRIORITIES}
+
     async def recover(self) -> int:
         def op(db: sqlite3.Connection) -> int:
             rows = db.execute("SELECT record FROM jobs WHERE state='running'").fetchall()
