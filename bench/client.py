@@ -72,8 +72,12 @@ async def closed_loop(
     on_window_start: Probe | None = None,
     on_window_end: Probe | None = None,
     drain_timeout_s: float = 120.0,
+    min_completed: int = 0,
 ) -> ClosedResult:
-    """Run ``lanes`` lanes of ``job`` until the window closes, then let them drain."""
+    """Run ``lanes`` lanes of ``job`` until the window closes, then let them drain.
+    ``min_completed``: the window stays open (up to ``drain_timeout_s`` more) until
+    that many jobs finished in it (the smoke run's 1 s window on a loaded machine
+    may otherwise close before any job ends)."""
     loop = asyncio.get_running_loop()
     t0 = loop.time() + warmup_s
     t1 = t0 + measure_s
@@ -84,8 +88,11 @@ async def closed_loop(
     if on_window_end is not None:
         loop.call_at(t1, on_window_end)
 
+    def counting(at: float) -> bool:
+        return at <= t1 or (result.completed < min_completed and at <= t1 + drain_timeout_s)
+
     async def lane() -> None:
-        while loop.time() < t1:
+        while counting(loop.time()):
             index = next(counter)
             result.started += 1
             began = loop.time()
@@ -97,13 +104,16 @@ async def closed_loop(
                 continue
             result.finished += 1
             done = loop.time()
-            if t0 <= done <= t1:
+            if t0 <= done and counting(done):
+                result.window_s = max(result.window_s, done - t0)
                 result.completed += 1
                 result.out_bytes += size
                 result.latencies_s.append(done - began)
 
     tasks = [asyncio.create_task(lane()) for _ in range(lanes)]
-    done, pending = await asyncio.wait(tasks, timeout=warmup_s + measure_s + drain_timeout_s)
+    done, pending = await asyncio.wait(
+        tasks, timeout=warmup_s + measure_s + drain_timeout_s * (2 if min_completed else 1)
+    )
     for task in pending:
         task.cancel()
     for task in done:

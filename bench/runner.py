@@ -506,8 +506,9 @@ class Runner:
         noise = Noise(self.monitor)
         noise.start()
         r = await client.closed_loop(
-            job, self.o.in_flight, self.o.warmup_s, self.o.seconds, start, end
-        )
+            job, self.o.in_flight, self.o.warmup_s, self.o.seconds, start, end,
+            min_completed=1 if self.o.smoke else 0,
+        )  # fmt: skip
         foreign = noise.stop()
         n = r.completed
         phase = Phase(

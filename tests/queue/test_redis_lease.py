@@ -366,6 +366,8 @@ async def test_a_running_trys_reads_and_writes_ride_out_a_redis_restart(
         restarts: list[threading.Timer] = []
 
         async def outage() -> None:
+            if restarts:  # the last restart has finished its own checks
+                await asyncio.to_thread(restarts[-1].join)
             await asyncio.to_thread(private_redis.kill)
             restarts.append(threading.Timer(1.0, private_redis.start))
             restarts[-1].start()
