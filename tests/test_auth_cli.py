@@ -121,3 +121,33 @@ def test_exposure_warning_only_beyond_loopback_without_keys() -> None:
     for host in ("127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost"):
         assert auth.exposure_warning(host, False) is None
     assert auth.exposure_warning("0.0.0.0", True) is None
+
+
+def test_two_adds_at_once_take_turns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`keys add` locks the file while it checks and appends: an add that starts while
+    another holds the lock waits for it (seen in /proc/locks), then sees its key, so
+    a name added twice at once is refused instead of making the file unreadable."""
+    import fcntl
+    import threading
+    import time
+
+    keys = tmp_path / "keys.toml"
+    keys.write_text("")
+    inode = keys.stat().st_ino
+    results: list[int] = []
+    with keys.open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        adding = threading.Thread(target=lambda: results.append(add(capsys, keys, "a")[0]))
+        adding.start()
+        deadline = time.monotonic() + 10
+        while not any(
+            "->" in line and line.split()[-3].endswith(f":{inode}")
+            for line in Path("/proc/locks").read_text().splitlines()
+        ):
+            assert time.monotonic() < deadline, "the second add never waited for the lock"
+            time.sleep(0.01)
+        held.write(f'[[keys]]\nname = "a"\nsecret_sha256 = "{auth.hash_secret("x")}"\n')
+        held.flush()
+    adding.join(10)
+    assert results == [1]
+    assert [key.name for key in auth.load_keys(keys, {}).keys] == ["a"]

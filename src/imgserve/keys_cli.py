@@ -10,6 +10,7 @@ is written, so a bad pattern or a name used twice leaves the file as it was.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import sys
@@ -78,14 +79,18 @@ def _entry(args: argparse.Namespace, secret: str) -> dict[str, Any]:
 
 def _add(args: argparse.Namespace, path: Path) -> int:
     secret = auth.new_secret()
-    existing = path.read_text(encoding="utf-8") if path.exists() else ""
     block = tomli_w.dumps({"keys": [_entry(args, secret)]})
-    joined = existing + ("\n" if existing and not existing.endswith("\n") else "")
-    text = joined + ("\n" if joined else "") + block
-    auth.parse_keys(text, str(path), None)  # the whole file, before anything is written
+    auth.parse_keys(block, str(path), None)  # the new key alone, before the file is opened
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    with os.fdopen(fd, "a", encoding="utf-8") as out:
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "r+", encoding="utf-8") as out:
+        # Two `keys add` at once take turns: each checks the file as the other left it
+        # (two keys of one name would make the file unreadable at the next start).
+        fcntl.flock(out, fcntl.LOCK_EX)
+        existing = out.read()
+        joined = existing + ("\n" if existing and not existing.endswith("\n") else "")
+        text = joined + ("\n" if joined else "") + block
+        auth.parse_keys(text, str(path), None)  # the whole file, before anything is written
         out.write(text[len(existing) :])
     print(secret)
     print(
