@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imgserve import auth, logs, notify
+from imgserve import auth, logs, notify, tracing
 from imgserve.config import Settings
 from imgserve.urls import redact_url
 
@@ -207,6 +207,7 @@ async def _serve(settings: Settings, paths: Paths, *, linger_s: float = DEGRADED
     vips.set_threads(1)
     paths.data_dir.mkdir(parents=True, exist_ok=True)
     async with contextlib.AsyncExitStack() as stack:
+        traces = _start_tracing(stack, settings)
         queue = _open_queue(settings, paths.data_dir)
         stack.push_async_callback(queue.close)
         transports = Transports(settings.transport)
@@ -219,7 +220,7 @@ async def _serve(settings: Settings, paths: Paths, *, linger_s: float = DEGRADED
         stack.push_async_callback(asyncio.to_thread, planner.close)
         keys = load_keyring(settings)
         dispatcher = _start_dispatcher(stack, queue, settings, keys)
-        metrics = Metrics()
+        metrics = Metrics(traces)
         # With a Redis queue this node only accepts jobs; `imgserve worker` nodes run them.
         runner: Runner | None = None
         pool: ImagePool | None = None
@@ -353,6 +354,25 @@ async def _cancel(task: asyncio.Task[Any]) -> None:
         await task
 
 
+def _start_tracing(stack: contextlib.AsyncExitStack, settings: Settings) -> tracing.Tracing:
+    """The tracing the settings ask for (preflight checked the extra is there); the
+    spans still buffered are sent when the stack closes, after everything else."""
+    traces = tracing.start(settings.server)
+    if traces.enabled:
+        stack.push_async_callback(asyncio.to_thread, traces.close)
+        endpoint = settings.server.otlp_endpoint or "the OTEL_EXPORTER_OTLP_* endpoint"
+        log.info("tracing: OTLP/HTTP to %s", redact_url(endpoint))
+    return traces
+
+
+def check_tracing(settings: Settings) -> None:
+    """StartupError when tracing is asked for and the ``tracing`` extra is missing."""
+    try:
+        tracing.check(settings.server)
+    except tracing.TracingUnavailable as exc:
+        raise StartupError(str(exc)) from None
+
+
 def _watch_pool(metrics: Metrics, pool: Any) -> None:
     processes = pool.processes
     metrics.watch_pool(pool.settings.workers, processes.pids, lambda: processes.replacements)
@@ -458,6 +478,7 @@ def run_worker(settings: Settings) -> int:
         _check_queue(settings.server.queue_url, Path("."))
         check_watermarks(settings)
         load_keyring(settings)
+        check_tracing(settings)
     except StartupError as exc:
         print(f"imgserve worker: {exc}", file=sys.stderr)
         return EXIT_FAIL
@@ -478,6 +499,7 @@ async def _worker(settings: Settings) -> int:
 
     name = f"{socket.gethostname()}:{os.getpid()}"
     async with contextlib.AsyncExitStack() as stack:
+        traces = _start_tracing(stack, settings)
         queue = _open_queue(settings, Path("."))
         stack.push_async_callback(queue.close)
         pool = ImagePool(settings.worker, settings.imaging)
@@ -488,7 +510,7 @@ async def _worker(settings: Settings) -> int:
         dispatcher = _start_dispatcher(
             stack, queue, settings, load_keyring(settings), hand_off=True
         )
-        metrics = Metrics()
+        metrics = Metrics(traces)
         _watch_pool(metrics, pool)
         runner = Runner(
             queue, transports, pool, settings, on_event=dispatcher.poke, metrics=metrics
@@ -585,7 +607,8 @@ class StartupError(Exception):
 
 def preflight(settings: Settings, paths: Paths) -> None:
     """What can be checked before detaching: the directories the daemon writes
-    can be created and written, and the queue backend imports and accepts its URL.
+    can be created and written, the queue backend imports and accepts its URL, the
+    keys and watermarks can be used, and tracing, if asked for, is installed.
 
     Raises StartupError with the reason.
     """
@@ -599,6 +622,7 @@ def preflight(settings: Settings, paths: Paths) -> None:
     _check_queue(settings.server.queue_url, paths.data_dir)
     load_keyring(settings)
     check_watermarks(settings)
+    check_tracing(settings)
 
 
 def check_watermarks(settings: Settings) -> None:

@@ -36,6 +36,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from imgserve.tracing import NO_TRACING, Tracing
 from imgserve.urls import scheme_of
 
 log = logging.getLogger("imgserve.metrics")
@@ -68,7 +69,9 @@ for imgserve's plain ASCII names)."""
 class Metrics:
     """Every metric one imgserve process exports, on its own registry."""
 
-    def __init__(self) -> None:
+    def __init__(self, tracing: Tracing = NO_TRACING) -> None:
+        self.tracing = tracing
+        """Where ``phase`` opens a span too (imgserve.tracing; off by default)."""
         self.registry = CollectorRegistry()
         reg = self.registry
         self.requests = Histogram(
@@ -187,10 +190,12 @@ class Metrics:
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Time a phase (one of ``PHASES``), whether it ends well or not."""
+        """Time a phase (one of ``PHASES``), whether it ends well or not; with tracing
+        on, in a span of its own under the job's."""
         started = time.perf_counter()
         try:
-            yield
+            with self.tracing.span(name):
+                yield
         finally:
             self.phases.labels(name).observe(time.perf_counter() - started)
 

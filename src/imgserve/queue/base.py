@@ -76,10 +76,19 @@ class JobRecord:
     """One of PRIORITIES."""
     key: str | None = None
     """The name of the API key that submitted the job (None: keys were not configured)."""
+    trace_context: dict[str, str] | None = None
+    """The W3C Trace Context (``traceparent``, ``tracestate``) of the request that
+    accepted the job, which its runner continues (imgserve.tracing); None: not traced,
+    or stored before tracing existed."""
 
     @property
     def finished(self) -> bool:
         return self.state in ENDED
+
+    @property
+    def due_at(self) -> float:
+        """When the job was due to run: accepted, or its retry's backoff over."""
+        return max(self.created_at, self.run_at)
 
     def mark_running(self, attempt: int) -> None:
         self.state = State.RUNNING
