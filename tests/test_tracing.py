@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -26,7 +29,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from imgserve import api, protocol, tracing
+from imgserve import api, config, daemon, otel, protocol, tracing
 from imgserve.config import ImagingLimits, NetPolicy, Settings, TransportSettings, WorkerSettings
 from imgserve.metrics import Metrics
 from imgserve.otel import OpenTelemetry
@@ -395,3 +398,107 @@ async def test_a_refused_job_has_its_code_on_the_request_span(
     assert download.status.status_code is StatusCode.ERROR
     assert attributes(download)[tracing.ERROR_CODE] == reply["code"]
     assert tracing.JOB_ID not in attributes(request)
+
+
+# --- turning it on, and what happens when it cannot be ---------------------------------
+
+
+def test_tracing_is_asked_for_by_flag_variable_or_endpoint(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--tracing, IMGSERVE_TRACING or an OTLP endpoint turn tracing on; it is off by
+    default, and OpenTelemetry's OTEL_SDK_DISABLED=true turns it off again."""
+    monkeypatch.delenv("OTEL_SDK_DISABLED", raising=False)
+    assert not tracing.wanted(config.load({}, environ={}).server)
+    assert tracing.wanted(config.load({"tracing": True}, environ={}).server)
+    assert tracing.wanted(config.load({}, environ={"IMGSERVE_TRACING": "1"}).server)
+    endpoint = config.load({"otlp_endpoint": "http://collector:4318"}, environ={}).server
+    assert endpoint.otlp_endpoint == "http://collector:4318" and tracing.wanted(endpoint)
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    assert not tracing.wanted(endpoint)
+    assert tracing.start(endpoint) is tracing.NO_TRACING
+
+
+@pytest.mark.parametrize("url", ["collector:4318", "ftp://collector/", "http://"])
+def test_an_otlp_endpoint_must_be_an_http_url(url: str) -> None:
+    """--otlp-endpoint takes an http(s) URL with a host; anything else is a bad setting."""
+    with pytest.raises(config.SettingsError, match="otlp_endpoint"):
+        config.load({"otlp_endpoint": url}, environ={})
+
+
+def test_the_endpoint_is_a_base_url_as_otel_exporter_otlp_endpoint_is() -> None:
+    """--otlp-endpoint http://c:4318 sends to http://c:4318/v1/traces, as the standard
+    OTEL_EXPORTER_OTLP_ENDPOINT variable would; without it, the variables decide."""
+    assert otel.traces_endpoint("http://c:4318") == "http://c:4318/v1/traces"
+    assert otel.traces_endpoint("https://c/otlp/") == "https://c/otlp/v1/traces"
+    assert otel.traces_endpoint(None) is None
+
+
+def _cli(args: list[str], *, hide_otel: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "IMGSERVE_"))}
+    if hide_otel is not None:
+        # A package of that name first on the path, which fails to import as an
+        # absent one does: the interpreter's own packages stay as they are.
+        shadow = hide_otel / "opentelemetry"
+        shadow.mkdir(parents=True)
+        (shadow / "__init__.py").write_text(
+            "raise ModuleNotFoundError(\"No module named 'opentelemetry'\", name='opentelemetry')\n"
+        )
+        env["PYTHONPATH"] = os.pathsep.join([str(hide_otel), *sys.path])
+    return subprocess.run(
+        [sys.executable, "-m", "imgserve", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["start", "--tracing"],
+        ["serve", "--otlp-endpoint", "http://127.0.0.1:4318"],
+        ["worker", "--queue", "redis://127.0.0.1:1/0", "--tracing"],
+    ],
+    ids=["start", "serve", "worker"],
+)
+def test_tracing_without_the_extra_is_a_clear_startup_error(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """Tracing asked for without OpenTelemetry installed: the daemon does not start,
+    exits 1 and says which extra to install (nothing is left running)."""
+    state = tmp_path / "state"
+    result = _cli([*command, "--state-dir", str(state), "--port", "1"], hide_otel=tmp_path / "p")
+    assert result.returncode == daemon.EXIT_FAIL, result.stderr
+    assert "pip install 'imgserve[tracing]'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (state / "imgserve.pid").exists()
+
+
+def test_without_tracing_no_opentelemetry_module_is_imported(tmp_path: Path) -> None:
+    """Tracing off: building the settings, the checks before start, the API app, a
+    runner and a timed phase import nothing of OpenTelemetry (it is installed here)."""
+    probe = """
+import asyncio, sys
+from pathlib import Path
+from imgserve import api, cli, config, daemon, tracing, worker
+from imgserve.metrics import Metrics
+settings = cli.settings_from(cli.build_parser().parse_args(["serve", "--state-dir", sys.argv[1]]))
+daemon.preflight(settings, daemon.paths_for(settings))
+traces = tracing.start(settings.server)
+assert traces is tracing.NO_TRACING
+metrics = Metrics(traces)
+with metrics.phase("download"):
+    pass
+print(sorted(name for name in sys.modules if name.startswith("opentelemetry")))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path)],
+        env={k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "IMGSERVE_"))},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

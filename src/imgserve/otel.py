@@ -52,8 +52,13 @@ def start(otlp_endpoint: str | None) -> OpenTelemetry:
     """Tracing to an OTLP/HTTP collector: ``otlp_endpoint`` is a base URL, as
     ``OTEL_EXPORTER_OTLP_ENDPOINT`` is (``/v1/traces`` is appended); None leaves the
     endpoint to the ``OTEL_EXPORTER_OTLP_*`` variables (default localhost:4318)."""
-    endpoint = otlp_endpoint.rstrip("/") + TRACES_PATH if otlp_endpoint is not None else None
-    return OpenTelemetry(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+    exporter = OTLPSpanExporter(endpoint=traces_endpoint(otlp_endpoint))
+    return OpenTelemetry(BatchSpanProcessor(exporter))
+
+
+def traces_endpoint(otlp_endpoint: str | None) -> str | None:
+    """The exporter's URL for a base URL (None: the exporter reads the variables)."""
+    return otlp_endpoint.rstrip("/") + TRACES_PATH if otlp_endpoint is not None else None
 
 
 def resource() -> Resource:
