@@ -12,6 +12,7 @@ server's /forbidden/ for a job that fails.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import subprocess
@@ -29,7 +30,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from imgserve import api, config, daemon, otel, protocol, tracing
+from imgserve import api, config, daemon, otel, protocol, tracing, webhooks
 from imgserve.config import ImagingLimits, NetPolicy, Settings, TransportSettings, WorkerSettings
 from imgserve.metrics import Metrics
 from imgserve.otel import OpenTelemetry
@@ -41,6 +42,7 @@ from imgserve.transports import Transports
 from imgserve.worker import Runner
 from tests.e2e.conftest import jpeg, serve
 from tests.servers import BASIC_PASSWORD, BASIC_USER, HTTPTestServer
+from tests.webhook_receiver import Receiver, Reply, receiver_fixture  # noqa: F401 - a fixture
 
 WAIT_S = 60.0
 
@@ -502,3 +504,62 @@ print(sorted(name for name in sys.modules if name.startswith("opentelemetry")))
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("answer", "outcome", "failed"), [(200, "delivered", False), (410, "failed", True)]
+)
+async def test_each_webhook_attempt_is_a_span_in_the_jobs_trace(
+    sqlite_queue: JobQueue,
+    shared_planner: Planner,
+    pool: ImagePool,
+    settings: Settings,
+    http_server: HTTPTestServer,
+    receiver: Receiver,
+    answer: int,
+    outcome: str,
+    failed: bool,
+) -> None:
+    """The job's completion event is delivered in a ``webhook`` client span under the
+    request's span: the job and event ids, the receiver's answer, and status ERROR
+    when the receiver refuses it for good (410)."""
+    rec = Recorder()
+    receiver.default = Reply(answer)
+    src = serve(http_server, "trace/Hooked.jpg", jpeg(320, 240))
+    job = {
+        "source": src,
+        "webhook": receiver.url("/hook?token=hidden"),
+        "outputs": [file_output(settings, "w.png", 64)],
+    }
+    dispatcher = webhooks.Dispatcher(
+        sqlite_queue, settings.webhook, settings.transport, poll_s=0.05, tracing=rec.tracing
+    )
+    delivering = asyncio.create_task(dispatcher.serve())
+    try:
+        async with (
+            api_node(sqlite_queue, shared_planner, settings, rec.tracing) as base,
+            worker_node(sqlite_queue, pool, settings, rec.tracing),
+        ):
+            status, reply = await post(base, job)
+            assert status == 202, reply
+            [delivery] = await rec.wait_for("webhook")
+    finally:
+        delivering.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await delivering
+        await sqlite_queue.close()
+    [request] = rec.named("POST /jobs")
+    assert delivery.kind is SpanKind.CLIENT
+    assert delivery.context.trace_id == request.context.trace_id
+    assert delivery.parent is not None and delivery.parent.span_id == request.context.span_id
+    assert attributes(delivery) | {
+        tracing.JOB_ID: reply["jobId"],
+        tracing.WEBHOOK_TYPE: "job.completed",
+        tracing.WEBHOOK_ATTEMPT: 1,
+        tracing.OUTCOME: outcome,
+        "http.response.status_code": answer,
+        "url.full": receiver.url("/hook?token=***"),
+    } == attributes(delivery)
+    assert attributes(delivery)[tracing.WEBHOOK_EVENT].startswith("msg_")
+    expected = StatusCode.ERROR if failed else StatusCode.UNSET
+    assert delivery.status.status_code is expected

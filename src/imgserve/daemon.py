@@ -219,7 +219,7 @@ async def _serve(settings: Settings, paths: Paths, *, linger_s: float = DEGRADED
         )
         stack.push_async_callback(asyncio.to_thread, planner.close)
         keys = load_keyring(settings)
-        dispatcher = _start_dispatcher(stack, queue, settings, keys)
+        dispatcher = _start_dispatcher(stack, queue, settings, keys, traces=traces)
         metrics = Metrics(traces)
         # With a Redis queue this node only accepts jobs; `imgserve worker` nodes run them.
         runner: Runner | None = None
@@ -303,6 +303,7 @@ def _start_dispatcher(
     keys: auth.Keyring | None = None,
     *,
     hand_off: bool = False,
+    traces: tracing.Tracing = tracing.NO_TRACING,
 ) -> webhooks.Dispatcher:
     """Deliver completion events from the queue's outbox in this process, until the
     stack closes (before the queue does). Every process that ends jobs runs one, and
@@ -317,7 +318,9 @@ def _start_dispatcher(
     # A key may sign its jobs' events with its own secret; a node without the keys
     # file leaves those events to one that has it (auth.webhook_signer).
     signer = auth.webhook_signer(keys, hooks.webhook_secrets, hand_off=hand_off)
-    dispatcher = webhooks.Dispatcher(queue, hooks, settings.transport, secrets_for=signer)
+    dispatcher = webhooks.Dispatcher(
+        queue, hooks, settings.transport, secrets_for=signer, tracing=traces
+    )
     task = asyncio.create_task(webhooks.supervise(dispatcher))
     stack.push_async_callback(_cancel, task)
     return dispatcher
@@ -508,7 +511,7 @@ async def _worker(settings: Settings) -> int:
         stack.push_async_callback(transports.aclose)
         # Worker nodes check no keys; given the keys file, they sign keyed events.
         dispatcher = _start_dispatcher(
-            stack, queue, settings, load_keyring(settings), hand_off=True
+            stack, queue, settings, load_keyring(settings), hand_off=True, traces=traces
         )
         metrics = Metrics(traces)
         _watch_pool(metrics, pool)

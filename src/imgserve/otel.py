@@ -11,11 +11,13 @@ A job's trace (docs/operating.md, "Tracing")::
     POST /jobs                 server span; continues a client's traceparent
     ├── download, plan, placeholder, enqueue
     ├── queue_wait             from when the job was due to its start (per attempt)
-    └── job                    one per attempt, on the node that ran it
-        └── download (fetched again only), render, upload
+    ├── job                    one per attempt, on the node that ran it
+    │   └── download (fetched again only), render, upload
+    └── webhook                one per delivery attempt of the job's event
 
 The request span's context is stored with the job (``JobRecord.trace_context``,
-W3C ``traceparent``), which is how a worker node continues it. Exceptions are
+W3C ``traceparent``, copied to its webhook events), which is how a worker node
+continues it. Exceptions are
 never recorded as span events (their text could hold a URL's credentials): an
 imgserve error sets the code and the redacted detail only.
 """
@@ -39,7 +41,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from imgserve import __version__, errors, tracing
 from imgserve.metrics import CLIENT_CLOSED, route_of
-from imgserve.queue.base import NODE, JobRecord
+from imgserve.queue.base import NODE, Event, JobRecord
+from imgserve.urls import redact_url
 
 TRACED_ROUTES = frozenset({("POST", "/"), ("POST", "/jobs")})
 """The requests that get a span: those that submit a job. Probes, scrapes, event
@@ -172,6 +175,26 @@ class OpenTelemetry(tracing.Tracing):
         span.set_attribute(tracing.OUTCOME, outcome)
         if exc is not None:
             _mark_error(span, exc)
+
+    # --- webhooks ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def webhook_span(self, event: Event) -> Iterator[None]:
+        parent = self.propagator.extract(event.trace_context or {})
+        attributes = tracing.webhook_attributes(event)
+        with self._span("webhook", context=parent, kind=SpanKind.CLIENT, attributes=attributes):
+            yield
+
+    def webhook_outcome(self, event: Event) -> None:
+        span = trace.get_current_span()
+        span.set_attribute(tracing.OUTCOME, tracing.WEBHOOK_OUTCOMES.get(event.state, event.state))
+        last = event.attempts[-1] if event.attempts else {}
+        if isinstance(last.get("status"), int):
+            span.set_attribute("http.response.status_code", last["status"])
+        if event.state != "delivered":
+            error = redact_url(str(last.get("error") or event.state))[: tracing.DETAIL_CHARS]
+            span.set_attribute(tracing.ERROR_DETAIL, error)
+            span.set_status(StatusCode.ERROR, error)
 
     # --- requests ------------------------------------------------------------------------
 

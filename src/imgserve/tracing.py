@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from aiohttp.typedefs import Middleware
 
     from imgserve.config import ServerSettings
-    from imgserve.queue.base import JobRecord
+    from imgserve.queue.base import Event, JobRecord
 
 EXTRA = "imgserve[tracing]"
 
@@ -49,8 +49,13 @@ NODE = "imgserve.node"
 ERROR_CODE = "imgserve.error.code"
 ERROR_DETAIL = "imgserve.error.detail"
 ERROR_TYPE = "error.type"
+WEBHOOK_EVENT = "imgserve.webhook.event_id"
+WEBHOOK_TYPE = "imgserve.webhook.type"
+WEBHOOK_ATTEMPT = "imgserve.webhook.attempt"
+WEBHOOK_OUTCOMES = {"delivered": "delivered", "pending": "retry", "failed": "failed"}
+"""An attempt's outcome by the event's state after it (pending: another is scheduled)."""
 
-_DETAIL_CHARS = 500
+DETAIL_CHARS = 500
 
 
 class TracingUnavailable(RuntimeError):
@@ -87,6 +92,13 @@ class Tracing:
 
     def outcome(self, outcome: str, exc: errors.ImgserveError | None = None) -> None:
         """Record how the current attempt ended (done, retry, failed) and its error."""
+
+    def webhook_span(self, event: Event) -> AbstractContextManager[None]:
+        """The span of one delivery attempt of a job's webhook event, in the job's trace."""
+        return contextlib.nullcontext()
+
+    def webhook_outcome(self, event: Event) -> None:
+        """Record how the attempt just made ended (the event's state, the answer)."""
 
     def close(self) -> None:
         """Send the spans still buffered (blocks up to the exporter's timeout)."""
@@ -153,11 +165,23 @@ def job_attributes(record: JobRecord) -> dict[str, str | int]:
     return attributes
 
 
+def webhook_attributes(event: Event) -> dict[str, str | int]:
+    """A delivery attempt's span attributes: the job, the event, where to (redacted:
+    a receiver's URL may carry a token) and which attempt this is."""
+    return {
+        JOB_ID: event.job_id,
+        WEBHOOK_EVENT: event.id,
+        WEBHOOK_TYPE: event.type,
+        WEBHOOK_ATTEMPT: len(event.attempts) + 1,
+        "url.full": redact_url(event.url),
+    }
+
+
 def error_attributes(exc: errors.ImgserveError) -> dict[str, str | int]:
     """An error's span attributes: its code (``error.type`` is the code as text, low
     cardinality) and its detail, redacted as every reply's is."""
     return {
         ERROR_CODE: exc.code,
         ERROR_TYPE: str(exc.code),
-        ERROR_DETAIL: redact_url(exc.detail)[:_DETAIL_CHARS],
+        ERROR_DETAIL: redact_url(exc.detail)[:DETAIL_CHARS],
     }

@@ -42,6 +42,7 @@ from imgserve.planning import JobPlan
 from imgserve.queue.base import Event, JobQueue, JobRecord
 from imgserve.retry import backoff_s
 from imgserve.spec import JobSpec
+from imgserve.tracing import NO_TRACING, Tracing
 from imgserve.urls import redact_url
 
 log = logging.getLogger("imgserve.webhooks")
@@ -172,6 +173,7 @@ def event_for(
         created_at=at,
         next_at=at + settings.webhook_schedule_s[0],
         key=record.key,
+        trace_context=record.trace_context,
     )
 
 
@@ -393,8 +395,11 @@ class Dispatcher:
         poll_s: float = 0.25,
         random: Callable[[], float] = _random.random,
         secrets_for: Callable[[str | None], Sequence[str] | None] | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self.queue = queue
+        self.tracing = tracing
+        """Each attempt is a ``webhook`` span in its job's trace (imgserve.tracing)."""
         self.settings = settings
         self.secrets_for = secrets_for or (lambda _key: settings.webhook_secrets)
         """The secrets that sign an event, by its job's API key name (auth.webhook_signer);
@@ -466,6 +471,11 @@ class Dispatcher:
         if secrets is None:
             await self._hand_off(event, at)
             return
+        with self.tracing.webhook_span(event):
+            await self._attempt(event, at, secrets)
+
+    async def _attempt(self, event: Event, at: float, secrets: Sequence[str]) -> None:
+        """Send the event once, record how it went, and save it."""
         try:
             body = body_of(event)
             headers = headers_for(event, body, secrets, at)
@@ -475,6 +485,7 @@ class Dispatcher:
             answer = Answer(None, f"not sent: {type(exc).__name__}", permanent=True)
         schedule = self.settings.webhook_schedule_s
         record_attempt(event, answer, at, schedule, self.random, answered_at=time.time())
+        self.tracing.webhook_outcome(event)
         shown = redact_url(event.url)
         if event.state == "delivered":
             log.info(

@@ -167,6 +167,9 @@ class Event:
     key: str | None = None
     """The name of the API key its job was submitted with: a key may have its own
     signing secret (auth.webhook_signer)."""
+    trace_context: dict[str, str] | None = None
+    """Its job's ``JobRecord.trace_context``: each delivery attempt's span joins the
+    job's trace (imgserve.tracing)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
