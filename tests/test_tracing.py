@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import os
 import subprocess
@@ -563,3 +564,55 @@ async def test_each_webhook_attempt_is_a_span_in_the_jobs_trace(
     assert attributes(delivery)[tracing.WEBHOOK_EVENT].startswith("msg_")
     expected = StatusCode.ERROR if failed else StatusCode.UNSET
     assert delivery.status.status_code is expected
+
+
+async def test_a_retried_job_has_an_attempt_span_and_a_wait_for_each_try(
+    sqlite_queue: JobQueue,
+    shared_planner: Planner,
+    pool: ImagePool,
+    settings: Settings,
+    http_server: HTTPTestServer,
+) -> None:
+    """An upload that fails once (503, retryable) then succeeds: two job spans under
+    the request's, attempt 1 ended retry (ERROR, code 501) and attempt 2 done, each
+    with its own queue_wait: the second from the retry's due time to attempt 2."""
+    rec = Recorder()
+    http_server.state.fail_remaining["trace-r.png"] = 1
+    retrying = dataclasses.replace(
+        settings,
+        worker=dataclasses.replace(settings.worker, max_attempts=2),
+        transport=dataclasses.replace(
+            settings.transport, upload_attempts=1, retry_base_s=0.05, retry_max_s=0.1
+        ),
+    )
+    src = serve(http_server, "trace/Retried.jpg", jpeg(320, 240))
+    job = {
+        "source": src,
+        "placeholder": False,
+        "outputs": [{"url": http_server.url("/flaky/trace-r.png"), "width": 64}],
+    }
+    try:
+        async with (
+            api_node(sqlite_queue, shared_planner, retrying, rec.tracing) as base,
+            worker_node(sqlite_queue, pool, retrying, rec.tracing),
+        ):
+            status, reply = await post(base, job)
+            assert status == 202, reply
+            attempts = await rec.wait_for("job", count=2)
+    finally:
+        await sqlite_queue.close()
+    [request] = rec.named("POST /jobs")
+    first, second = sorted(attempts, key=lambda span: attributes(span)[tracing.ATTEMPT])
+    assert [attributes(first)[tracing.ATTEMPT], attributes(second)[tracing.ATTEMPT]] == [1, 2]
+    assert attributes(first)[tracing.OUTCOME] == "retry"
+    assert attributes(first)[tracing.ERROR_CODE] == 501
+    assert first.status.status_code is StatusCode.ERROR
+    assert attributes(second)[tracing.OUTCOME] == "done"
+    assert second.status.status_code is StatusCode.UNSET
+    waits = sorted(rec.named("queue_wait"), key=lambda span: attributes(span)[tracing.ATTEMPT])
+    assert [attributes(w)[tracing.ATTEMPT] for w in waits] == [1, 2]
+    for span in (first, second, *waits):
+        assert span.parent is not None and span.parent.span_id == request.context.span_id
+    assert waits[1].start_time is not None and first.start_time is not None
+    assert waits[1].end_time is not None and second.start_time is not None
+    assert first.start_time <= waits[1].start_time <= waits[1].end_time <= second.start_time

@@ -695,9 +695,9 @@ async def _enqueue(
         key=caller.name if caller is not None else None,
         trace_context=traces.carrier(),  # the runner continues this request's trace
     )
-    traces.describe_job(record)
     with traces.span("enqueue"):
         await service.queue.put(record, data, max_active=service.settings.server.queue_max)
+    traces.describe_job(record)  # accepted: the request's span names its job
     log.info(
         "job %s accepted%s %s %s -> %s %dx%d%s",
         job_id,

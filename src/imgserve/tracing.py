@@ -57,6 +57,9 @@ WEBHOOK_OUTCOMES = {"delivered": "delivered", "pending": "retry", "failed": "fai
 
 DETAIL_CHARS = 500
 
+_NOTHING: AbstractContextManager[None] = contextlib.nullcontext()
+"""The one no-op context every call returns when tracing is off (it is reusable)."""
+
 
 class TracingUnavailable(RuntimeError):
     """Tracing was asked for but the ``tracing`` extra is not installed."""
@@ -76,7 +79,7 @@ class Tracing:
 
     def span(self, name: str) -> AbstractContextManager[None]:
         """A span for a phase, a child of the current one (none outside a job's trace)."""
-        return contextlib.nullcontext()
+        return _NOTHING
 
     def carrier(self) -> Carrier | None:
         """The current trace context, to store with a job (None: nothing to continue)."""
@@ -88,14 +91,14 @@ class Tracing:
     def job_span(self, record: JobRecord) -> AbstractContextManager[None]:
         """The span of one attempt at a job, continuing the trace stored with it;
         its ``queue_wait`` (from when it was due to its start) is recorded beside it."""
-        return contextlib.nullcontext()
+        return _NOTHING
 
     def outcome(self, outcome: str, exc: errors.ImgserveError | None = None) -> None:
         """Record how the current attempt ended (done, retry, failed) and its error."""
 
     def webhook_span(self, event: Event) -> AbstractContextManager[None]:
         """The span of one delivery attempt of a job's webhook event, in the job's trace."""
-        return contextlib.nullcontext()
+        return _NOTHING
 
     def webhook_outcome(self, event: Event) -> None:
         """Record how the attempt just made ended (the event's state, the answer)."""
