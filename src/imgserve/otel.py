@@ -17,9 +17,8 @@ A job's trace (docs/operating.md, "Tracing")::
 
 The request span's context is stored with the job (``JobRecord.trace_context``,
 W3C ``traceparent``, copied to its webhook events), which is how a worker node
-continues it. Exceptions are
-never recorded as span events (their text could hold a URL's credentials): an
-imgserve error sets the code and the redacted detail only.
+continues it. Exceptions are never recorded as span events (their text could hold
+a URL's credentials): an imgserve error sets the code and the redacted detail only.
 """
 
 from __future__ import annotations
