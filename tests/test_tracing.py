@@ -42,7 +42,7 @@ from imgserve.queue.base import JobQueue
 from imgserve.transports import Transports
 from imgserve.worker import Runner
 from tests.e2e.conftest import jpeg, serve
-from tests.servers import BASIC_PASSWORD, BASIC_USER, HTTPTestServer
+from tests.servers import BASIC_PASSWORD, BASIC_USER, HTTPTestServer, free_port
 from tests.webhook_receiver import Receiver, Reply, receiver_fixture  # noqa: F401 - a fixture
 
 WAIT_S = 60.0
@@ -616,3 +616,42 @@ async def test_a_retried_job_has_an_attempt_span_and_a_wait_for_each_try(
     assert waits[1].start_time is not None and first.start_time is not None
     assert waits[1].end_time is not None and second.start_time is not None
     assert first.start_time <= waits[1].start_time <= waits[1].end_time <= second.start_time
+
+
+async def test_a_collector_that_is_down_costs_spans_not_jobs(
+    sqlite_queue: JobQueue,
+    shared_planner: Planner,
+    pool: ImagePool,
+    settings: Settings,
+    http_server: HTTPTestServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tracing to an endpoint nobody listens on (the real OTLP/HTTP exporter): the job
+    is accepted and done as usual, and closing the tracing waits only about the
+    export timeout (OTEL_EXPORTER_OTLP_TIMEOUT) for the batch it cannot send."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    traces = otel.start(f"http://127.0.0.1:{free_port()}")
+    src = serve(http_server, "trace/Unsent.jpg", jpeg(320, 240))
+    job = {"source": src, "outputs": [file_output(settings, "down.png", 64)]}
+    try:
+        async with (
+            api_node(sqlite_queue, shared_planner, settings, traces) as base,
+            worker_node(sqlite_queue, pool, settings, traces),
+        ):
+            status, reply = await post(base, job)
+            assert status == 202, reply
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + WAIT_S
+            while (record := await sqlite_queue.get(reply["jobId"])) is None or (
+                not record.finished
+            ):
+                assert loop.time() < deadline, record
+                await asyncio.sleep(0.05)
+    finally:
+        await sqlite_queue.close()
+        closing = asyncio.get_running_loop().time()
+        await asyncio.to_thread(traces.close)
+        closed_s = asyncio.get_running_loop().time() - closing
+    assert record.state.value == "done"
+    assert closed_s < 10.0
