@@ -73,6 +73,11 @@ CHECKED_SAMPLES: dict[str, Any] = {
     "webhook.webhook_secrets_file": _secrets_file,
     "webhook.webhook_schedule_s": lambda _: ([0.0, 2.5], "0, 2.5", (0.0, 2.5)),
     "server.metrics_listen": lambda _: ("127.0.0.1:9602", "127.0.0.1:9602", "127.0.0.1:9602"),
+    "server.otlp_endpoint": lambda _: (
+        "http://collector:4318",
+        "http://collector:4318",
+        "http://collector:4318",
+    ),
 }
 
 

@@ -685,6 +685,7 @@ async def _enqueue(
     service: Service, spec: JobSpec, plan: JobPlan, data: bytes, caller: auth.Key | None
 ) -> JobRecord:
     job_id = uuid.uuid4().hex
+    traces = service.metrics.tracing
     record = JobRecord(
         id=job_id,
         job=spec.to_dict(),
@@ -692,8 +693,11 @@ async def _enqueue(
         dst_url=plan.dst_url,
         priority=spec.priority,
         key=caller.name if caller is not None else None,
+        trace_context=traces.carrier(),  # the runner continues this request's trace
     )
-    await service.queue.put(record, data, max_active=service.settings.server.queue_max)
+    with traces.span("enqueue"):
+        await service.queue.put(record, data, max_active=service.settings.server.queue_max)
+    traces.describe_job(record)  # accepted: the request's span names its job
     log.info(
         "job %s accepted%s %s %s -> %s %dx%d%s",
         job_id,
@@ -998,7 +1002,12 @@ async def livez(request: web.Request) -> web.Response:
 def make_app(service: Service) -> web.Application:
     # The body limit is enforced here (413 -> code 125) with slack for the check above.
     app = web.Application(
-        middlewares=[request_timer(service.metrics), errors_middleware, auth_middleware],
+        middlewares=[
+            request_timer(service.metrics),
+            errors_middleware,
+            *service.metrics.tracing.middlewares(),  # inside: sees an error's code
+            auth_middleware,
+        ],
         client_max_size=service.settings.server.max_request_bytes + 1,
     )
     app[SERVICE] = service

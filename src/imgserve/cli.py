@@ -100,6 +100,19 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="serve /metrics here too, without a key (a private interface)",
     )
     add(
+        "--tracing",
+        dest="tracing",
+        action="store_true",
+        default=None,
+        help="send OpenTelemetry traces over OTLP/HTTP (the imgserve[tracing] extra)",
+    )
+    add(
+        "--otlp-endpoint",
+        dest="otlp_endpoint",
+        metavar="URL",
+        help="the collector's OTLP/HTTP base URL (turns tracing on; /v1/traces is appended)",
+    )
+    add(
         "--set",
         dest="assignments",
         action="append",

@@ -168,6 +168,13 @@ class ServerSettings:
     """``HOST:PORT`` of a second listener serving only ``/metrics``, without a key
     (docs/operating.md: bind it to a private interface). None: ``/metrics`` is
     served on the main port only, behind the API keys like every endpoint."""
+    tracing: bool = False
+    """OpenTelemetry traces, one per job, sent over OTLP/HTTP (the ``tracing`` extra;
+    docs/operating.md). The standard ``OTEL_*`` variables configure the exporter."""
+    otlp_endpoint: str | None = None
+    """The collector's OTLP/HTTP base URL, as ``OTEL_EXPORTER_OTLP_ENDPOINT`` (imgserve
+    appends ``/v1/traces``); setting it turns tracing on. None: the variables' endpoint,
+    else http://localhost:4318."""
 
 
 WEBHOOK_SCHEDULE_S: tuple[float, ...] = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
@@ -459,6 +466,7 @@ def check_webhook_secret(secret: str) -> None:
 
 
 def _check_webhook_url(url: str | None) -> None:
+    """An http(s) URL with a host (a webhook's, the OTLP endpoint's)."""
     if url is None:
         return
     scheme, sep, rest = url.partition("://")
@@ -528,6 +536,7 @@ _CHECKS: dict[str, Any] = {
     "webhook.webhook_secrets": _check_secrets,
     "imaging.watermarks": _check_watermarks,
     "server.metrics_listen": _check_listen,
+    "server.otlp_endpoint": _check_webhook_url,
 }
 
 OPTIONS: dict[str, Option] = _build_options(Settings, _ALIASES)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imgserve import auth, logs, notify
+from imgserve import auth, logs, notify, tracing
 from imgserve.config import Settings
 from imgserve.urls import redact_url
 
@@ -207,6 +207,7 @@ async def _serve(settings: Settings, paths: Paths, *, linger_s: float = DEGRADED
     vips.set_threads(1)
     paths.data_dir.mkdir(parents=True, exist_ok=True)
     async with contextlib.AsyncExitStack() as stack:
+        traces = _start_tracing(stack, settings)
         queue = _open_queue(settings, paths.data_dir)
         stack.push_async_callback(queue.close)
         transports = Transports(settings.transport)
@@ -218,8 +219,8 @@ async def _serve(settings: Settings, paths: Paths, *, linger_s: float = DEGRADED
         )
         stack.push_async_callback(asyncio.to_thread, planner.close)
         keys = load_keyring(settings)
-        metrics = Metrics()
-        dispatcher = _start_dispatcher(stack, queue, settings, metrics, keys)
+        metrics = Metrics(traces)
+        dispatcher = _start_dispatcher(stack, queue, settings, metrics, keys, traces=traces)
         # With a Redis queue this node only accepts jobs; `imgserve worker` nodes run them.
         runner: Runner | None = None
         pool: ImagePool | None = None
@@ -303,6 +304,7 @@ def _start_dispatcher(
     keys: auth.Keyring | None = None,
     *,
     hand_off: bool = False,
+    traces: tracing.Tracing = tracing.NO_TRACING,
 ) -> webhooks.Dispatcher:
     """Deliver completion events from the queue's outbox in this process, until the
     stack closes (before the queue does). Every process that ends jobs runs one, and
@@ -318,7 +320,12 @@ def _start_dispatcher(
     # file leaves those events to one that has it (auth.webhook_signer).
     signer = auth.webhook_signer(keys, hooks.webhook_secrets, hand_off=hand_off)
     dispatcher = webhooks.Dispatcher(
-        queue, hooks, settings.transport, secrets_for=signer, metrics=metrics
+        queue,
+        hooks,
+        settings.transport,
+        secrets_for=signer,
+        metrics=metrics,
+        tracing=traces,
     )
     task = asyncio.create_task(webhooks.supervise(dispatcher))
     stack.push_async_callback(_cancel, task)
@@ -354,6 +361,25 @@ async def _cancel(task: asyncio.Task[Any]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await task
+
+
+def _start_tracing(stack: contextlib.AsyncExitStack, settings: Settings) -> tracing.Tracing:
+    """The tracing the settings ask for (preflight checked the extra is there); the
+    spans still buffered are sent when the stack closes, after everything else."""
+    traces = tracing.start(settings.server)
+    if traces.enabled:
+        stack.push_async_callback(asyncio.to_thread, traces.close)
+        endpoint = settings.server.otlp_endpoint or "the OTEL_EXPORTER_OTLP_* endpoint"
+        log.info("tracing: OTLP/HTTP to %s", redact_url(endpoint))
+    return traces
+
+
+def check_tracing(settings: Settings) -> None:
+    """StartupError when tracing is asked for and the ``tracing`` extra is missing."""
+    try:
+        tracing.check(settings.server)
+    except tracing.TracingUnavailable as exc:
+        raise StartupError(str(exc)) from None
 
 
 def _watch_pool(metrics: Metrics, pool: Any) -> None:
@@ -466,6 +492,7 @@ def run_worker(settings: Settings) -> int:
         _check_queue(settings.server.queue_url, Path("."))
         check_watermarks(settings)
         load_keyring(settings)
+        check_tracing(settings)
     except StartupError as exc:
         print(f"imgserve worker: {exc}", file=sys.stderr)
         return EXIT_FAIL
@@ -486,6 +513,7 @@ async def _worker(settings: Settings) -> int:
 
     name = f"{socket.gethostname()}:{os.getpid()}"
     async with contextlib.AsyncExitStack() as stack:
+        traces = _start_tracing(stack, settings)
         queue = _open_queue(settings, Path("."))
         stack.push_async_callback(queue.close)
         pool = ImagePool(settings.worker, settings.imaging)
@@ -493,9 +521,9 @@ async def _worker(settings: Settings) -> int:
         transports = Transports(settings.transport)
         stack.push_async_callback(transports.aclose)
         # Worker nodes check no keys; given the keys file, they sign keyed events.
-        metrics = Metrics()
+        metrics = Metrics(traces)
         dispatcher = _start_dispatcher(
-            stack, queue, settings, metrics, load_keyring(settings), hand_off=True
+            stack, queue, settings, metrics, load_keyring(settings), hand_off=True, traces=traces
         )
         _watch_pool(metrics, pool)
         runner = Runner(
@@ -593,7 +621,8 @@ class StartupError(Exception):
 
 def preflight(settings: Settings, paths: Paths) -> None:
     """What can be checked before detaching: the directories the daemon writes
-    can be created and written, and the queue backend imports and accepts its URL.
+    can be created and written, the queue backend imports and accepts its URL, the
+    keys and watermarks can be used, and tracing, if asked for, is installed.
 
     Raises StartupError with the reason.
     """
@@ -607,6 +636,7 @@ def preflight(settings: Settings, paths: Paths) -> None:
     _check_queue(settings.server.queue_url, paths.data_dir)
     load_keyring(settings)
     check_watermarks(settings)
+    check_tracing(settings)
 
 
 def check_watermarks(settings: Settings) -> None:

@@ -37,6 +37,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from imgserve.queue.base import PRIORITIES
+from imgserve.tracing import NO_TRACING, Tracing
 from imgserve.urls import scheme_of
 
 log = logging.getLogger("imgserve.metrics")
@@ -69,7 +70,9 @@ for imgserve's plain ASCII names)."""
 class Metrics:
     """Every metric one imgserve process exports, on its own registry."""
 
-    def __init__(self) -> None:
+    def __init__(self, tracing: Tracing = NO_TRACING) -> None:
+        self.tracing = tracing
+        """Where ``phase`` opens a span too (imgserve.tracing; off by default)."""
         self.registry = CollectorRegistry()
         reg = self.registry
         self.requests = Histogram(
@@ -208,7 +211,14 @@ class Metrics:
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Time a phase (one of ``PHASES``), whether it ends well or not."""
+        """Time a phase (one of ``PHASES``), whether it ends well or not; with tracing
+        on, in a span of its own under the job's."""
+        with self.timed(name), self.tracing.span(name):
+            yield
+
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Time a phase (one of ``PHASES``) without a span of its own."""
         started = time.perf_counter()
         try:
             yield

@@ -43,6 +43,7 @@ from imgserve.planning import JobPlan
 from imgserve.queue.base import Event, JobQueue, JobRecord
 from imgserve.retry import backoff_s
 from imgserve.spec import JobSpec
+from imgserve.tracing import NO_TRACING, Tracing
 from imgserve.urls import redact_url
 
 log = logging.getLogger("imgserve.webhooks")
@@ -173,6 +174,7 @@ def event_for(
         created_at=at,
         next_at=at + settings.webhook_schedule_s[0],
         key=record.key,
+        trace_context=record.trace_context,
     )
 
 
@@ -395,10 +397,13 @@ class Dispatcher:
         random: Callable[[], float] = _random.random,
         secrets_for: Callable[[str | None], Sequence[str] | None] | None = None,
         metrics: Metrics | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self.queue = queue
         self.metrics = metrics or Metrics()
         """Times each attempt (the ``webhook`` phase) and counts how attempts end."""
+        self.tracing = tracing
+        """Each attempt is a ``webhook`` span in its job's trace (imgserve.tracing)."""
         self.settings = settings
         self.secrets_for = secrets_for or (lambda _key: settings.webhook_secrets)
         """The secrets that sign an event, by its job's API key name (auth.webhook_signer);
@@ -470,10 +475,15 @@ class Dispatcher:
         if secrets is None:
             await self._hand_off(event, at)
             return
+        with self.tracing.webhook_span(event):
+            await self._attempt(event, at, secrets)
+
+    async def _attempt(self, event: Event, at: float, secrets: Sequence[str]) -> None:
+        """Send the event once, record how it went, and save it."""
         try:
             body = body_of(event)
             headers = headers_for(event, body, secrets, at)
-            with self.metrics.phase("webhook"):
+            with self.metrics.timed("webhook"):  # (the attempt's span is webhook_span's)
                 answer = await self.sender.post(event.url, headers, body)
         except Exception as exc:  # a bug: recorded as a failed attempt, never a lease loop
             log.exception("webhook %s for job %s could not be sent", event.id, event.job_id)
@@ -481,6 +491,7 @@ class Dispatcher:
         schedule = self.settings.webhook_schedule_s
         record_attempt(event, answer, at, schedule, self.random, answered_at=time.time())
         self.metrics.webhooks.labels(event.state).inc()
+        self.tracing.webhook_outcome(event)
         shown = redact_url(event.url)
         if event.state == "delivered":
             log.info(

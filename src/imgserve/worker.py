@@ -115,7 +115,8 @@ class Runner:
         self.running += 1
         self.metrics.running.inc()
         try:
-            await self._run(record)
+            with self.metrics.tracing.job_span(record):
+                await self._run(record)
         finally:
             self.running -= 1
             self.metrics.running.dec()
@@ -158,6 +159,7 @@ class Runner:
             previews = [result.preview for result in results]
             event = self._event(record, "job.completed", output_bytes=sizes, previews=previews)
             await self.queue.complete(record.id, sizes, event=event, previews=previews)
+            self.metrics.tracing.outcome("done")
             self.metrics.done.labels(_operation(record)).inc()
             self._announce(event)
             log.info(
@@ -223,6 +225,7 @@ class Runner:
                 exc.detail,
             )
             await self.queue.retry(record.id, delay, exc.code, exc.detail)
+            self.metrics.tracing.outcome("retry", exc)
             self.metrics.retried.labels(_operation(record), str(exc.code)).inc()
             return
         log.error(
@@ -237,6 +240,7 @@ class Runner:
         await self._upload_failure_image(record)
         event = self._event(record, "job.failed", error=exc)
         await self.queue.fail(record.id, exc.code, exc.detail, event=event)
+        self.metrics.tracing.outcome("failed", exc)
         self.metrics.failed.labels(_operation(record), str(exc.code)).inc()
         self._announce(event)
 

@@ -144,8 +144,8 @@ OPERATING = Path(__file__).parents[2] / "docs" / "operating.md"
 
 
 def doc_queries() -> list[str]:
-    """The PromQL of each dashboard panel in docs/operating.md (its last table)."""
-    section = OPERATING.read_text().split("## A dashboard", 1)[1]
+    """The PromQL of each dashboard panel in docs/operating.md (that section's table)."""
+    section = OPERATING.read_text().split("## A dashboard", 1)[1].split("\n## ", 1)[0]
     queries = []
     for line in section.splitlines():
         cells = line.split(" | ")

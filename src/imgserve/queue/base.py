@@ -76,10 +76,19 @@ class JobRecord:
     """One of PRIORITIES."""
     key: str | None = None
     """The name of the API key that submitted the job (None: keys were not configured)."""
+    trace_context: dict[str, str] | None = None
+    """The W3C Trace Context (``traceparent``, ``tracestate``) of the request that
+    accepted the job, which its runner continues (imgserve.tracing); None: not traced,
+    or stored before tracing existed."""
 
     @property
     def finished(self) -> bool:
         return self.state in ENDED
+
+    @property
+    def due_at(self) -> float:
+        """When the job was due to run: accepted, or its retry's backoff over."""
+        return max(self.created_at, self.run_at)
 
     def mark_running(self, attempt: int) -> None:
         self.state = State.RUNNING
@@ -158,6 +167,9 @@ class Event:
     key: str | None = None
     """The name of the API key its job was submitted with: a key may have its own
     signing secret (auth.webhook_signer)."""
+    trace_context: dict[str, str] | None = None
+    """Its job's ``JobRecord.trace_context``: each delivery attempt's span joins the
+    job's trace (imgserve.tracing)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
