@@ -270,13 +270,17 @@ def _loaded_by(statement: str) -> set[str]:
 
 
 def test_importing_the_client_loads_nothing_of_the_daemon() -> None:
-    """``import imgserve.client`` in a fresh interpreter loads none of the daemon's
-    libraries (pyvips, aiohttp, pebble, boto3, numpy...) and no imgserve module but
-    the client's own."""
+    """``import imgserve.client`` (and the submit command's modules) in a fresh
+    interpreter loads none of the daemon's libraries (pyvips, aiohttp, pebble, boto3,
+    numpy...) and no imgserve module but the client's and the command's own."""
     loaded = _loaded_by("import imgserve.client")
     assert not loaded & SERVER_SIDE
     ours = {m for m in loaded if m.startswith("imgserve.")}
     assert ours and all(m.startswith("imgserve.client") for m in ours), ours
+    loaded = _loaded_by("import imgserve.submit.cli, imgserve.submit.run")
+    assert not loaded & SERVER_SIDE
+    ours = {m for m in loaded if m.startswith("imgserve.")}
+    assert all(m.startswith(("imgserve.client", "imgserve.submit")) for m in ours), ours
     assert "httpx" in loaded
 
 
