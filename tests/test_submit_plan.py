@@ -4,6 +4,7 @@ errors of the command (exit 2, in-process)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from imgserve import cli
 from imgserve.submit import plan
 from imgserve.submit.plan import Item, PlanError
+from tests.servers import free_port
 
 
 @pytest.mark.parametrize(
@@ -165,3 +167,17 @@ def test_usage_errors_exit_2(
     code = cli.main([a.replace("{dir}", str(tmp_path)) for a in argv])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_no_daemon_stops_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Nothing listening at --url: the first jobs fail with no answer, the run stops
+    submitting the rest (they are "not submitted"), and exits 1."""
+    for i in range(40):
+        (tmp_path / f"a{i:02d}.jpg").write_bytes(b"x")
+    url = f"http://127.0.0.1:{free_port()}"
+    argv = ["submit", str(tmp_path), "--url", url, "-o", "file:///o/{$basename}.png",
+            "--width", "8", "-j", "2", "--retries", "1", "--plain"]  # fmt: skip
+    assert cli.main(argv) == 1
+    out = capsys.readouterr().out
+    assert "stopping: no answer from the daemon" in out
+    assert re.search(r"not submitted\s+│\s+3[0-9] │", out), out

@@ -17,7 +17,7 @@ from typing import IO, Any
 import pytest
 import pyvips
 
-from tests.e2e.conftest import Daemon, jpeg, serve
+from tests.e2e.conftest import Daemon, decode, jpeg, serve
 from tests.servers import HTTPTestServer
 
 pytestmark = pytest.mark.slow
@@ -27,7 +27,8 @@ SLOW = b"IMGSERVE-FAULT-DELAY=1"  # a worker sleeps 1 s on this source (fault in
 
 @pytest.fixture(scope="module")
 def daemon(start_module_daemon: Any) -> Daemon:
-    started: Daemon = start_module_daemon()
+    """One try per job and per upload, so a failing destination fails the job at once."""
+    started: Daemon = start_module_daemon("--max-attempts", "1", "--upload-attempts", "1")
     return started
 
 
@@ -126,6 +127,33 @@ def test_jobs_file_and_preset(daemon: Daemon, http_server: HTTPTestServer, tmp_p
     square = pyvips.Image.new_from_file(str(daemon.out_dir / "preset/one-sq.jpg"))
     assert (square.width, square.height) == (20, 20)
     assert pyvips.Image.new_from_file(str(daemon.out_dir / "preset/one-40.webp")).width == 40
+
+
+def test_resume_tries_a_failed_job_again(
+    daemon: Daemon, http_server: HTTPTestServer, tmp_path: Path
+) -> None:
+    """A job that failed after it was accepted (its destination answered 503) is
+    submitted again by the next --resume run, which now succeeds; the run after that
+    finds the retried job done and skips it."""
+    name = "submit-resume/out.png"
+    http_server.state.fail_remaining[name] = 10**6
+    jobs = tmp_path / "jobs.jsonl"
+    src = serve(http_server, "submit-resume/src.jpg", jpeg(64, 48))
+    dst = http_server.url(f"/flaky/{name}")
+    job = {"source": src, "outputs": [{"url": dst, "width": 16}], "placeholder": False}
+    jobs.write_text(json.dumps(job) + "\n")
+    first = submit(daemon, "--jobs", str(jobs), "--resume")
+    assert first.returncode == 1
+    (failed,) = lines(first.stdout, "failed")
+    assert "code 501" in failed, failed
+    http_server.state.fail_remaining[name] = 0
+    second = submit(daemon, "--jobs", str(jobs), "--resume")
+    assert second.returncode == 0, second.stdout
+    assert len(lines(second.stdout, "done")) == 1
+    assert decode(http_server.state.files[name]).width == 16
+    third = submit(daemon, "--jobs", str(jobs), "--resume")
+    assert third.returncode == 0, third.stdout
+    assert len(lines(third.stdout, "skipped")) == 1
 
 
 def _until_line(stream: IO[str], pattern: str) -> list[str]:

@@ -98,6 +98,10 @@ def add_parser(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
         help="derive each job's Idempotency-Key from its source and options: run again, "
         "what is done is skipped",
     )  # fmt: skip
+    run.add_argument(
+        "--retries", type=int, default=6, metavar="N",
+        help="tries per request on 503/429/no answer, honouring Retry-After (6)",
+    )  # fmt: skip
     run.add_argument("--plain", action="store_true", help="plain lines even on a terminal")
     run.add_argument(
         "--timeout", type=float, default=60.0, metavar="S", help="seconds per request (60)"
@@ -179,8 +183,8 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    if args.concurrency < 1:
-        print("imgserve submit: --concurrency must be at least 1", file=sys.stderr)
+    if args.concurrency < 1 or args.retries < 1:
+        print("imgserve submit: --concurrency and --retries must be at least 1", file=sys.stderr)
         return EXIT_USAGE
     try:
         items = _items(args)
@@ -197,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
             args.url,
             api_key=api_key,
             timeout_s=args.timeout,
-            retries=Retries(),
+            retries=Retries(attempts=args.retries),
             max_connections=args.concurrency + 2,
         ) as client:
             return await run_jobs(client, items, options, reporter)

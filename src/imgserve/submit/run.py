@@ -56,7 +56,7 @@ class Ends:
         self.poll_s = poll_s
         self.streaming = False
         self._opened = asyncio.Event()
-        self._waiting: dict[str, asyncio.Event] = {}
+        self._waiting: dict[str, set[asyncio.Event]] = {}
 
     async def follow(self) -> None:
         """Runs for the whole run: keeps the stream open, reopening it after a pause
@@ -67,21 +67,26 @@ class Ends:
                     self.streaming = True
                     self._opened.set()
                     async for change in changes:
-                        if change.state.ended and change.job_id in self._waiting:
-                            self._waiting[change.job_id].set()
+                        if change.state.ended:
+                            for woken in self._waiting.get(change.job_id, ()):
+                                woken.set()
             except ClientError:
                 pass
             self.streaming = False
             self._opened.set()
-            for woken in self._waiting.values():  # re-read now: the stream missed a while
-                woken.set()
+            for events in self._waiting.values():  # re-read now: the stream missed a while
+                for woken in events:
+                    woken.set()
             await asyncio.sleep(self.poll_s)
 
     async def wait(self, job_id: str) -> Job:
         await self._opened.wait()
-        while True:
-            woken = self._waiting[job_id] = asyncio.Event()  # before the read: no lost end
-            try:
+        woken = asyncio.Event()
+        waiting = self._waiting.setdefault(job_id, set())
+        waiting.add(woken)  # before the first read: an end from then on is not lost
+        try:
+            while True:
+                woken.clear()
                 job = await self.client.get(job_id)
                 if job.ended:
                     return job
@@ -89,7 +94,9 @@ class Ends:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(pause_s):
                         await woken.wait()
-            finally:
+        finally:
+            waiting.discard(woken)
+            if not waiting:
                 self._waiting.pop(job_id, None)
 
 
@@ -146,6 +153,7 @@ class Run:
             return
         except ClientError as exc:  # no answer, after the client's retries
             self._failed(item, 0, str(exc))
+            self.stop(f"stopping: no answer from the daemon ({exc})")
             return
         except OSError as exc:  # the file went away or cannot be read
             self._failed(item, 0, f"cannot read {item.label}: {exc.strerror}")
