@@ -5,6 +5,8 @@ errors of the command (exit 2, in-process)."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -181,3 +183,24 @@ def test_no_daemon_stops_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[s
     out = capsys.readouterr().out
     assert "stopping: no answer from the daemon" in out
     assert re.search(r"not submitted\s+│\s+3[0-9] │", out), out
+
+
+def test_without_the_client_extra_it_says_which_to_install(tmp_path: Path) -> None:
+    """With httpx not installed, ``imgserve submit`` exits 2 naming the extra; the
+    rest of the command line still works (it imports the client only when run)."""
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    probe = (
+        "import sys; sys.modules['httpx'] = None; from imgserve.cli import main; "
+        f"sys.exit(main(['submit', {str(tmp_path)!r}, '-o', 'file:///o/a.png', '--width', '8']))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "pip install 'imgserve[client]'" in result.stderr
+    version = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['httpx'] = None; "
+         "from imgserve.cli import main; sys.exit(main(['version']))"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert version.returncode == 0 and version.stdout.startswith("imgserve ")

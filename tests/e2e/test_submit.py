@@ -6,6 +6,8 @@ once (waits for the jobs in flight) and twice (leaves)."""
 from __future__ import annotations
 
 import json
+import os
+import pty
 import re
 import signal
 import subprocess
@@ -154,6 +156,37 @@ def test_resume_tries_a_failed_job_again(
     third = submit(daemon, "--jobs", str(jobs), "--resume")
     assert third.returncode == 0, third.stdout
     assert len(lines(third.stdout, "skipped")) == 1
+
+
+def test_a_terminal_gets_the_progress_bar(daemon: Daemon, tmp_path: Path) -> None:
+    """On a terminal (a pseudo-terminal here): rich's progress bar with the jobs
+    done and failed, the rate and the ETA, in colour; no plain lines; the summary."""
+    for i in range(5):
+        (tmp_path / f"t{i}.jpg").write_bytes(jpeg(40 + i, 30))
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imgserve", "submit", "--url", daemon.url, str(tmp_path),
+         "-o", f"file://{daemon.out_dir}/tty/{{$basename}}.png", "--width", "8"],
+        stdin=subprocess.DEVNULL, stdout=follower, stderr=follower,
+        env={**os.environ, "COLUMNS": "160"},
+    )  # fmt: skip
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the command ended and closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    assert proc.wait(60) == 0
+    text = shown.decode("utf-8", "replace")
+    assert "\x1b[" in text
+    for part in ("5/5", "5 done", "0 failed", "jobs/s", "ETA", "imgserve submit: 5 jobs"):
+        assert part in text, (part, text[-3000:])
+    assert not re.search(r"^\[\d+/5\] done", text, re.MULTILINE)
 
 
 def _until_line(stream: IO[str], pattern: str) -> list[str]:

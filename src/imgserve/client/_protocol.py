@@ -26,6 +26,10 @@ from imgserve.client.models import Job
 DEFAULT_URL = "http://127.0.0.1:8602"
 URL_ENV = "IMGSERVE_URL"
 KEY_ENV = "IMGSERVE_API_KEY"
+REQUEST_TIMEOUT_S = 100.0
+"""Each request's timeout: ``POST /jobs`` answers once the source is read and the
+placeholders are up, within the daemon's reply deadline (``reply_timeout_s``, 90 s:
+504, 612, after it), so a client that gave up sooner would only send it again."""
 STREAM_READ_S = 40.0
 """Longest silence on ``GET /events`` before it is taken as broken: the daemon sends
 a ping every 15 s."""
@@ -41,7 +45,7 @@ class Retries:
     ``attempts`` counts the first try; ``Retries(attempts=1)`` never retries."""
 
     attempts: int = 6
-    timeout_s: float = 120.0
+    timeout_s: float = 300.0
     wait_initial_s: float = 0.2
     wait_max_s: float = 30.0
 

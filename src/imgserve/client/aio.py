@@ -33,7 +33,7 @@ class AsyncClient:
         base_url: str | None = None,
         *,
         api_key: str | None = None,
-        timeout_s: float = 60.0,
+        timeout_s: float = p.REQUEST_TIMEOUT_S,
         retries: p.Retries | None = None,
         max_connections: int = 100,
         transport: httpx.AsyncBaseTransport | None = None,
@@ -139,7 +139,10 @@ class AsyncClient:
 
     async def health(self) -> dict[str, Any]:
         """``GET /health``."""
-        response = await self._http.get("/health")
+        try:
+            response = await self._http.get("/health")  # 503 (degraded) still says why
+        except httpx.TransportError as exc:
+            raise p.transport_error(exc, self.base_url + "/health") from exc
         return dict(response.json())
 
     @contextlib.asynccontextmanager

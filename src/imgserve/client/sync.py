@@ -31,8 +31,8 @@ class Client:
     """A connection pool to one imgserve daemon.
 
     ``base_url`` defaults to ``IMGSERVE_URL`` (else ``http://127.0.0.1:8602``) and
-    ``api_key`` to ``IMGSERVE_API_KEY``. ``timeout_s`` bounds each request
-    (``POST /jobs`` answers once the source was read and the placeholders are up).
+    ``api_key`` to ``IMGSERVE_API_KEY``. ``timeout_s`` bounds each request (100 s:
+    ``POST /jobs`` answers once the source was read and the placeholders are up).
     Use as a context manager, or call :meth:`close`.
     """
 
@@ -41,7 +41,7 @@ class Client:
         base_url: str | None = None,
         *,
         api_key: str | None = None,
-        timeout_s: float = 60.0,
+        timeout_s: float = p.REQUEST_TIMEOUT_S,
         retries: p.Retries | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
@@ -143,7 +143,10 @@ class Client:
 
     def health(self) -> dict[str, Any]:
         """``GET /health``: the daemon's state, queue counts and workers."""
-        response = self._http.get("/health")  # 503 (degraded) still says why
+        try:
+            response = self._http.get("/health")  # 503 (degraded) still says why
+        except httpx.TransportError as exc:
+            raise p.transport_error(exc, self.base_url + "/health") from exc
         return dict(response.json())
 
     @contextlib.contextmanager

@@ -104,7 +104,7 @@ def add_parser(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
     )  # fmt: skip
     run.add_argument("--plain", action="store_true", help="plain lines even on a terminal")
     run.add_argument(
-        "--timeout", type=float, default=60.0, metavar="S", help="seconds per request (60)"
+        "--timeout", type=float, default=100.0, metavar="S", help="seconds per request (100)"
     )
 
 

@@ -128,7 +128,9 @@ class Reporter:
     def summary(self, tally: Tally, *, interrupted: bool) -> None:
         """The table of outcomes, and of failures by code."""
         elapsed_s = time.monotonic() - self._started
-        table = Table(title=f"imgserve submit: {tally.total} jobs in {elapsed_s:.1f} s")
+        # Titles above the tables, not in them: a table's title wraps at its width.
+        self.note(f"imgserve submit: {tally.total} jobs in {elapsed_s:.1f} s")
+        table = Table()
         table.add_column("outcome")
         table.add_column("jobs", justify="right")
         rows = [
@@ -143,7 +145,8 @@ class Reporter:
                 table.add_row(outcome, str(count))
         self.console.print(table)
         if tally.failures:
-            failures = Table(title="failures by code (docs/errors.md)")
+            self.note("failures by code (docs/errors.md):")
+            failures = Table()
             failures.add_column("code", justify="right")
             failures.add_column("jobs", justify="right")
             failures.add_column("first detail")
