@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -19,18 +20,21 @@ from aiohttp import web
 
 from imgserve.client import (
     AsyncClient,
+    AuthError,
     Client,
     InvalidWebhook,
     JobNotFound,
     JobState,
     RequestError,
+    Retries,
     ServiceError,
     SourceError,
     Upload,
     ValidationError,
     verify_event,
 )
-from tests.e2e.conftest import Daemon, jpeg, serve
+from tests.e2e.conftest import IMGSERVE, Daemon, jpeg, serve
+from tests.e2e.test_keys import keys_add
 from tests.servers import HTTPTestServer
 from tests.webhook_receiver import Receiver, receiver_fixture  # noqa: F401 - a fixture
 
@@ -289,3 +293,44 @@ def test_a_real_event_verifies(client: Client, daemon: Daemon, receiver: Receive
     assert tampered != request.body
     with pytest.raises(InvalidWebhook):
         verify_event(request.headers, tampered, SECRET)
+
+
+def test_api_keys(start_daemon: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a keys file: no key is AuthError 140; a key (given, or from
+    IMGSERVE_API_KEY) submits, streams and waits, and the job is the key's; a key
+    over its rate is 429 144 after the bounded retries; ``imgserve submit`` reads
+    its key from --api-key-file."""
+    keys_file = tmp_path / "keys.toml"
+    alice, limited = keys_add(keys_file, "alice"), keys_add(keys_file, "limited", "--rate", "0.05")
+    daemon: Daemon = start_daemon("--keys", str(keys_file))
+    with Client(daemon.url, api_key="") as anonymous, pytest.raises(AuthError) as caught:
+        anonymous.list_jobs()
+    assert (caught.value.status, caught.value.code) == (401, 140)
+    monkeypatch.setenv("IMGSERVE_API_KEY", alice)
+    with Client(daemon.url) as client:
+        job = client.wait(
+            client.submit(Upload(jpeg(64, 48), "k.jpg"), out(daemon, "keys")), poll_s=60
+        )
+        assert (job.state, job.key) == (JobState.DONE, "alice")
+    retries = Retries(attempts=2, wait_initial_s=0.01, wait_max_s=0.2)
+    with Client(daemon.url, api_key=limited, retries=retries) as client:
+        client.submit(Upload(jpeg(64, 48), "l1.jpg"), out(daemon, "keys"))
+        started = time.monotonic()
+        with pytest.raises(AuthError) as rate:
+            client.submit(Upload(jpeg(64, 48), "l2.jpg"), out(daemon, "keys"))
+        assert (rate.value.status, rate.value.code) == (429, 144)
+        assert rate.value.retry_after_s is not None and rate.value.retry_after_s >= 1
+        assert time.monotonic() - started < 5  # Retry-After honoured up to wait_max_s only
+    key_file = tmp_path / "alice.key"
+    key_file.write_text(alice + "\n")
+    monkeypatch.delenv("IMGSERVE_API_KEY")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "cli.jpg").write_bytes(jpeg(64, 48))
+    dst = f"file://{daemon.out_dir}/keys/{{$basename}}.png"
+    result = subprocess.run(  # (IMGSERVE_API_KEY is unset now: the key comes from the file)
+        [*IMGSERVE, "submit", "--url", daemon.url, "--api-key-file", str(key_file),
+         str(tmp_path / "src"), "-o", dst, "--width", "8"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (daemon.out_dir / "keys/cli.png").exists()
