@@ -31,6 +31,7 @@ from imgserve.client import (
     SourceError,
     Upload,
     ValidationError,
+    WaitTimeout,
     verify_event,
 )
 from tests.e2e.conftest import IMGSERVE, Daemon, jpeg, serve
@@ -136,13 +137,36 @@ def test_wait_follows_the_event_stream(client: Client, daemon: Daemon) -> None:
         done = client.wait(job, timeout_s=30, poll_s=60)
         assert done.state is JobState.DONE
         assert time.monotonic() - started < 10
-        states = []
+        seen = []
         for change in changes:
             if change.job_id == job.id:
-                states.append(change.state)
+                seen.append(change)
                 if change.state.ended:
                     break
-    assert states == [JobState.QUEUED, JobState.RUNNING, JobState.DONE]
+    assert [c.state for c in seen] == [JobState.QUEUED, JobState.RUNNING, JobState.DONE]
+    with Client(daemon.url) as watcher, watcher.events(after=seen[0].id) as again:
+        replayed = next(c for c in again if c.job_id == job.id)
+    assert replayed == seen[1]  # Last-Event-ID: right after the change named
+
+
+def test_wait_gives_up_after_its_timeout(client: Client, daemon: Daemon) -> None:
+    """A job still running when ``timeout_s`` runs out: WaitTimeout, from both
+    clients, carrying the job as last seen (AsyncClient's)."""
+    job = client.submit(Upload(jpeg(64, 64, SLOW), "late.jpg"), out(daemon, "late"))
+    with pytest.raises(WaitTimeout):
+        client.wait(job, timeout_s=0.2)
+
+    async def async_wait() -> WaitTimeout:
+        async with AsyncClient(daemon.url) as aclient:
+            try:
+                await aclient.wait(job, timeout_s=0.2)
+            except WaitTimeout as exc:
+                return exc
+        raise AssertionError("no WaitTimeout")
+
+    late = asyncio.run(async_wait())
+    assert late.job is not None and late.job.id == job.id and not late.job.ended
+    assert client.wait(job, timeout_s=30).state is JobState.DONE
 
 
 class NoEvents:
