@@ -189,6 +189,25 @@ def test_a_terminal_gets_the_progress_bar(daemon: Daemon, tmp_path: Path) -> Non
     assert not re.search(r"^\[\d+/5\] done", text, re.MULTILINE)
 
 
+def test_a_closed_output_stops_the_run_quietly(daemon: Daemon, tmp_path: Path) -> None:
+    """``imgserve submit ... | head -1``: once its output is closed the run stops as
+    on Ctrl-C (the jobs in flight end, nothing new is sent), without a traceback,
+    and exits 1: not everything was done."""
+    for i in range(40):
+        (tmp_path / f"h{i:02d}.jpg").write_bytes(jpeg(20 + i, 20))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imgserve", "submit", "--url", daemon.url, str(tmp_path),
+         "-o", f"file://{daemon.out_dir}/head/{{$basename}}.png", "--width", "8", "-j", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    assert re.match(r"\[1/40\] done ", proc.stdout.readline())
+    proc.stdout.close()
+    assert proc.wait(60) == 1
+    assert "Traceback" not in proc.stderr.read()
+    assert len(list((daemon.out_dir / "head").glob("*.png"))) < 40
+
+
 def _until_line(stream: IO[str], pattern: str) -> list[str]:
     """Lines read from ``stream`` until one matches ``pattern`` (fails at its end)."""
     seen = []

@@ -214,6 +214,6 @@ def run(args: argparse.Namespace) -> int:
         print("imgserve submit: left; the daemon finishes the jobs it accepted", file=sys.stderr)
         return EXIT_INTERRUPTED
     reporter.summary(tally, interrupted=interrupted)
-    if tally.failed:
+    if tally.failed or reporter.gone:  # (gone: the output closed, the run stopped early)
         return EXIT_FAILED
     return EXIT_INTERRUPTED if interrupted else EXIT_OK

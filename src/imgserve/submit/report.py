@@ -5,6 +5,8 @@ that ended and a progress line every few seconds. Then a summary table.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from types import TracebackType
 from typing import IO
@@ -37,14 +39,28 @@ class _Rate(ProgressColumn):
         return Text("-- jobs/s" if speed is None else f"{speed:.1f} jobs/s", style="cyan")
 
 
+class _Console(Console):
+    """A console whose reader may go (``imgserve submit ... | head``): from then on
+    it is quiet and says so in ``gone``, instead of rich's SystemExit in whichever
+    task was printing. The run then stops as on a first Ctrl-C."""
+
+    gone = False
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        self.gone = True
+        devnull = os.open(os.devnull, os.O_WRONLY)  # as rich does: later writes go nowhere
+        os.dup2(devnull, sys.stdout.fileno())
+
+
 class Reporter:
     """Progress and outcome of a run, on ``out`` (a terminal gets the bar)."""
 
     def __init__(self, out: IO[str], *, total: int, plain: bool | None = None) -> None:
-        self.console = Console(file=out, highlight=False)
+        self.console = _Console(file=out, highlight=False)
         self.plain = not self.console.is_terminal if plain is None else plain
         if self.plain:  # no colours, no cursor moves; lines are not cut at 80 columns
-            self.console = Console(
+            self.console = _Console(
                 file=out, highlight=False, no_color=True, soft_wrap=True, width=160
             )
         self.total = total
@@ -79,6 +95,11 @@ class Reporter:
     ) -> None:
         if self._progress is not None:
             self._progress.stop()
+
+    @property
+    def gone(self) -> bool:
+        """Whether the output was closed under us (a pipe whose reader left)."""
+        return self.console.gone
 
     def note(self, message: str) -> None:
         self.console.print(message, markup=False)

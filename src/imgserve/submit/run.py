@@ -120,6 +120,8 @@ class Run:
             async with asyncio.TaskGroup() as group:
                 for item in self.items:
                     await slots.acquire()
+                    if self.reporter.gone:
+                        self.stopping.set()
                     if self.stopping.is_set():
                         slots.release()
                         break
