@@ -127,7 +127,7 @@ def test_which_failures_are_retried() -> None:
 
 def test_url_source_is_json_with_a_fresh_key() -> None:
     """A str source is a JSON job naming it; each request gets its own UUID key
-    unless one is given."""
+    unless one is given; a str that is no URL (a path) is refused."""
     job = p.job_body([{"url": "file:///o/{$basename}.webp", "width": 8}], priority="batch")
     first = p.submit_request("https://e.example/a.jpg", job, None)
     second = p.submit_request("https://e.example/a.jpg", job, None)
@@ -139,6 +139,8 @@ def test_url_source_is_json_with_a_fresh_key() -> None:
     assert first.headers["Content-Type"] == "application/json"
     assert first.headers["Idempotency-Key"] != second.headers["Idempotency-Key"]
     assert p.submit_request("x://y", job, "mine").headers["Idempotency-Key"] == "mine"
+    with pytest.raises(ValueError, match=r"pathlib\.Path"):
+        p.submit_request("photos/a.jpg", job, None)  # a path given as a str
 
 
 def test_file_source_is_multipart(tmp_path: pytest.TempPathFactory) -> None:

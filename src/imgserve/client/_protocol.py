@@ -176,6 +176,11 @@ def submit_request(source: Source, job: Mapping[str, Any], idempotency_key: str 
     ``idempotency_key``, else a fresh UUID, the same on every retry of this request."""
     key = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
     if isinstance(source, str):
+        if "://" not in source:
+            raise ValueError(
+                f"source {source[:80]!r}: a str is the source's URL; "
+                "pass a pathlib.Path (or an Upload) for a local file"
+            )
         body = json.dumps({"source": source, **job}, separators=(",", ":")).encode()
         return Request("POST", "/jobs", {**key, "Content-Type": "application/json"}, content=body)
     upload = source if isinstance(source, Upload) else Upload.from_path(source)
