@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from imgserve import __version__, config, daemon, keys_cli, logs, urls
+from imgserve.submit import cli as submit_cli
 
 COMMANDS = ("start", "stop", "restart", "status", "version", "serve", "worker")
 # A webhook secret or an API key, wherever argparse would echo one (a mistyped
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "serve":
             child.add_argument("--daemonized", action="store_true", help=argparse.SUPPRESS)
     keys_cli.add_parser(sub, _Parser)
+    submit_cli.add_parser(sub, _Parser)
     return parser
 
 
@@ -174,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         return daemon.EXIT_OK
     if args.command == "keys":
         return _keys(args)
+    if args.command == "submit":
+        return submit_cli.run(args)
     try:
         settings = settings_from(args)
     except (ValueError, OSError) as exc:  # SettingsError is a ValueError

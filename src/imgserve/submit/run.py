@@ -1,0 +1,239 @@
+"""Running ``imgserve submit``: at most ``concurrency`` jobs in flight, each
+submitted, then waited on; their ends heard on one shared ``GET /events`` stream
+(polling ``GET /jobs/<id>`` while it cannot be had), so a run of 10,000 jobs holds
+one stream, not one per job.
+
+Ctrl-C once: no new job is submitted, the ones in flight are waited for; twice: the
+run stops at once (the daemon finishes what it accepted). Under ``--resume`` a
+job's Idempotency-Key comes from its source and options (plan.resume_key): a job
+the daemon answers as a replay that had ended done is counted as skipped, one that
+had failed is tried again under a key derived from that try.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from imgserve.client import (
+    AsyncClient,
+    ClientError,
+    Job,
+    JobState,
+    Upload,
+    ValidationError,
+)
+from imgserve.client.errors import APIError
+from imgserve.submit.plan import Item, Tally, resume_key, retry_key
+from imgserve.submit.report import Reporter
+
+MAX_RETRIES_OF_FAILED = 5
+"""Under --resume, how many earlier failed tries of one job are followed before a new one."""
+SAFETY_POLL_S = 30.0
+"""While the stream is open, each job is still read this often (a lost event cannot
+leave a job waiting for ever)."""
+
+
+@dataclass(frozen=True)
+class Options:
+    concurrency: int = 8
+    resume: bool = False
+    poll_s: float = 1.0
+    stop_on_invalid: bool = True
+    """Stop submitting when the daemon refuses the job itself (7xx not about the
+    source): every other item has the same job and would be refused the same way."""
+
+
+class Ends:
+    """The ends of jobs, as one shared event stream reports them."""
+
+    def __init__(self, client: AsyncClient, poll_s: float) -> None:
+        self.client = client
+        self.poll_s = poll_s
+        self.streaming = False
+        self._opened = asyncio.Event()
+        self._waiting: dict[str, set[asyncio.Event]] = {}
+
+    async def follow(self) -> None:
+        """Runs for the whole run: keeps the stream open, reopening it after a pause
+        when it ends or is refused (meanwhile waiters poll)."""
+        while True:
+            try:
+                async with self.client.events() as changes:
+                    self.streaming = True
+                    self._opened.set()
+                    async for change in changes:
+                        if change.state.ended:
+                            for woken in self._waiting.get(change.job_id, ()):
+                                woken.set()
+            except ClientError:
+                pass
+            self.streaming = False
+            self._opened.set()
+            for events in self._waiting.values():  # re-read now: the stream missed a while
+                for woken in events:
+                    woken.set()
+            await asyncio.sleep(self.poll_s)
+
+    async def wait(self, job_id: str) -> Job:
+        await self._opened.wait()
+        woken = asyncio.Event()
+        waiting = self._waiting.setdefault(job_id, set())
+        waiting.add(woken)  # before the first read: an end from then on is not lost
+        try:
+            while True:
+                woken.clear()
+                job = await self.client.get(job_id)
+                if job.ended:
+                    return job
+                pause_s = SAFETY_POLL_S if self.streaming else self.poll_s
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(pause_s):
+                        await woken.wait()
+        finally:
+            waiting.discard(woken)
+            if not waiting:
+                self._waiting.pop(job_id, None)
+
+
+class Run:
+    def __init__(
+        self, client: AsyncClient, items: Sequence[Item], options: Options, reporter: Reporter
+    ) -> None:
+        self.client = client
+        self.items = items
+        self.options = options
+        self.reporter = reporter
+        self.tally = Tally(total=len(items))
+        self.stopping = asyncio.Event()
+        self.ends = Ends(client, options.poll_s)
+
+    async def run(self) -> Tally:
+        """Every item submitted and ended, or as many as the run got to."""
+        follower = asyncio.create_task(self.ends.follow())
+        slots = asyncio.Semaphore(self.options.concurrency)
+        try:
+            async with asyncio.TaskGroup() as group:
+                for item in self.items:
+                    await slots.acquire()
+                    if self.reporter.gone:
+                        self.stopping.set()
+                    if self.stopping.is_set():
+                        slots.release()
+                        break
+                    task = group.create_task(self._one(item))
+                    task.add_done_callback(lambda _t: slots.release())
+        finally:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+        return self.tally
+
+    def stop(self, why: str) -> None:
+        if not self.stopping.is_set():
+            self.stopping.set()
+            self.reporter.note(why)
+
+    async def _one(self, item: Item) -> None:
+        try:
+            job = await self._submit(item)
+            if job is None:
+                return
+            ended = await self.ends.wait(job.id)
+        except APIError as exc:
+            self._failed(item, exc.code, exc.detail)
+            if (
+                self.options.stop_on_invalid
+                and isinstance(exc, ValidationError)
+                and not exc.detail.startswith("source")
+            ):
+                self.stop(f"stopping: the daemon refused the job itself ({exc.code} {exc.detail})")
+            return
+        except ClientError as exc:  # no answer, after the client's retries
+            self._failed(item, 0, str(exc))
+            self.stop(f"stopping: no answer from the daemon ({exc})")
+            return
+        except OSError as exc:  # the file went away or cannot be read
+            self._failed(item, 0, f"cannot read {item.label}: {exc.strerror}")
+            return
+        if ended.state is JobState.DONE:
+            self.tally.done += 1
+            self.reporter.ended(item, ended, "done", self.tally)
+        elif ended.state is JobState.CANCELLED:
+            self.tally.cancelled += 1
+            self.reporter.ended(item, ended, "cancelled", self.tally)
+        else:
+            error = ended.error
+            self._failed(item, error.code if error else 0, error.detail if error else "", ended)
+
+    async def _submit(self, item: Item) -> Job | None:
+        """The item's job: submitted, or under --resume an earlier run's (None when
+        that one had ended done: counted as skipped)."""
+        data = None
+        if isinstance(item.source, Path):  # read here: at most `concurrency` files in memory
+            data = await asyncio.to_thread(item.source.read_bytes)
+        source: str | Upload = str(item.source) if data is None else Upload(data, item.name or "")
+        if not self.options.resume:
+            return await self.client.submit_job(source, item.job)
+        key = resume_key(item, data)
+        for _ in range(MAX_RETRIES_OF_FAILED):
+            job = await self.client.submit_job(source, item.job, idempotency_key=key)
+            if not job.replayed:
+                return job
+            current = await self.client.get(job.id)
+            if current.state is JobState.DONE:
+                self.tally.skipped += 1
+                self.reporter.ended(item, current, "skipped", self.tally)
+                return None
+            if current.state is not JobState.FAILED:
+                return current  # queued or running from an earlier run: wait for it
+            key = retry_key(key, job.id)
+        return await self.client.submit_job(source, item.job)
+
+    def _failed(self, item: Item, code: int, detail: str, job: Job | None = None) -> None:
+        self.tally.failed += 1
+        self.tally.failures.append((item.label, code, detail))
+        self.reporter.failed(item, code, detail, job, self.tally)
+
+
+async def run(
+    client: AsyncClient, items: Sequence[Item], options: Options, reporter: Reporter
+) -> tuple[Tally, bool]:
+    """The run, with Ctrl-C handled: (how it ended, whether it was interrupted).
+    A second Ctrl-C raises KeyboardInterrupt out of here."""
+    runner = Run(client, items, options, reporter)
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    presses = 0
+
+    def on_interrupt() -> None:
+        nonlocal presses
+        presses += 1
+        if presses == 1:
+            runner.stop("stopping: no new jobs; waiting for those in flight (Ctrl-C again: leave)")
+        elif main is not None:
+            main.cancel()
+
+    with _handler(loop, signal.SIGINT, on_interrupt):
+        try:
+            tally = await runner.run()
+        except asyncio.CancelledError:
+            if presses >= 2:
+                raise KeyboardInterrupt from None
+            raise
+    return tally, presses > 0
+
+
+@contextlib.contextmanager
+def _handler(
+    loop: asyncio.AbstractEventLoop, signum: int, callback: Callable[[], None]
+) -> Iterator[None]:
+    loop.add_signal_handler(signum, callback)
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signum)

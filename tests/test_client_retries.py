@@ -1,0 +1,126 @@
+"""The client's retries against a real aiohttp server that answers as a busy imgserve
+would: 503 with Retry-After then 202, a key's 429 until the attempts run out, and no
+server at all."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from imgserve.client import AsyncClient, AuthError, Client, Retries, ServiceError, TransportError
+from tests.servers import free_port
+
+JOB_ID = "3f0c9a7e2b1d4c58a6e0f1b2c3d4e5f6"
+ACCEPTED = {
+    "jobId": JOB_ID,
+    "state": "queued",
+    "outputs": [{"url": "file:///o/a-64.webp", "width": 64, "height": 48, "format": "webp"}],
+}
+OUTPUTS = [{"url": "file:///o/{$basename}-{$width}.webp", "width": 64}]
+
+
+@dataclass
+class Busy:
+    """Answers ``POST /jobs`` with ``script`` (status, code, Retry-After), then 202;
+    records each request's arrival and Idempotency-Key."""
+
+    script: list[tuple[int, int, str | None]]
+    seen: list[tuple[float, str | None, bytes]] = field(default_factory=list)
+
+    async def post_jobs(self, request: web.Request) -> web.Response:
+        self.seen.append(
+            (time.monotonic(), request.headers.get("Idempotency-Key"), await request.read())
+        )
+        if self.script:
+            status, code, retry_after = self.script.pop(0)
+            headers = {"Retry-After": retry_after} if retry_after else None
+            body = {"msg": "queue full, retry later", "code": code, "detail": "busy"}
+            return web.json_response(body, status=status, headers=headers)
+        return web.json_response(ACCEPTED, status=202, headers={"Location": f"/jobs/{JOB_ID}"})
+
+
+@pytest.fixture
+async def busy_server() -> AsyncIterator[tuple[Busy, TestServer]]:
+    """A real HTTP server on loopback playing a daemon whose queue is full at first."""
+    busy = Busy(script=[])
+    app = web.Application()
+    app.router.add_post("/jobs", busy.post_jobs)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield busy, server
+    await server.close()
+
+
+def _url(server: TestServer) -> str:
+    return f"http://127.0.0.1:{server.port}"
+
+
+async def test_503_is_retried_after_retry_after_with_the_same_key(
+    busy_server: tuple[Busy, TestServer],
+) -> None:
+    """503 (602) with ``Retry-After: 1``, then 202: AsyncClient waits about a second,
+    sends the same request with the same Idempotency-Key, and returns the job."""
+    busy, server = busy_server
+    busy.script = [(503, 602, "1")]
+    async with AsyncClient(_url(server), retries=Retries(wait_initial_s=0.01)) as client:
+        job = await client.submit("https://e.example/a.jpg", OUTPUTS)
+    assert job.id == JOB_ID and job.outputs[0].width == 64
+    (t0, key0, body0), (t1, key1, body1) = busy.seen
+    assert key0 and key0 == key1 and body0 == body1
+    assert json.loads(body0)["source"] == "https://e.example/a.jpg"
+    assert t1 - t0 >= 0.9  # Retry-After, not the 0.01 s backoff
+
+
+async def test_sync_client_retries_503_too(busy_server: tuple[Busy, TestServer]) -> None:
+    """The blocking Client retries the same way: two 503s (the second without
+    Retry-After, so stamina's backoff), then the job; one key throughout."""
+    busy, server = busy_server
+    busy.script = [(503, 611, "1"), (503, 604, None)]
+
+    def submit() -> str:
+        with Client(_url(server), retries=Retries(wait_initial_s=0.05)) as client:
+            return client.submit("https://e.example/a.jpg", OUTPUTS).id
+
+    assert await asyncio.to_thread(submit) == JOB_ID
+    assert len(busy.seen) == 3
+    assert len({key for _, key, _ in busy.seen}) == 1
+
+
+async def test_retries_are_bounded(busy_server: tuple[Busy, TestServer]) -> None:
+    """A key's 429 (144) every time: after ``attempts`` tries it is raised as an
+    AuthError with its code and Retry-After; a 409 613 (not retryable) is raised at
+    once."""
+    busy, server = busy_server
+    busy.script = [(429, 144, "0")] * 3 + [(409, 613, None)]
+    retries = Retries(attempts=3, wait_initial_s=0.01, wait_max_s=0.05)
+    async with AsyncClient(_url(server), retries=retries) as client:
+        with pytest.raises(AuthError) as caught:
+            await client.submit("https://e.example/a.jpg", OUTPUTS)
+        assert (caught.value.status, caught.value.code, caught.value.retry_after_s) == (
+            429,
+            144,
+            0.0,
+        )
+        assert len(busy.seen) == 3
+        with pytest.raises(ServiceError) as not_retried:
+            await client.submit("https://e.example/a.jpg", OUTPUTS)
+        assert not_retried.value.code == 613
+        assert len(busy.seen) == 4
+
+
+async def test_no_daemon_is_a_transport_error() -> None:
+    """Nothing listening: retried, then TransportError naming the URL, with httpx's
+    exception as its cause."""
+    url = f"http://127.0.0.1:{free_port()}"
+    retries = Retries(attempts=2, wait_initial_s=0.01)
+    async with AsyncClient(url, retries=retries) as client:
+        with pytest.raises(TransportError, match=r"/jobs/") as caught:
+            await client.get(JOB_ID)
+    assert caught.value.__cause__ is not None
