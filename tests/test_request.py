@@ -155,6 +155,15 @@ def test_invalid_requests_get_their_code(request_body: dict[str, Any], code: int
     assert info.value.detail
 
 
+def test_a_scale_beyond_a_floats_range_is_over_the_limit() -> None:
+    """JSON carries integers no float holds: a scale of 10**400 is 304 (over the
+    limit), not an OverflowError (a 500)."""
+    body = _req(operationType="rasterize", srcURL="http://h/a.svg", args={"scale": 10**400})
+    with pytest.raises(errors.SVGRenderOverLimit) as info:
+        validate(body)
+    assert info.value.code == 304
+
+
 def test_every_1xx_code_is_covered() -> None:
     """The table above exercises every request-validation code that errors.py defines."""
     defined = {

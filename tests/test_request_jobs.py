@@ -237,6 +237,18 @@ INVALID: list[tuple[str, dict[str, Any], int, str]] = [
         "metadata: 8998 bytes as JSON, at most 8192",
     ),
     (
+        "rotate beyond a float's range (JSON carries it)",
+        _job(_out(rotate=10**400)),
+        703,
+        "outputs[0].rotate: (a huge int) is out of range",
+    ),
+    (
+        "scale beyond a float's range",
+        _job(_out(width=_DROP, scale=10**400)),
+        703,
+        "outputs[0].scale: (a huge int) is over",
+    ),
+    (
         "metadata counted as UTF-8",
         _job(metadata={"k": "é" * 4095}),
         709,

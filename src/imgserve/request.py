@@ -136,6 +136,12 @@ def check_text(name: str, value: str, error: type[errors.RequestInvalid]) -> Non
         raise error(f"{name} holds the control character U+{ord(m[0]):04X} at offset {m.start()}")
 
 
+def finite(value: float) -> bool:
+    """Not inf or NaN; an int always is (math.isfinite would overflow on one beyond a
+    float's range, which JSON carries)."""
+    return isinstance(value, int) or math.isfinite(value)
+
+
 def positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
@@ -187,7 +193,7 @@ def validate(obj: dict[str, Any]) -> Job:
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0:
             raise errors.ScaleInvalid(f"scale {shown(scale)} is not a positive number")
-        if not math.isfinite(scale):
+        if not finite(scale):
             raise errors.ScaleInvalid(f"scale {shown(scale)} is not a finite number")
         if width is not None or height is not None:
             raise errors.ScaleInvalid("give scale or width/height, not both")

@@ -17,7 +17,6 @@ The job control requests are checked here too: the ``Idempotency-Key`` header
 from __future__ import annotations
 
 import json
-import math
 import re
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -41,6 +40,7 @@ from imgserve.request import (
     MAX_SIDE_PX,
     SOURCE_SCHEMES,
     check_text,
+    finite,
     parse_body,
     positive_int,
     shown,
@@ -320,7 +320,7 @@ def _number(
         return None
     value = obj[key]
     low, high = bounds
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not finite(value):
         raise errors.JobFieldInvalid(f"{path}.{key}: not a number (got {shown(value)})")
     if not (low < value <= high if exclusive else low <= value <= high):
         side = f"above {low:g}" if exclusive else f"from {low:g}"
@@ -420,7 +420,7 @@ def _scale(out: dict[str, Any], path: str, *, sized: bool) -> float | None:
     value = out["scale"]
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise errors.JobFieldInvalid(f"{path}.scale: not a positive number (got {shown(value)})")
-    if not math.isfinite(value):
+    if not finite(value):
         raise errors.JobFieldInvalid(f"{path}.scale: not a finite number (got {shown(value)})")
     if sized:
         raise errors.JobFieldInvalid(f"{path}.scale: give scale or width/height, not both")
