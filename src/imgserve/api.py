@@ -48,7 +48,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp_sse import EventSourceResponse, sse_response
 
-from imgserve import __version__, auth, errors, webhooks
+from imgserve import __version__, auth, errors, openapi, webhooks
 from imgserve.config import Settings
 from imgserve.destination import TAG, destination_target, substitute
 from imgserve.intake import Admission, Intake
@@ -182,8 +182,9 @@ async def errors_middleware(
 # --- API keys ---------------------------------------------------------------------------
 
 _CALLER = "imgserve.caller"
-OPEN_PATHS = frozenset({"/health", "/livez"})
-"""Answered without a key: probes for load balancers and supervisors."""
+OPEN_PATHS = frozenset({"/health", "/livez", "/openapi.json"})
+"""Answered without a key: probes for load balancers and supervisors, and the API's
+description (the same public document on every server)."""
 
 
 @web.middleware
@@ -995,6 +996,11 @@ async def livez(request: web.Request) -> web.Response:
     return web.json_response({"status": "alive"})
 
 
+async def openapi_document(request: web.Request) -> web.Response:
+    """``GET /openapi.json``: the API's OpenAPI 3.1 document (docs/api.md, "OpenAPI")."""
+    return web.Response(body=openapi.served(), content_type="application/json")
+
+
 def make_app(service: Service) -> web.Application:
     # The body limit is enforced here (413 -> code 125) with slack for the check above.
     app = web.Application(
@@ -1012,6 +1018,7 @@ def make_app(service: Service) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/livez", livez)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi_document)
 
     async def end_streams(_app: web.Application) -> None:
         service.closing.set()  # before aiohttp waits for the handlers still running
