@@ -57,6 +57,8 @@ KEYED = (140, 141)
 JOB_CHECK = (
     # the caller's key, before anything is read
     142, 143, 144,
+    # a URL its transport cannot use (a file:// URL with a host, an http one without)
+    124,
     # reading and planning the source, uploading placeholders (before the reply)
     201, 202, 204, 205, 206, 301, 302, 303, 304, 305, 306, 307, 308,
     401, 402, 403, 404, 405, 406,
@@ -797,17 +799,12 @@ _JOB_ID_PARAM = {
 _IDEMPOTENCY_PARAM = {"$ref": "#/components/parameters/Idempotency-Key"}
 
 
-def _job_links() -> dict[str, Any]:
+def _job_links(job_id: str = "$response.body#/jobId") -> dict[str, Any]:
+    """Where a reply naming a job leads (clients and schemathesis' state machine)."""
     return {
-        "GetJob": {
-            "operationId": "getJob",
-            "parameters": {"job_id": "$response.body#/jobId"},
-            "description": "The job just accepted.",
-        },
-        "CancelJob": {
-            "operationId": "cancelJob",
-            "parameters": {"job_id": "$response.body#/jobId"},
-        },
+        "GetJob": {"operationId": "getJob", "parameters": {"job_id": job_id}},
+        "CancelJob": {"operationId": "cancelJob", "parameters": {"job_id": job_id}},
+        "RedeliverWebhook": {"operationId": "redeliverWebhook", "parameters": {"job_id": job_id}},
     }
 
 
@@ -897,7 +894,13 @@ def _paths(max_outputs: int) -> dict[str, Any]:
                 "get",
                 "/jobs",
                 "List jobs, newest first, a page at a time",
-                {"200": {"description": "A page of jobs.", "content": _json("JobList")}},
+                {
+                    "200": {
+                        "description": "A page of jobs.",
+                        "content": _json("JobList"),
+                        "links": _job_links("$response.body#/jobs/0/jobId"),
+                    }
+                },
                 operationId="listJobs",
                 description="A key that is not admin sees only its own jobs.",
                 parameters=[
