@@ -10,11 +10,13 @@ The live daemon against the document: tests/e2e/test_openapi_live.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -24,13 +26,14 @@ from openapi_spec_validator import validate as validate_openapi
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
-from imgserve import api, errors, openapi
+from imgserve import api, auth, errors, openapi
 from imgserve.config import Settings
 from imgserve.planner import Planner
 from imgserve.queue.sqlite import SQLiteQueue
 from imgserve.request import validate
 from imgserve.request_jobs import METADATA_MAX_BYTES, validate_jobs
 from imgserve.transports import Transports
+from tests.inprocess import start_api
 from tests.test_property_request_jobs import MAX_OUTPUTS, valid_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -321,3 +324,23 @@ def test_error_bodies_fit_the_error_schema() -> None:
 def test_served_document_is_read_once() -> None:
     """served() reads the file once and hands out the same bytes."""
     assert openapi.served() is openapi.served()
+
+
+async def test_served_without_a_key_where_keys_are_configured(
+    tmp_path: Path, shared_planner: Planner
+) -> None:
+    """With API keys, GET /openapi.json answers the kept document without a key, as
+    the document says (security: []), while a keyed endpoint answers 401 (140)."""
+    served = await start_api(tmp_path, shared_planner)
+    served.service.keys = auth.Keyring([auth.Key("a", hashlib.sha256(b"k" * 32).digest())])
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(served.url + "/openapi.json") as reply:
+                assert reply.status == 200
+                assert reply.content_type == "application/json"
+                assert await reply.read() == openapi.served()
+            async with session.get(served.url + "/jobs") as reply:
+                assert reply.status == 401
+                assert (await reply.json())["code"] == errors.APIKeyMissing.code
+    finally:
+        await served.stop()
