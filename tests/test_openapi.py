@@ -344,3 +344,25 @@ async def test_served_without_a_key_where_keys_are_configured(
                 assert (await reply.json())["code"] == errors.APIKeyMissing.code
     finally:
         await served.stop()
+
+
+async def test_method_not_allowed_names_the_allowed_methods(
+    tmp_path: Path, shared_planner: Planner
+) -> None:
+    """A method a path does not have is 405 (607) with the Allow header RFC 9110 asks
+    for and a detail naming the path (schemathesis' allow_header_conformance found
+    both missing: the detail named the method twice)."""
+    served = await start_api(tmp_path, shared_planner)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.patch(served.url + "/jobs") as reply:
+                assert reply.status == 405
+                assert reply.headers["Allow"] == "GET, HEAD, POST"
+                body = await reply.json()
+            async with session.request("TRACE", served.url + "/livez") as traced:
+                assert traced.status == 405
+                assert traced.headers["Allow"] == "GET, HEAD"
+    finally:
+        await served.stop()
+    assert body["code"] == errors.MethodNotAllowed.code
+    assert body["detail"] == "PATCH not allowed on /jobs; allowed: GET, HEAD, POST"

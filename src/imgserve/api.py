@@ -169,7 +169,14 @@ async def errors_middleware(
     except web.RequestPayloadError as exc:  # a body that does not match its encoding
         return error_reply(errors.HTTPRequestMalformed(f"request body: {exc}"[:200]))
     except web.HTTPMethodNotAllowed as exc:
-        return error_reply(errors.MethodNotAllowed(f"{request.method} not allowed on {exc.method}"))
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        reply = error_reply(
+            errors.MethodNotAllowed(
+                f"{request.method[:20]} not allowed on {request.path[:200]}; allowed: {allowed}"
+            )
+        )
+        reply.headers["Allow"] = allowed  # RFC 9110: a 405 names the methods that are
+        return reply
     except web.HTTPNotFound:
         return error_reply(errors.NotFound(f"no such path: {request.path}"))
     except web.HTTPException:
