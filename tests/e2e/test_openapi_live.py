@@ -1,14 +1,16 @@
 """schemathesis against a live daemon: every response matches the OpenAPI document.
 
 One real ``imgserve start`` on loopback for the module, with a few real jobs in it
-(done, failed, queued) so that the job operations meet real jobs. schemathesis
-(4.x) generates requests from the document, each operation a bounded number of
-times and derandomized, and checks: no 5xx, only documented statuses, content
-types and headers, bodies that match their schemas, schema-invalid requests
-refused. Its state machine follows the document's links (POST /jobs or POST / to
-GET and DELETE /jobs/{job_id}). ``positive_data_acceptance`` is left out: a
-schema-valid job names a source that is not there (422, 201), and the validators
-refuse whole floats the schema's integers take (tests/test_openapi.py).
+(done, failed) so that the job operations meet real jobs, and one with API keys.
+schemathesis (4.x) generates requests from the document, each operation a bounded
+number of times and derandomized, and checks: no 5xx, only documented statuses,
+content types and headers, bodies that match their schemas, schema-invalid
+requests refused, a method a path does not have answered 405 with Allow. Its state
+machine follows the document's links (GET /jobs to a job's GET, DELETE and
+webhook; POST /jobs or POST / to the same, when a generated job is accepted).
+``positive_data_acceptance`` is left out: a schema-valid job names a source that is
+not there (422, 201), and the validators refuse whole floats the schema's integers
+take (tests/test_openapi.py).
 
 ``GET /events`` never ends, so it is not fuzzed: its reply and its refusals are
 checked below, as is the job view of real jobs against the Job schema.
@@ -16,6 +18,7 @@ checked below, as is the job view of real jobs against the Job schema.
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 from collections.abc import Iterator
@@ -41,6 +44,9 @@ CHECKS = [
     openapi_checks.response_headers_conformance,
     openapi_checks.response_schema_conformance,
     openapi_checks.negative_data_rejection,
+    openapi_checks.unsupported_method,
+    openapi_checks.allow_header_conformance,
+    openapi_checks.missing_required_header,
 ]
 MAX_EXAMPLES = 25
 """Per operation (and per stateful run): the module stays within a minute or two."""
@@ -61,6 +67,24 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         daemon.wait(done)
         daemon.wait(failed, timeout_s=120)
         yield daemon
+    finally:
+        stop_all()
+
+
+SECRET = "isk_openapi-live-test-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """A daemon with a keys file (one key, whose secret the tests never send)."""
+    base = tmp_path_factory.mktemp("openapi-keyed")
+    keys_file = base / "keys.toml"
+    digest = hashlib.sha256(SECRET.encode()).hexdigest()
+    keys_file.write_text(f'[[keys]]\nname = "only"\nsecret_sha256 = "{digest}"\n')
+    keys_file.chmod(0o600)
+    start, stop_all = _launcher(base)
+    try:
+        yield start("--workers", "1", "--keys", str(keys_file))
     finally:
         stop_all()
 
@@ -97,6 +121,25 @@ def test_every_operation_answers_as_documented(case: schemathesis.Case, live: Da
     """Each operation's generated requests (valid and invalid) get documented answers:
     no 5xx, a documented status, content type, headers and body."""
     case.call_and_validate(base_url=live.url, checks=CHECKS, timeout=30)
+
+
+@SCHEMA.parametrize()
+@settings(
+    max_examples=10,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+def test_keyed_daemon_answers_as_documented(case: schemathesis.Case, keyed: Daemon) -> None:
+    """With API keys configured and no known key sent (none, or one schemathesis
+    makes up), every keyed operation answers its documented 401 with
+    WWW-Authenticate, and the open ones answer as without keys."""
+    response = case.call_and_validate(base_url=keyed.url, checks=CHECKS, timeout=30)
+    if (case.method.lower(), case.path) not in openapi.OPEN_OPERATIONS:
+        assert response.status_code in (401, 405), response.text
+    else:
+        assert response.status_code != 401
 
 
 def test_stateful_links_hold(live: Daemon) -> None:
