@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi import checks as openapi_checks
 
 from imgserve import openapi
-from tests.e2e.conftest import Daemon, _launcher, jpeg
+from tests.e2e.conftest import Daemon, jpeg
 from tests.test_openapi import schema_of
 
 pytestmark = pytest.mark.slow
@@ -53,40 +52,35 @@ MAX_EXAMPLES = 25
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    """A daemon holding a done job (with a webhook event), a failed one and a queued one."""
-    start, stop_all = _launcher(tmp_path_factory.mktemp("openapi"))
-    daemon = start("--workers", "1", "--webhook-url", "http://127.0.0.1:9/hook")
-    try:
-        src = daemon.out_dir / "src"
-        src.mkdir()
-        (src / "Photo.jpg").write_bytes(jpeg(320, 240))
-        (src / "Crash.jpg").write_bytes(jpeg(64, 48, b"IMGSERVE-FAULT-SEGV"))
-        done = submit(daemon, src / "Photo.jpg", "done")
-        failed = submit(daemon, src / "Crash.jpg", "failed")
-        daemon.wait(done)
-        daemon.wait(failed, timeout_s=120)
-        yield daemon
-    finally:
-        stop_all()
+def live(start_module_daemon: Any) -> Daemon:
+    """A daemon holding a done job and a failed one, each with a webhook event (sent
+    to a closed port: its delivery shows failed attempts)."""
+    daemon: Daemon = start_module_daemon(
+        "--workers", "1", "--webhook-url", "http://127.0.0.1:9/hook"
+    )
+    src = daemon.out_dir / "src"
+    src.mkdir(exist_ok=True)
+    (src / "Photo.jpg").write_bytes(jpeg(320, 240))
+    (src / "Crash.jpg").write_bytes(jpeg(64, 48, b"IMGSERVE-FAULT-SEGV"))
+    done = submit(daemon, src / "Photo.jpg", "done")
+    failed = submit(daemon, src / "Crash.jpg", "failed")
+    daemon.wait(done)
+    daemon.wait(failed, timeout_s=120)
+    return daemon
 
 
 SECRET = "isk_openapi-live-test-key-0123456789abcdef"
 
 
 @pytest.fixture(scope="module")
-def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+def keyed(start_module_daemon: Any, tmp_path_factory: pytest.TempPathFactory) -> Daemon:
     """A daemon with a keys file (one key, whose secret the tests never send)."""
-    base = tmp_path_factory.mktemp("openapi-keyed")
-    keys_file = base / "keys.toml"
+    keys_file = tmp_path_factory.mktemp("openapi-keys") / "keys.toml"
     digest = hashlib.sha256(SECRET.encode()).hexdigest()
     keys_file.write_text(f'[[keys]]\nname = "only"\nsecret_sha256 = "{digest}"\n')
     keys_file.chmod(0o600)
-    start, stop_all = _launcher(base)
-    try:
-        yield start("--workers", "1", "--keys", str(keys_file))
-    finally:
-        stop_all()
+    daemon: Daemon = start_module_daemon("--workers", "1", "--keys", str(keys_file))
+    return daemon
 
 
 def submit(daemon: Daemon, source: Path, name: str) -> str:
@@ -146,7 +140,7 @@ def test_stateful_links_hold(live: Daemon) -> None:
     """Following the document's links (a job accepted, then read and cancelled), every
     answer is as documented."""
 
-    class Workflow(SCHEMA.as_state_machine()):  # type: ignore[misc]
+    class Workflow(SCHEMA.as_state_machine()):
         def get_call_kwargs(self, case: schemathesis.Case) -> dict[str, Any]:
             return {"base_url": live.url, "timeout": 30}
 
