@@ -615,6 +615,8 @@ async def _check_webhook(service: Service, url: str) -> None:
                 await resolver.close()
     except errors.AddressRefused as exc:
         raise errors.AddressRefused(f"webhook: {exc.detail}") from exc
+    except errors.URLInvalid as exc:  # a name no lookup can take (PolicyResolver)
+        raise errors.JobURLInvalid(f"webhook: {exc.detail}") from exc
     except OSError as exc:  # no address now (DNS): delivery decides
         log.info("webhook host %s does not resolve now: %s", host, exc)
 
