@@ -585,3 +585,12 @@ async def test_an_uploaded_file_name_is_a_url_path_segment(start: Any, out: Path
     assert reply.status == 202, reply.body
     assert reply.body["outputs"][0]["url"] == f"file://{out}/up/Sea%20%231%3F.jpeg"
     assert (out / "up" / "Sea #1?.jpeg").exists()
+
+
+async def test_webhook_host_idna_cannot_encode_is_705(start: Any) -> None:
+    """A webhook whose host no lookup can take (an empty label) is refused with 705
+    naming the webhook, not answered 500 (601; found by schemathesis)."""
+    api = await start()
+    reply = await post(api, _job(webhook="http://.hooks.example/x"))
+    assert (reply.status, reply.body["code"]) == (400, 705), reply.body
+    assert reply.body["detail"].startswith("webhook: ")

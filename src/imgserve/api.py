@@ -48,7 +48,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp_sse import EventSourceResponse, sse_response
 
-from imgserve import __version__, auth, errors, webhooks
+from imgserve import __version__, auth, errors, openapi, webhooks
 from imgserve.config import Settings
 from imgserve.destination import TAG, destination_target, substitute
 from imgserve.intake import Admission, Intake
@@ -169,7 +169,14 @@ async def errors_middleware(
     except web.RequestPayloadError as exc:  # a body that does not match its encoding
         return error_reply(errors.HTTPRequestMalformed(f"request body: {exc}"[:200]))
     except web.HTTPMethodNotAllowed as exc:
-        return error_reply(errors.MethodNotAllowed(f"{request.method} not allowed on {exc.method}"))
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        reply = error_reply(
+            errors.MethodNotAllowed(
+                f"{request.method[:20]} not allowed on {request.path[:200]}; allowed: {allowed}"
+            )
+        )
+        reply.headers["Allow"] = allowed  # RFC 9110: a 405 names the methods that are
+        return reply
     except web.HTTPNotFound:
         return error_reply(errors.NotFound(f"no such path: {request.path}"))
     except web.HTTPException:
@@ -182,8 +189,9 @@ async def errors_middleware(
 # --- API keys ---------------------------------------------------------------------------
 
 _CALLER = "imgserve.caller"
-OPEN_PATHS = frozenset({"/health", "/livez"})
-"""Answered without a key: probes for load balancers and supervisors."""
+OPEN_PATHS = frozenset({"/health", "/livez", "/openapi.json"})
+"""Answered without a key: probes for load balancers and supervisors, and the API's
+description (the same public document on every server)."""
 
 
 @web.middleware
@@ -607,6 +615,8 @@ async def _check_webhook(service: Service, url: str) -> None:
                 await resolver.close()
     except errors.AddressRefused as exc:
         raise errors.AddressRefused(f"webhook: {exc.detail}") from exc
+    except errors.URLInvalid as exc:  # a name no lookup can take (PolicyResolver)
+        raise errors.JobURLInvalid(f"webhook: {exc.detail}") from exc
     except OSError as exc:  # no address now (DNS): delivery decides
         log.info("webhook host %s does not resolve now: %s", host, exc)
 
@@ -999,6 +1009,11 @@ async def livez(request: web.Request) -> web.Response:
     return web.json_response({"status": "alive"})
 
 
+async def openapi_document(request: web.Request) -> web.Response:
+    """``GET /openapi.json``: the API's OpenAPI 3.1 document (docs/api.md, "OpenAPI")."""
+    return web.Response(body=openapi.served(), content_type="application/json")
+
+
 def make_app(service: Service) -> web.Application:
     # The body limit is enforced here (413 -> code 125) with slack for the check above.
     app = web.Application(
@@ -1021,6 +1036,7 @@ def make_app(service: Service) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/livez", livez)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi_document)
 
     async def end_streams(_app: web.Application) -> None:
         service.closing.set()  # before aiohttp waits for the handlers still running

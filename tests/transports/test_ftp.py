@@ -120,3 +120,12 @@ async def test_unsafe_ftp_paths_are_url_invalid(
     with pytest.raises(URLInvalid):
         await transports.upload(Target(ftp_server.url(path)), b"x", "image/png")
     assert len(ftp_server.state.commands) == before
+
+
+@pytest.mark.parametrize("host", [".leading-dot", "x" * 64 + ".example"])
+async def test_host_names_idna_cannot_encode_are_url_invalid(
+    transports: Transports, host: str
+) -> None:
+    """An FTP host IDNA cannot encode is URLInvalid, not a UnicodeError (601)."""
+    with pytest.raises(URLInvalid, match="not a valid host name"):
+        await transports.download(f"ftp://{host}/a.jpg")

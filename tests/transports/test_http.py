@@ -191,6 +191,18 @@ async def test_malformed_http_urls_are_url_invalid(transports: Transports) -> No
             await transports.download(url)
 
 
+@pytest.mark.parametrize("host", [".leading-dot", "a..b", "x" * 64 + ".example"])
+async def test_host_names_idna_cannot_encode_are_url_invalid(
+    transports: Transports, host: str
+) -> None:
+    """A host with an empty label or one over 63 characters is URLInvalid, as the
+    resolver meets it, not a UnicodeError (601; found by schemathesis)."""
+    with pytest.raises(URLInvalid, match="not a valid host name"):
+        await transports.download(f"http://{host}/a.jpg")
+    with pytest.raises(URLInvalid, match="not a valid host name"):
+        await transports.upload(Target(f"https://{host}/a.png"), b"x", "image/png")
+
+
 async def test_credentials_are_not_forwarded_to_another_origin(
     http_server: HTTPTestServer, https_server: HTTPTestServer, transports: Transports
 ) -> None:

@@ -119,7 +119,10 @@ def _resolve(host: str, port: int, net_policy: NetPolicy) -> str:
     literal = policy.check_host_literal(host, net_policy)
     if literal is not None:
         return str(literal)
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except UnicodeError as exc:  # IDNA cannot encode it: no lookup can ever find it
+        raise policy.invalid_host_name(host, exc) from exc
     refusal: AddressRefused | None = None
     for info in infos:
         address = str(info[4][0])

@@ -49,7 +49,8 @@ class PolicyResolver(AbstractResolver):
     """Resolves with the system resolver and keeps only allowed addresses.
 
     Raises AddressRefused (which aiohttp lets through unchanged) when every
-    address a name resolves to is refused.
+    address a name resolves to is refused, URLInvalid for a name that cannot be
+    looked up at all (an empty label, one over 63 characters).
     """
 
     def __init__(self, net_policy: NetPolicy) -> None:
@@ -59,7 +60,10 @@ class PolicyResolver(AbstractResolver):
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
+        try:
+            results = await self._inner.resolve(host, port, family)
+        except UnicodeError as exc:  # IDNA cannot encode it: no lookup can ever find it
+            raise policy.invalid_host_name(host, exc) from exc
         allowed: list[ResolveResult] = []
         refusal: AddressRefused | None = None
         for result in results:

@@ -29,7 +29,7 @@ import re
 from typing import TypeAlias
 
 from imgserve.config import NetPolicy
-from imgserve.errors import AddressRefused
+from imgserve.errors import AddressRefused, URLInvalid
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -206,3 +206,10 @@ def check_host_literal(host: str, policy: NetPolicy) -> IPAddress | None:
     if addr is not None:
         check_address(host, addr, policy)
     return addr
+
+
+def invalid_host_name(host: str, exc: UnicodeError) -> URLInvalid:
+    """The error for a host name the resolver cannot even encode (IDNA: an empty
+    label, one over 63 characters): a malformed URL, the same on every attempt."""
+    shown = host if len(host) <= 80 else host[:77] + "..."
+    return URLInvalid(f"host {shown!r} is not a valid host name ({exc})")
