@@ -272,6 +272,7 @@ def test_every_library_exception_has_an_outcome() -> None:
 NOT_TRANSPORT_FAILURES: dict[type[BaseException], str] = {
     ValueError: "parsing URL text (urlsplit, yarl, ipaddress): raised as URLInvalid",
     TypeError: "yarl on a URL it cannot build: raised as URLInvalid",
+    UnicodeError: "resolving a host IDNA cannot encode: raised as URLInvalid (124)",
     ModuleNotFoundError: "a transport's library is missing: DependencyMissing",
     RuntimeError: "threads.py: the event loop closed while a thread finished",
     BaseException: "threads.py: unblocks the thread, then re-raises unchanged",
