@@ -403,6 +403,112 @@ async def test_a_refused_job_has_its_code_on_the_request_span(
     assert tracing.JOB_ID not in attributes(request)
 
 
+class StoresCarrier(tracing.Tracing):
+    """No tracing, but each job stored with ``stored`` as its trace context: a record
+    another release wrote, or one tampered with in the queue's store."""
+
+    def __init__(self, stored: object) -> None:
+        self.stored = stored
+
+    def carrier(self) -> Any:
+        return self.stored
+
+
+async def wait_finished(queue: JobQueue, job_id: str) -> Any:
+    """The job's record once it has ended."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    while (record := await queue.get(job_id)) is None or not record.finished:
+        assert loop.time() < deadline, record
+        await asyncio.sleep(0.05)
+    return record
+
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+MALFORMED_CARRIERS = {
+    "a-number-value": {"traceparent": 5},
+    "not-str-values": {"traceparent": None, "tracestate": {"a": 1}},
+    "a-str": TRACEPARENT,
+    "a-list": ["traceparent"],
+    "a-huge-value": {"traceparent": "0" * 100_000},
+}
+
+
+@pytest.mark.parametrize(
+    ("stored", "kept"),
+    [
+        (None, {}),
+        (TRACEPARENT, {}),
+        (["traceparent"], {}),
+        ({"traceparent": 5, "tracestate": None}, {}),
+        ({"traceparent": TRACEPARENT}, {"traceparent": TRACEPARENT}),
+        (
+            {"traceparent": TRACEPARENT, "tracestate": "a=1", "baggage": "k=v"},
+            {"traceparent": TRACEPARENT, "tracestate": "a=1"},
+        ),
+        ({"traceparent": TRACEPARENT, "tracestate": "a" * 513}, {"traceparent": TRACEPARENT}),
+        ({"traceparent": "0" * 100_000}, {}),
+    ],
+)
+def test_a_stored_carrier_keeps_only_w3c_headers_of_bounded_strs(
+    stored: object, kept: dict[str, str]
+) -> None:
+    """clean_carrier keeps traceparent and tracestate when they are str values of at most
+    512 characters, and nothing else: not other keys, other types, or a non-dict."""
+    assert tracing.clean_carrier(stored) == kept
+
+
+@pytest.mark.parametrize("stored", MALFORMED_CARRIERS.values(), ids=MALFORMED_CARRIERS.keys())
+async def test_a_malformed_stored_trace_context_blocks_neither_the_job_nor_its_webhook(
+    make_queue: QueueFactory,
+    shared_planner: Planner,
+    pool: ImagePool,
+    settings: Settings,
+    http_server: HTTPTestServer,
+    receiver: Receiver,
+    stored: object,
+) -> None:
+    """A record whose stored trace context is not a dict of strings (a number, a str,
+    a list, a huge value), on either queue: the job runs once and is done, its attempt
+    a root span, and its webhook event is delivered in a span of its own."""
+    rec = Recorder()
+    api_queue, worker_queue = make_queue(), make_queue()
+    src = serve(http_server, "trace/Malformed.jpg", jpeg(320, 240))
+    job = {
+        "source": src,
+        "webhook": receiver.url("/hook"),
+        "outputs": [file_output(settings, "bad-context.png", 64)],
+    }
+    dispatcher = webhooks.Dispatcher(
+        worker_queue, settings.webhook, settings.transport, poll_s=0.05, tracing=rec.tracing
+    )
+    try:
+        async with api_node(api_queue, shared_planner, settings, StoresCarrier(stored)) as base:
+            status, reply = await post(base, job)
+            assert status == 202, reply
+        delivering = asyncio.create_task(dispatcher.serve())
+        try:
+            async with worker_node(worker_queue, pool, settings, rec.tracing):
+                record = await wait_finished(worker_queue, reply["jobId"])
+                [delivery] = await rec.wait_for("webhook")
+        finally:
+            delivering.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await delivering
+    finally:
+        for queue in {id(api_queue): api_queue, id(worker_queue): worker_queue}.values():
+            await queue.close()
+    assert (record.state.value, record.attempts) == ("done", 1), record
+    [attempt] = rec.named("job")
+    assert attempt.parent is None
+    assert attributes(attempt)[tracing.OUTCOME] == "done"
+    assert delivery.parent is None
+    assert attributes(delivery)[tracing.OUTCOME] == "delivered"
+    assert len(receiver.received("/hook")) == 1
+
+
 # --- turning it on, and what happens when it cannot be ---------------------------------
 
 

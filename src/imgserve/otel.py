@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Iterator, Mapping
 
 from aiohttp import web
@@ -48,6 +49,8 @@ TRACED_ROUTES = frozenset({("POST", "/"), ("POST", "/jobs")})
 streams and job reads would flood a collector with traces of no job."""
 
 TRACES_PATH = "/v1/traces"
+
+log = logging.getLogger("imgserve.tracing")
 
 
 def start(otlp_endpoint: str | None) -> OpenTelemetry:
@@ -133,9 +136,19 @@ class OpenTelemetry(tracing.Tracing):
     def describe_job(self, record: JobRecord) -> None:
         trace.get_current_span().set_attributes(tracing.job_attributes(record))
 
+    def _parent(self, stored: object) -> otel_context.Context:
+        """The context a stored carrier continues; for anything it cannot read, an
+        empty one (the span starts a trace of its own): a bad record must never keep
+        its job or its event from running."""
+        try:
+            return self.propagator.extract(tracing.clean_carrier(stored))
+        except Exception:
+            log.debug("an unreadable trace context is ignored", exc_info=True)
+            return otel_context.Context()
+
     @contextlib.contextmanager
     def job_span(self, record: JobRecord) -> Iterator[None]:
-        parent = self.propagator.extract(record.trace_context or {})
+        parent = self._parent(record.trace_context)
         attributes = {
             **tracing.job_attributes(record),
             tracing.ATTEMPT: record.attempts,
@@ -179,7 +192,7 @@ class OpenTelemetry(tracing.Tracing):
 
     @contextlib.contextmanager
     def webhook_span(self, event: Event) -> Iterator[None]:
-        parent = self.propagator.extract(event.trace_context or {})
+        parent = self._parent(event.trace_context)
         attributes = tracing.webhook_attributes(event)
         with self._span("webhook", context=parent, kind=SpanKind.CLIENT, attributes=attributes):
             yield

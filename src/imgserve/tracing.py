@@ -35,6 +35,12 @@ EXTRA = "imgserve[tracing]"
 Carrier = dict[str, str]
 """W3C Trace Context headers (``traceparent``, ``tracestate``) as a job record keeps them."""
 
+CARRIER_KEYS = ("traceparent", "tracestate")
+CARRIER_CHARS = 512
+"""The longest header a carrier keeps: W3C Trace Context asks that at least 512
+characters of ``tracestate`` be passed on (a ``traceparent`` is 55); a longer one is
+left out rather than stored with every job and copied into its events."""
+
 # Attribute names: OpenTelemetry's semantic conventions where one fits, else imgserve.*.
 JOB_ID = "imgserve.job.id"
 OPERATION = "imgserve.job.operation"
@@ -144,6 +150,19 @@ def _implementation() -> Callable[[str | None], Tracing]:
 
 
 # --- what spans say (pure) -----------------------------------------------------------------
+
+
+def clean_carrier(stored: object) -> Carrier:
+    """The W3C headers in a stored trace context, read without trusting it (a record
+    another release wrote, or one edited in the store): only ``traceparent`` and
+    ``tracestate``, and only str values of at most CARRIER_CHARS; the rest is left out."""
+    if not isinstance(stored, dict):
+        return {}
+    return {
+        key: value
+        for key in CARRIER_KEYS
+        if isinstance(value := stored.get(key), str) and len(value) <= CARRIER_CHARS
+    }
 
 
 def job_attributes(record: JobRecord) -> dict[str, str | int]:
