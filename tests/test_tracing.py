@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import ipaddress
 import os
 import subprocess
@@ -31,7 +32,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from imgserve import api, config, daemon, otel, protocol, tracing, webhooks
+from imgserve import api, auth, config, daemon, otel, protocol, tracing, webhooks
 from imgserve.config import ImagingLimits, NetPolicy, Settings, TransportSettings, WorkerSettings
 from imgserve.metrics import Metrics
 from imgserve.otel import OpenTelemetry
@@ -118,7 +119,11 @@ def make_queue(request: pytest.FixtureRequest, tmp_path: Path) -> QueueFactory:
 
 @asynccontextmanager
 async def api_node(
-    queue: JobQueue, planner: Planner, settings: Settings, traces: tracing.Tracing
+    queue: JobQueue,
+    planner: Planner,
+    settings: Settings,
+    traces: tracing.Tracing,
+    keys: auth.Keyring | None = None,
 ) -> AsyncIterator[str]:
     """The API on a free loopback port (its URL), tracing with ``traces``."""
     service = api.Service(
@@ -128,6 +133,7 @@ async def api_node(
         runner=None,
         planner=planner,
         metrics=Metrics(traces),
+        keys=keys,
     )
     runner = protocol.make_runner(api.make_app(service), access_log=None, handle_signals=False)
     await runner.setup()
@@ -371,6 +377,39 @@ async def test_a_clients_traceparent_is_continued_and_credentials_stay_out(
     )
     every_value = [str(v) for span in rec.spans for v in attributes(span).values()]
     assert every_value and not any(BASIC_PASSWORD in value for value in every_value)
+
+
+async def test_a_request_refused_for_its_key_gets_no_span(
+    sqlite_queue: JobQueue,
+    shared_planner: Planner,
+    settings: Settings,
+    http_server: HTTPTestServer,
+) -> None:
+    """With API keys, a POST /jobs with no key or a wrong one (401) carrying a
+    traceparent gets no span, so no one without a key can fill the collector or
+    force sampling; the same request with the key is traced."""
+    rec = Recorder()
+    secret = "s" * 40
+    keys = auth.Keyring([auth.Key("client", hashlib.sha256(secret.encode()).digest())])
+    src = serve(http_server, "trace/Keyed.jpg", jpeg(320, 240))
+    job = {"source": src, "outputs": [file_output(settings, "k.png", 64)]}
+    try:
+        async with api_node(sqlite_queue, shared_planner, settings, rec.tracing, keys) as base:
+            missing, _ = await post(base, job, traceparent=TRACEPARENT)
+            wrong, _ = await post(
+                base, job, traceparent=TRACEPARENT, Authorization="Bearer " + "w" * 40
+            )
+            assert (missing, wrong) == (401, 401)
+            assert rec.spans == []
+            status, reply = await post(
+                base, job, traceparent=TRACEPARENT, Authorization=f"Bearer {secret}"
+            )
+            assert status == 202, reply
+    finally:
+        await sqlite_queue.close()
+    [request] = rec.named("POST /jobs")
+    assert attributes(request)[tracing.JOB_ID] == reply["jobId"]
+    assert attributes(request)[tracing.KEY] == "client"
 
 
 async def test_a_refused_job_has_its_code_on_the_request_span(

@@ -216,7 +216,8 @@ class OpenTelemetry(tracing.Tracing):
     def _middleware(self) -> Middleware:
         """A server span per job submission, named ``POST /jobs`` (the route), continuing
         the client's ``traceparent`` if it sent one. Placed inside errors_middleware, it
-        sees imgserve errors as exceptions: their code goes on the span."""
+        sees imgserve errors as exceptions: their code goes on the span; inside
+        auth_middleware, so a request without a known key (401) is not traced."""
 
         @web.middleware
         async def traced(request: web.Request, handler: Handler) -> web.StreamResponse:
