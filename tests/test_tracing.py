@@ -17,6 +17,8 @@ import dataclasses
 import hashlib
 import ipaddress
 import os
+import select
+import socket
 import subprocess
 import sys
 import uuid
@@ -43,7 +45,7 @@ from imgserve.queue.base import JobQueue
 from imgserve.transports import Transports
 from imgserve.worker import Runner
 from tests.e2e.conftest import jpeg, serve
-from tests.servers import BASIC_PASSWORD, BASIC_USER, HTTPTestServer, free_port
+from tests.servers import BASIC_PASSWORD, BASIC_USER, HTTPTestServer
 from tests.webhook_receiver import Receiver, Reply, receiver_fixture  # noqa: F401 - a fixture
 
 WAIT_S = 60.0
@@ -763,7 +765,28 @@ async def test_a_retried_job_has_an_attempt_span_and_a_wait_for_each_try(
     assert first.start_time <= waits[1].start_time <= waits[1].end_time <= second.start_time
 
 
-async def test_a_collector_that_is_down_costs_spans_not_jobs(
+class SilentCollector:
+    """A collector that takes connections and never answers: a listening socket that
+    is never read, so an export waits its whole timeout (a closed port would refuse
+    at once, and prove nothing about who waits)."""
+
+    def __init__(self) -> None:
+        self.socket = socket.create_server(("127.0.0.1", 0), backlog=64)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+
+    def connected(self) -> bool:
+        """An exporter has connected (a connection waits to be accepted)."""
+        readable, _, _ = select.select([self.socket], [], [], 0)
+        return bool(readable)
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+async def test_a_collector_that_never_answers_costs_spans_not_jobs(
     sqlite_queue: JobQueue,
     shared_planner: Planner,
     pool: ImagePool,
@@ -771,32 +794,40 @@ async def test_a_collector_that_is_down_costs_spans_not_jobs(
     http_server: HTTPTestServer,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Tracing to an endpoint nobody listens on (the real OTLP/HTTP exporter): the job
-    is accepted and done as usual, and closing the tracing waits only about the
-    export timeout (OTEL_EXPORTER_OTLP_TIMEOUT) for the batch it cannot send."""
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")
+    """Tracing (the real OTLP/HTTP exporter, a 30 s export timeout) to a collector that
+    accepts and never answers: the job is accepted and done in far less than one
+    export timeout, and closing the tracing, with an export hanging and 1,500 spans
+    queued, returns within otel.CLOSE_TIMEOUT_S."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "30")
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
-    traces = otel.start(f"http://127.0.0.1:{free_port()}")
+    collector = SilentCollector()
+    traces = otel.start(collector.url)
     src = serve(http_server, "trace/Unsent.jpg", jpeg(320, 240))
-    job = {"source": src, "outputs": [file_output(settings, "down.png", 64)]}
+    job = {"source": src, "outputs": [file_output(settings, "silent.png", 64)]}
+    loop = asyncio.get_running_loop()
     try:
         async with (
             api_node(sqlite_queue, shared_planner, settings, traces) as base,
             worker_node(sqlite_queue, pool, settings, traces),
         ):
+            posted = loop.time()
             status, reply = await post(base, job)
+            accepted_s = loop.time() - posted
             assert status == 202, reply
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + WAIT_S
-            while (record := await sqlite_queue.get(reply["jobId"])) is None or (
-                not record.finished
-            ):
-                assert loop.time() < deadline, record
-                await asyncio.sleep(0.05)
+            record = await wait_finished(sqlite_queue, reply["jobId"])
+            done_s = loop.time() - posted
+        deadline = loop.time() + WAIT_S
+        while not collector.connected():
+            assert loop.time() < deadline, "the exporter never connected"
+            await asyncio.sleep(0.02)
+        for _ in range(1_500):
+            traces.tracer.start_span("queued").end()
     finally:
         await sqlite_queue.close()
-        closing = asyncio.get_running_loop().time()
+        closing = loop.time()
         await asyncio.to_thread(traces.close)
-        closed_s = asyncio.get_running_loop().time() - closing
+        closed_s = loop.time() - closing
+        collector.close()
     assert record.state.value == "done"
-    assert closed_s < 10.0
+    assert accepted_s < 10.0 and done_s < 10.0, (accepted_s, done_s)
+    assert closed_s < otel.CLOSE_TIMEOUT_S + 1.0, closed_s

@@ -365,7 +365,8 @@ async def _cancel(task: asyncio.Task[Any]) -> None:
 
 def _start_tracing(stack: contextlib.AsyncExitStack, settings: Settings) -> tracing.Tracing:
     """The tracing the settings ask for (preflight checked the extra is there); the
-    spans still buffered are sent when the stack closes, after everything else."""
+    spans still buffered are sent when the stack closes, after everything else, for
+    at most otel.CLOSE_TIMEOUT_S."""
     traces = tracing.start(settings.server)
     if traces.enabled:
         stack.push_async_callback(asyncio.to_thread, traces.close)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator, Mapping
 
 from aiohttp import web
@@ -49,6 +50,12 @@ TRACED_ROUTES = frozenset({("POST", "/"), ("POST", "/jobs")})
 streams and job reads would flood a collector with traces of no job."""
 
 TRACES_PATH = "/v1/traces"
+
+CLOSE_TIMEOUT_S = 5.0
+"""The longest ``close`` waits for the last spans to be sent. The SDK's shutdown may
+take 30 s and more (an export hanging up to its timeout, then each batch left), and
+a stopping daemon has 15 s past its drain before ``imgserve stop`` and systemd's
+TimeoutStopSec kill it; spans still unsent then are dropped."""
 
 log = logging.getLogger("imgserve.tracing")
 
@@ -79,7 +86,8 @@ class OpenTelemetry(tracing.Tracing):
     enabled = True
 
     def __init__(self, processor: SpanProcessor) -> None:
-        self.provider = TracerProvider(resource=resource())
+        # close() shuts it down with a deadline: no atexit shutdown to wait 30 s more.
+        self.provider = TracerProvider(resource=resource(), shutdown_on_exit=False)
         self.provider.add_span_processor(processor)
         self.tracer = self.provider.get_tracer("imgserve", __version__)
         self.propagator = TraceContextTextMapPropagator()
@@ -258,7 +266,19 @@ class OpenTelemetry(tracing.Tracing):
         return traced
 
     def close(self) -> None:
-        self.provider.shutdown()
+        # The SDK's shutdown takes no deadline (force_flush ignores its own), so it
+        # runs in a thread of its own, left behind if it overruns: it is a daemon
+        # thread, as the batch processor's is, and the process exits without it.
+        closing = threading.Thread(
+            target=self.provider.shutdown, name="imgserve-tracing-close", daemon=True
+        )
+        closing.start()
+        closing.join(CLOSE_TIMEOUT_S)
+        if closing.is_alive():
+            log.warning(
+                "tracing: the last spans were not sent within %g s; they are dropped",
+                CLOSE_TIMEOUT_S,
+            )
 
 
 def _mark_error(span: Span, exc: errors.ImgserveError) -> None:

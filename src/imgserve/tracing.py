@@ -110,7 +110,7 @@ class Tracing:
         """Record how the attempt just made ended (the event's state, the answer)."""
 
     def close(self) -> None:
-        """Send the spans still buffered (blocks up to the exporter's timeout)."""
+        """Send the spans still buffered, blocking at most otel.CLOSE_TIMEOUT_S (5 s)."""
 
 
 NO_TRACING = Tracing()
