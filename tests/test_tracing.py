@@ -381,6 +381,36 @@ async def test_a_clients_traceparent_is_continued_and_credentials_stay_out(
     assert every_value and not any(BASIC_PASSWORD in value for value in every_value)
 
 
+async def test_a_clients_tracestate_is_stored_only_when_short(
+    sqlite_queue: JobQueue,
+    shared_planner: Planner,
+    settings: Settings,
+    http_server: HTTPTestServer,
+) -> None:
+    """A client's tracestate is kept with the job (and so its events) up to 512
+    characters; a 32-member one of thousands is left out, the traceparent kept."""
+    rec = Recorder()
+    src = serve(http_server, "trace/State.jpg", jpeg(320, 240))
+    job = {"source": src, "outputs": [file_output(settings, "ts.png", 64)]}
+    short = "vendor=abc,other=1"
+    long = ",".join(f"v{i}=" + "x" * 200 for i in range(32))
+    stored = []
+    try:
+        async with api_node(sqlite_queue, shared_planner, settings, rec.tracing) as base:
+            for state in (short, long):
+                status, reply = await post(base, job, traceparent=TRACEPARENT, tracestate=state)
+                assert status == 202, reply
+                record = await sqlite_queue.get(reply["jobId"])
+                assert record is not None and record.trace_context is not None
+                stored.append(record.trace_context)
+    finally:
+        await sqlite_queue.close()
+    assert len(long) > 6_000
+    assert stored[0]["tracestate"] == short
+    assert set(stored[1]) == {"traceparent"}
+    assert stored[1]["traceparent"].split("-")[1] == TRACEPARENT.split("-")[1]
+
+
 async def test_a_request_refused_for_its_key_gets_no_span(
     sqlite_queue: JobQueue,
     shared_planner: Planner,

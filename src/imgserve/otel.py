@@ -139,7 +139,9 @@ class OpenTelemetry(tracing.Tracing):
     def carrier(self) -> tracing.Carrier | None:
         headers: dict[str, str] = {}
         self.propagator.inject(headers)
-        return headers or None
+        # Stored with the job and copied into each of its events: a client's long
+        # tracestate is left out (W3C asks that 512 characters be passed on).
+        return tracing.clean_carrier(headers) or None
 
     def describe_job(self, record: JobRecord) -> None:
         trace.get_current_span().set_attributes(tracing.job_attributes(record))
