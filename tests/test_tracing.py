@@ -743,6 +743,49 @@ async def test_each_webhook_attempt_is_a_span_in_the_jobs_trace(
     assert delivery.status.status_code is expected
 
 
+async def test_long_urls_are_cut_to_500_characters_on_every_span(
+    sqlite_queue: JobQueue,
+    shared_planner: Planner,
+    pool: ImagePool,
+    settings: Settings,
+    http_server: HTTPTestServer,
+    receiver: Receiver,
+) -> None:
+    """A source URL and a webhook URL each thousands of characters long (a long query)
+    are on the request, job and webhook spans cut to 500 characters, as an error's
+    detail is; no attribute of any span is longer."""
+    rec = Recorder()
+    src = serve(http_server, "trace/Long.jpg", jpeg(320, 240)) + "?pad=" + "s" * 4000
+    job = {
+        "source": src,
+        "webhook": receiver.url("/hook") + "?pad=" + "w" * 4000,
+        "outputs": [file_output(settings, "long.png", 64)],
+    }
+    dispatcher = webhooks.Dispatcher(
+        sqlite_queue, settings.webhook, settings.transport, poll_s=0.05, tracing=rec.tracing
+    )
+    delivering = asyncio.create_task(dispatcher.serve())
+    try:
+        async with (
+            api_node(sqlite_queue, shared_planner, settings, rec.tracing) as base,
+            worker_node(sqlite_queue, pool, settings, rec.tracing),
+        ):
+            status, reply = await post(base, job)
+            assert status == 202, reply
+            [delivery] = await rec.wait_for("webhook")
+    finally:
+        delivering.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await delivering
+        await sqlite_queue.close()
+    [request], [attempt] = rec.named("POST /jobs"), rec.named("job")
+    for span in (request, attempt):
+        assert attributes(span)[tracing.SOURCE] == src[: tracing.DETAIL_CHARS]
+    assert attributes(delivery)["url.full"] == job["webhook"][: tracing.DETAIL_CHARS]
+    longest = max(len(str(v)) for span in rec.spans for v in attributes(span).values())
+    assert longest == tracing.DETAIL_CHARS
+
+
 async def test_a_retried_job_has_an_attempt_span_and_a_wait_for_each_try(
     sqlite_queue: JobQueue,
     shared_planner: Planner,

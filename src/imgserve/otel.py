@@ -35,7 +35,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Span, SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -87,7 +87,13 @@ class OpenTelemetry(tracing.Tracing):
 
     def __init__(self, processor: SpanProcessor) -> None:
         # close() shuts it down with a deadline: no atexit shutdown to wait 30 s more.
-        self.provider = TracerProvider(resource=resource(), shutdown_on_exit=False)
+        # Every text attribute is cut as an error's detail is: URLs have no bound of
+        # their own, and a span of kilobytes costs the collector, not the client.
+        self.provider = TracerProvider(
+            resource=resource(),
+            shutdown_on_exit=False,
+            span_limits=SpanLimits(max_attribute_length=tracing.DETAIL_CHARS),
+        )
         self.provider.add_span_processor(processor)
         self.tracer = self.provider.get_tracer("imgserve", __version__)
         self.propagator = TraceContextTextMapPropagator()

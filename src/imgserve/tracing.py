@@ -62,6 +62,7 @@ WEBHOOK_OUTCOMES = {"delivered": "delivered", "pending": "retry", "failed": "fai
 """An attempt's outcome by the event's state after it (pending: another is scheduled)."""
 
 DETAIL_CHARS = 500
+"""The longest text attribute a span keeps (an error's detail, a URL): cut past it."""
 
 _NOTHING: AbstractContextManager[None] = contextlib.nullcontext()
 """The one no-op context every call returns when tracing is off (it is reusable)."""
