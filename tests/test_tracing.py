@@ -553,7 +553,11 @@ async def test_a_malformed_stored_trace_context_blocks_neither_the_job_nor_its_w
         "outputs": [file_output(settings, "bad-context.png", 64)],
     }
     dispatcher = webhooks.Dispatcher(
-        worker_queue, settings.webhook, settings.transport, poll_s=0.05, tracing=rec.tracing
+        worker_queue,
+        settings.webhook,
+        settings.transport,
+        poll_s=0.05,
+        metrics=Metrics(rec.tracing),
     )
     try:
         async with api_node(api_queue, shared_planner, settings, StoresCarrier(stored)) as base:
@@ -710,7 +714,11 @@ async def test_each_webhook_attempt_is_a_span_in_the_jobs_trace(
         "outputs": [file_output(settings, "w.png", 64)],
     }
     dispatcher = webhooks.Dispatcher(
-        sqlite_queue, settings.webhook, settings.transport, poll_s=0.05, tracing=rec.tracing
+        sqlite_queue,
+        settings.webhook,
+        settings.transport,
+        poll_s=0.05,
+        metrics=Metrics(rec.tracing),
     )
     delivering = asyncio.create_task(dispatcher.serve())
     try:
@@ -762,7 +770,11 @@ async def test_long_urls_are_cut_to_500_characters_on_every_span(
         "outputs": [file_output(settings, "long.png", 64)],
     }
     dispatcher = webhooks.Dispatcher(
-        sqlite_queue, settings.webhook, settings.transport, poll_s=0.05, tracing=rec.tracing
+        sqlite_queue,
+        settings.webhook,
+        settings.transport,
+        poll_s=0.05,
+        metrics=Metrics(rec.tracing),
     )
     delivering = asyncio.create_task(dispatcher.serve())
     try:

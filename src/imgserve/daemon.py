@@ -220,7 +220,7 @@ async def _serve(settings: Settings, paths: Paths, *, linger_s: float = DEGRADED
         stack.push_async_callback(asyncio.to_thread, planner.close)
         keys = load_keyring(settings)
         metrics = Metrics(traces)
-        dispatcher = _start_dispatcher(stack, queue, settings, metrics, keys, traces=traces)
+        dispatcher = _start_dispatcher(stack, queue, settings, metrics, keys)
         # With a Redis queue this node only accepts jobs; `imgserve worker` nodes run them.
         runner: Runner | None = None
         pool: ImagePool | None = None
@@ -304,7 +304,6 @@ def _start_dispatcher(
     keys: auth.Keyring | None = None,
     *,
     hand_off: bool = False,
-    traces: tracing.Tracing = tracing.NO_TRACING,
 ) -> webhooks.Dispatcher:
     """Deliver completion events from the queue's outbox in this process, until the
     stack closes (before the queue does). Every process that ends jobs runs one, and
@@ -325,7 +324,6 @@ def _start_dispatcher(
         settings.transport,
         secrets_for=signer,
         metrics=metrics,
-        tracing=traces,
     )
     task = asyncio.create_task(webhooks.supervise(dispatcher))
     stack.push_async_callback(_cancel, task)
@@ -524,7 +522,7 @@ async def _worker(settings: Settings) -> int:
         # Worker nodes check no keys; given the keys file, they sign keyed events.
         metrics = Metrics(traces)
         dispatcher = _start_dispatcher(
-            stack, queue, settings, metrics, load_keyring(settings), hand_off=True, traces=traces
+            stack, queue, settings, metrics, load_keyring(settings), hand_off=True
         )
         _watch_pool(metrics, pool)
         runner = Runner(
