@@ -16,9 +16,11 @@ import contextlib
 import dataclasses
 import hashlib
 import ipaddress
+import json
 import os
 import select
 import socket
+import sqlite3
 import subprocess
 import sys
 import uuid
@@ -29,6 +31,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -41,7 +44,9 @@ from imgserve.otel import OpenTelemetry
 from imgserve.planner import Planner
 from imgserve.pool import ImagePool
 from imgserve.queue import open_queue
+from imgserve.queue.arq_redis import RedisQueue
 from imgserve.queue.base import JobQueue
+from imgserve.queue.sqlite import SQLiteQueue
 from imgserve.transports import Transports
 from imgserve.worker import Runner
 from tests.e2e.conftest import jpeg, serve
@@ -321,29 +326,59 @@ async def test_the_trace_survives_the_queue_round_trip(
     assert set(children(back.spans, attempt)) == {"render", "upload"}
 
 
+async def store_without(queue: JobQueue, job_id: str, name: str) -> None:
+    """Rewrite the job's stored JSON without the field ``name``, as a release before
+    that field wrote it: the SQLite row, or the Redis key."""
+    if isinstance(queue, SQLiteQueue):
+        with contextlib.closing(sqlite3.connect(queue.path)) as db:
+            [(raw,)] = db.execute("SELECT record FROM jobs WHERE id=?", (job_id,))
+            stored = json.loads(raw)
+            del stored[name]
+            db.execute("UPDATE jobs SET record=? WHERE id=?", (json.dumps(stored), job_id))
+            db.commit()
+        return
+    assert isinstance(queue, RedisQueue)
+    where = queue.redis_settings
+    client = redis.asyncio.Redis(host=str(where.host), port=where.port, db=where.database)
+    try:
+        key = f"{queue.prefix}:job:{job_id}"
+        stored = json.loads(await client.get(key))
+        del stored[name]
+        assert await client.set(key, json.dumps(stored), xx=True, keepttl=True)
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("row", ["tracing-off", "before-tracing"])
 async def test_a_record_without_a_trace_runs_in_a_trace_of_its_own(
-    sqlite_queue: JobQueue,
+    make_queue: QueueFactory,
     shared_planner: Planner,
     pool: ImagePool,
     settings: Settings,
     http_server: HTTPTestServer,
+    row: str,
 ) -> None:
-    """A job accepted without tracing (an API node with it off, or a record stored
-    before it existed) runs: its attempt is a root span with the job id, its
+    """A job stored without a trace, on either queue (accepted by an API node with
+    tracing off, or stored by a release before tracing: its JSON without the
+    trace_context field) runs: its attempt is a root span with the job id, its
     queue_wait under it."""
     back = Recorder()
+    api_queue, worker_queue = make_queue(), make_queue()
     src = serve(http_server, "trace/Untraced.jpg", jpeg(320, 240))
     job = {"source": src, "outputs": [file_output(settings, "u.png", 64)]}
     try:
-        async with api_node(sqlite_queue, shared_planner, settings, tracing.NO_TRACING) as base:
+        async with api_node(api_queue, shared_planner, settings, tracing.NO_TRACING) as base:
             status, reply = await post(base, job)
             assert status == 202, reply
-        record = await sqlite_queue.get(reply["jobId"])
+        record = await api_queue.get(reply["jobId"])
         assert record is not None and record.trace_context is None
-        async with worker_node(sqlite_queue, pool, settings, back.tracing):
+        if row == "before-tracing":
+            await store_without(api_queue, reply["jobId"], "trace_context")
+        async with worker_node(worker_queue, pool, settings, back.tracing):
             [attempt] = await back.wait_for("job")
     finally:
-        await sqlite_queue.close()
+        for queue in {id(api_queue): api_queue, id(worker_queue): worker_queue}.values():
+            await queue.close()
     assert attempt.parent is None
     assert attributes(attempt)[tracing.JOB_ID] == reply["jobId"]
     assert attributes(attempt)[tracing.OUTCOME] == "done"
@@ -668,13 +703,29 @@ import asyncio, sys
 from pathlib import Path
 from imgserve import api, cli, config, daemon, tracing, worker
 from imgserve.metrics import Metrics
+from imgserve.queue import open_queue
+from imgserve.transports import Transports
 settings = cli.settings_from(cli.build_parser().parse_args(["serve", "--state-dir", sys.argv[1]]))
 daemon.preflight(settings, daemon.paths_for(settings))
 traces = tracing.start(settings.server)
 assert traces is tracing.NO_TRACING
 metrics = Metrics(traces)
-with metrics.phase("download"):
-    pass
+
+async def build():
+    queue = open_queue(None, Path(sys.argv[1]) / "q")
+    transports = Transports(settings.transport)
+    runner = worker.Runner(queue, transports, None, settings, metrics=metrics)
+    service = api.Service(
+        settings=settings, queue=queue, transports=transports, runner=runner,
+        planner=None, metrics=metrics,
+    )
+    assert api.make_app(service).middlewares
+    with metrics.phase("download"):
+        pass
+    await transports.aclose()
+    await queue.close()
+
+asyncio.run(build())
 print(sorted(name for name in sys.modules if name.startswith("opentelemetry")))
 """
     result = subprocess.run(
