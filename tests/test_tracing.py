@@ -653,8 +653,11 @@ def test_the_endpoint_is_a_base_url_as_otel_exporter_otlp_endpoint_is() -> None:
     assert otel.traces_endpoint(None) is None
 
 
-def _cli(args: list[str], *, hide_otel: Path | None = None) -> subprocess.CompletedProcess[str]:
+def _cli(
+    args: list[str], *, hide_otel: Path | None = None, otel_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "IMGSERVE_"))}
+    env.update(otel_env or {})
     if hide_otel is not None:
         # A package of that name first on the path, which fails to import as an
         # absent one does: the interpreter's own packages stay as they are.
@@ -692,6 +695,32 @@ def test_tracing_without_the_extra_is_a_clear_startup_error(
     assert result.returncode == daemon.EXIT_FAIL, result.stderr
     assert "pip install 'imgserve[tracing]'" in result.stderr
     assert "Traceback" not in result.stderr
+    assert not (state / "imgserve.pid").exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["start", "--tracing"],
+        ["serve", "--otlp-endpoint", "http://127.0.0.1:4318"],
+        ["worker", "--queue", "redis://127.0.0.1:1/0", "--tracing"],
+    ],
+    ids=["start", "serve", "worker"],
+)
+def test_an_otel_variable_the_sdk_refuses_is_a_startup_error_before_detaching(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """OTEL_BSP_MAX_QUEUE_SIZE=0, which the SDK refuses: the daemon does not start (start
+    does not detach a child), exits 1 and says why in one line, with no traceback."""
+    state = tmp_path / "state"
+    result = _cli(
+        [*command, "--state-dir", str(state), "--port", "1"],
+        otel_env={"OTEL_BSP_MAX_QUEUE_SIZE": "0"},
+    )
+    assert result.returncode == daemon.EXIT_FAIL, result.stderr
+    assert "tracing cannot start" in result.stderr and "max_queue_size" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (state / "imgserve.startup.log").exists()
     assert not (state / "imgserve.pid").exists()
 
 

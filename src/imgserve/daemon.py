@@ -374,7 +374,8 @@ def _start_tracing(stack: contextlib.AsyncExitStack, settings: Settings) -> trac
 
 
 def check_tracing(settings: Settings) -> None:
-    """StartupError when tracing is asked for and the ``tracing`` extra is missing."""
+    """StartupError when tracing is asked for and cannot start (the ``tracing`` extra
+    is missing, or the SDK refuses an ``OTEL_*`` value)."""
     try:
         tracing.check(settings.server)
     except tracing.TracingUnavailable as exc:
@@ -621,7 +622,8 @@ class StartupError(Exception):
 def preflight(settings: Settings, paths: Paths) -> None:
     """What can be checked before detaching: the directories the daemon writes
     can be created and written, the queue backend imports and accepts its URL, the
-    keys and watermarks can be used, and tracing, if asked for, is installed.
+    keys and watermarks can be used, and tracing, if asked for, is installed and
+    accepts its ``OTEL_*`` settings.
 
     Raises StartupError with the reason.
     """

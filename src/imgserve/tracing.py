@@ -69,7 +69,8 @@ _NOTHING: AbstractContextManager[None] = contextlib.nullcontext()
 
 
 class TracingUnavailable(RuntimeError):
-    """Tracing was asked for but the ``tracing`` extra is not installed."""
+    """Tracing was asked for but cannot be had: the ``tracing`` extra is not
+    installed, or the SDK refuses the ``OTEL_*`` settings."""
 
 
 class Tracing:
@@ -125,10 +126,19 @@ def wanted(server: ServerSettings) -> bool:
 
 
 def check(server: ServerSettings) -> None:
-    """TracingUnavailable (saying what to install) when tracing is asked for and
-    the extra is missing; nothing is imported when it is not asked for."""
-    if wanted(server):
-        _implementation()
+    """TracingUnavailable (saying why) when tracing is asked for and cannot start: the
+    extra is missing, or the SDK refuses an ``OTEL_*`` value (``OTEL_BSP_MAX_QUEUE_SIZE=0``),
+    which it says only when the tracing is built: so it is built here, and closed.
+    Nothing is imported when tracing is not asked for."""
+    if not wanted(server):
+        return
+    build = _implementation()
+    try:
+        build(server.otlp_endpoint).close()
+    except Exception as exc:  # the SDK's own ValueError, for one
+        raise TracingUnavailable(
+            f"tracing cannot start: {type(exc).__name__}: {exc} (check the OTEL_* variables)"
+        ) from None
 
 
 def start(server: ServerSettings) -> Tracing:
