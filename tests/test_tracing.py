@@ -326,14 +326,16 @@ async def test_the_trace_survives_the_queue_round_trip(
     assert set(children(back.spans, attempt)) == {"render", "upload"}
 
 
-async def store_without(queue: JobQueue, job_id: str, name: str) -> None:
-    """Rewrite the job's stored JSON without the field ``name``, as a release before
-    that field wrote it: the SQLite row, or the Redis key."""
+async def rewrite_stored(
+    queue: JobQueue, job_id: str, change: Callable[[dict[str, Any]], None]
+) -> None:
+    """Rewrite the job's stored JSON with ``change`` made to it, as another release
+    (or a hand in the store) would have written it: the SQLite row, or the Redis key."""
     if isinstance(queue, SQLiteQueue):
         with contextlib.closing(sqlite3.connect(queue.path)) as db:
             [(raw,)] = db.execute("SELECT record FROM jobs WHERE id=?", (job_id,))
             stored = json.loads(raw)
-            del stored[name]
+            change(stored)
             db.execute("UPDATE jobs SET record=? WHERE id=?", (json.dumps(stored), job_id))
             db.commit()
         return
@@ -343,7 +345,7 @@ async def store_without(queue: JobQueue, job_id: str, name: str) -> None:
     try:
         key = f"{queue.prefix}:job:{job_id}"
         stored = json.loads(await client.get(key))
-        del stored[name]
+        change(stored)
         assert await client.set(key, json.dumps(stored), xx=True, keepttl=True)
     finally:
         await client.aclose()
@@ -373,7 +375,9 @@ async def test_a_record_without_a_trace_runs_in_a_trace_of_its_own(
         record = await api_queue.get(reply["jobId"])
         assert record is not None and record.trace_context is None
         if row == "before-tracing":
-            await store_without(api_queue, reply["jobId"], "trace_context")
+            await rewrite_stored(
+                api_queue, reply["jobId"], lambda stored: stored.pop("trace_context")
+            )
         async with worker_node(worker_queue, pool, settings, back.tracing):
             [attempt] = await back.wait_for("job")
     finally:
@@ -617,6 +621,38 @@ async def test_a_malformed_stored_trace_context_blocks_neither_the_job_nor_its_w
     assert delivery.parent is None
     assert attributes(delivery)[tracing.OUTCOME] == "delivered"
     assert len(receiver.received("/hook")) == 1
+
+
+async def test_a_poison_job_with_a_malformed_trace_context_fails_as_a_poison_job(
+    sqlite_queue: JobQueue,
+    shared_planner: Planner,
+    pool: ImagePool,
+    settings: Settings,
+    http_server: HTTPTestServer,
+) -> None:
+    """A job delivered past max_attempts (its runner died on each) whose stored trace
+    context is {"traceparent": 5}: the poison check still runs, and the job fails
+    for good with 603 instead of being delivered again and again."""
+    rec = Recorder()
+    src = serve(http_server, "trace/Poison.jpg", jpeg(320, 240))
+    job = {"source": src, "outputs": [file_output(settings, "poison.png", 64)]}
+
+    def died_once(stored: dict[str, Any]) -> None:
+        stored.update(attempts=settings.worker.max_attempts, trace_context={"traceparent": 5})
+
+    try:
+        async with api_node(sqlite_queue, shared_planner, settings, tracing.NO_TRACING) as base:
+            status, reply = await post(base, job)
+            assert status == 202, reply
+        await rewrite_stored(sqlite_queue, reply["jobId"], died_once)
+        async with worker_node(sqlite_queue, pool, settings, rec.tracing):
+            record = await wait_finished(sqlite_queue, reply["jobId"])
+    finally:
+        await sqlite_queue.close()
+    assert (record.state.value, record.error_code) == ("failed", 603), record
+    assert record.attempts == settings.worker.max_attempts + 1
+    [attempt] = rec.named("job")
+    assert attributes(attempt)[tracing.OUTCOME] == "failed"
 
 
 # --- turning it on, and what happens when it cannot be ---------------------------------
