@@ -258,6 +258,16 @@ def test_bad_environment_refused_naming_the_variable(env: dict[str, str], messag
         config.load({}, environ=env)
 
 
+@pytest.mark.parametrize("name", ["webhook_url", "otlp_endpoint"])
+def test_a_url_that_is_not_http_is_refused_without_its_credentials(name: str) -> None:
+    """A webhook URL or OTLP endpoint that is not http(s) is refused with the URL
+    redacted: its password and a secret query parameter are not in the message."""
+    with pytest.raises(SettingsError, match="expected an http") as refused:
+        config.load({name: "ftp://u:s3cret@c/?token=t0ken"}, environ={})
+    assert "ftp://u:***@c/?token=***" in str(refused.value)
+    assert "s3cret" not in str(refused.value) and "t0ken" not in str(refused.value)
+
+
 def test_environment_text_forms() -> None:
     """Environment numbers may use underscores; empty variables leave the setting unset."""
     settings = config.load({}, environ={"IMGSERVE_MAX_PIXELS": "1_000_000", "IMGSERVE_PORT": ""})

@@ -14,8 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import ipaddress
+import json
 import os
+import select
+import socket
+import sqlite3
 import subprocess
 import sys
 import uuid
@@ -26,23 +31,26 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from imgserve import api, config, daemon, otel, protocol, tracing, webhooks
+from imgserve import api, auth, config, daemon, otel, protocol, tracing, webhooks
 from imgserve.config import ImagingLimits, NetPolicy, Settings, TransportSettings, WorkerSettings
 from imgserve.metrics import Metrics
 from imgserve.otel import OpenTelemetry
 from imgserve.planner import Planner
 from imgserve.pool import ImagePool
 from imgserve.queue import open_queue
+from imgserve.queue.arq_redis import RedisQueue
 from imgserve.queue.base import JobQueue
+from imgserve.queue.sqlite import SQLiteQueue
 from imgserve.transports import Transports
 from imgserve.worker import Runner
 from tests.e2e.conftest import jpeg, serve
-from tests.servers import BASIC_PASSWORD, BASIC_USER, HTTPTestServer, free_port
+from tests.servers import BASIC_PASSWORD, BASIC_USER, HTTPTestServer
 from tests.webhook_receiver import Receiver, Reply, receiver_fixture  # noqa: F401 - a fixture
 
 WAIT_S = 60.0
@@ -118,7 +126,11 @@ def make_queue(request: pytest.FixtureRequest, tmp_path: Path) -> QueueFactory:
 
 @asynccontextmanager
 async def api_node(
-    queue: JobQueue, planner: Planner, settings: Settings, traces: tracing.Tracing
+    queue: JobQueue,
+    planner: Planner,
+    settings: Settings,
+    traces: tracing.Tracing,
+    keys: auth.Keyring | None = None,
 ) -> AsyncIterator[str]:
     """The API on a free loopback port (its URL), tracing with ``traces``."""
     service = api.Service(
@@ -128,6 +140,7 @@ async def api_node(
         runner=None,
         planner=planner,
         metrics=Metrics(traces),
+        keys=keys,
     )
     runner = protocol.make_runner(api.make_app(service), access_log=None, handle_signals=False)
     await runner.setup()
@@ -313,29 +326,63 @@ async def test_the_trace_survives_the_queue_round_trip(
     assert set(children(back.spans, attempt)) == {"render", "upload"}
 
 
+async def rewrite_stored(
+    queue: JobQueue, job_id: str, change: Callable[[dict[str, Any]], None]
+) -> None:
+    """Rewrite the job's stored JSON with ``change`` made to it, as another release
+    (or a hand in the store) would have written it: the SQLite row, or the Redis key."""
+    if isinstance(queue, SQLiteQueue):
+        with contextlib.closing(sqlite3.connect(queue.path)) as db:
+            [(raw,)] = db.execute("SELECT record FROM jobs WHERE id=?", (job_id,))
+            stored = json.loads(raw)
+            change(stored)
+            db.execute("UPDATE jobs SET record=? WHERE id=?", (json.dumps(stored), job_id))
+            db.commit()
+        return
+    assert isinstance(queue, RedisQueue)
+    where = queue.redis_settings
+    client = redis.asyncio.Redis(host=str(where.host), port=where.port, db=where.database)
+    try:
+        key = f"{queue.prefix}:job:{job_id}"
+        stored = json.loads(await client.get(key))
+        change(stored)
+        assert await client.set(key, json.dumps(stored), xx=True, keepttl=True)
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("row", ["tracing-off", "before-tracing"])
 async def test_a_record_without_a_trace_runs_in_a_trace_of_its_own(
-    sqlite_queue: JobQueue,
+    make_queue: QueueFactory,
     shared_planner: Planner,
     pool: ImagePool,
     settings: Settings,
     http_server: HTTPTestServer,
+    row: str,
 ) -> None:
-    """A job accepted without tracing (an API node with it off, or a record stored
-    before it existed) runs: its attempt is a root span with the job id, its
+    """A job stored without a trace, on either queue (accepted by an API node with
+    tracing off, or stored by a release before tracing: its JSON without the
+    trace_context field) runs: its attempt is a root span with the job id, its
     queue_wait under it."""
     back = Recorder()
+    api_queue, worker_queue = make_queue(), make_queue()
     src = serve(http_server, "trace/Untraced.jpg", jpeg(320, 240))
     job = {"source": src, "outputs": [file_output(settings, "u.png", 64)]}
     try:
-        async with api_node(sqlite_queue, shared_planner, settings, tracing.NO_TRACING) as base:
+        async with api_node(api_queue, shared_planner, settings, tracing.NO_TRACING) as base:
             status, reply = await post(base, job)
             assert status == 202, reply
-        record = await sqlite_queue.get(reply["jobId"])
+        record = await api_queue.get(reply["jobId"])
         assert record is not None and record.trace_context is None
-        async with worker_node(sqlite_queue, pool, settings, back.tracing):
+        if row == "before-tracing":
+            await rewrite_stored(
+                api_queue, reply["jobId"], lambda stored: stored.pop("trace_context")
+            )
+        async with worker_node(worker_queue, pool, settings, back.tracing):
             [attempt] = await back.wait_for("job")
     finally:
-        await sqlite_queue.close()
+        for queue in {id(api_queue): api_queue, id(worker_queue): worker_queue}.values():
+            await queue.close()
     assert attempt.parent is None
     assert attributes(attempt)[tracing.JOB_ID] == reply["jobId"]
     assert attributes(attempt)[tracing.OUTCOME] == "done"
@@ -373,6 +420,69 @@ async def test_a_clients_traceparent_is_continued_and_credentials_stay_out(
     assert every_value and not any(BASIC_PASSWORD in value for value in every_value)
 
 
+async def test_a_clients_tracestate_is_stored_only_when_short(
+    sqlite_queue: JobQueue,
+    shared_planner: Planner,
+    settings: Settings,
+    http_server: HTTPTestServer,
+) -> None:
+    """A client's tracestate is kept with the job (and so its events) up to 512
+    characters; a 32-member one of thousands is left out, the traceparent kept."""
+    rec = Recorder()
+    src = serve(http_server, "trace/State.jpg", jpeg(320, 240))
+    job = {"source": src, "outputs": [file_output(settings, "ts.png", 64)]}
+    short = "vendor=abc,other=1"
+    long = ",".join(f"v{i}=" + "x" * 200 for i in range(32))
+    stored = []
+    try:
+        async with api_node(sqlite_queue, shared_planner, settings, rec.tracing) as base:
+            for state in (short, long):
+                status, reply = await post(base, job, traceparent=TRACEPARENT, tracestate=state)
+                assert status == 202, reply
+                record = await sqlite_queue.get(reply["jobId"])
+                assert record is not None and record.trace_context is not None
+                stored.append(record.trace_context)
+    finally:
+        await sqlite_queue.close()
+    assert len(long) > 6_000
+    assert stored[0]["tracestate"] == short
+    assert set(stored[1]) == {"traceparent"}
+    assert stored[1]["traceparent"].split("-")[1] == TRACEPARENT.split("-")[1]
+
+
+async def test_a_request_refused_for_its_key_gets_no_span(
+    sqlite_queue: JobQueue,
+    shared_planner: Planner,
+    settings: Settings,
+    http_server: HTTPTestServer,
+) -> None:
+    """With API keys, a POST /jobs with no key or a wrong one (401) carrying a
+    traceparent gets no span, so no one without a key can fill the collector or
+    force sampling; the same request with the key is traced."""
+    rec = Recorder()
+    secret = "s" * 40
+    keys = auth.Keyring([auth.Key("client", hashlib.sha256(secret.encode()).digest())])
+    src = serve(http_server, "trace/Keyed.jpg", jpeg(320, 240))
+    job = {"source": src, "outputs": [file_output(settings, "k.png", 64)]}
+    try:
+        async with api_node(sqlite_queue, shared_planner, settings, rec.tracing, keys) as base:
+            missing, _ = await post(base, job, traceparent=TRACEPARENT)
+            wrong, _ = await post(
+                base, job, traceparent=TRACEPARENT, Authorization="Bearer " + "w" * 40
+            )
+            assert (missing, wrong) == (401, 401)
+            assert rec.spans == []
+            status, reply = await post(
+                base, job, traceparent=TRACEPARENT, Authorization=f"Bearer {secret}"
+            )
+            assert status == 202, reply
+    finally:
+        await sqlite_queue.close()
+    [request] = rec.named("POST /jobs")
+    assert attributes(request)[tracing.JOB_ID] == reply["jobId"]
+    assert attributes(request)[tracing.KEY] == "client"
+
+
 async def test_a_refused_job_has_its_code_on_the_request_span(
     sqlite_queue: JobQueue,
     shared_planner: Planner,
@@ -401,6 +511,148 @@ async def test_a_refused_job_has_its_code_on_the_request_span(
     assert download.status.status_code is StatusCode.ERROR
     assert attributes(download)[tracing.ERROR_CODE] == reply["code"]
     assert tracing.JOB_ID not in attributes(request)
+
+
+class StoresCarrier(tracing.Tracing):
+    """No tracing, but each job stored with ``stored`` as its trace context: a record
+    another release wrote, or one tampered with in the queue's store."""
+
+    def __init__(self, stored: object) -> None:
+        self.stored = stored
+
+    def carrier(self) -> Any:
+        return self.stored
+
+
+async def wait_finished(queue: JobQueue, job_id: str) -> Any:
+    """The job's record once it has ended."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    while (record := await queue.get(job_id)) is None or not record.finished:
+        assert loop.time() < deadline, record
+        await asyncio.sleep(0.05)
+    return record
+
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+MALFORMED_CARRIERS = {
+    "a-number-value": {"traceparent": 5},
+    "not-str-values": {"traceparent": None, "tracestate": {"a": 1}},
+    "a-str": TRACEPARENT,
+    "a-list": ["traceparent"],
+    "a-huge-value": {"traceparent": "0" * 100_000},
+}
+
+
+@pytest.mark.parametrize(
+    ("stored", "kept"),
+    [
+        (None, {}),
+        (TRACEPARENT, {}),
+        (["traceparent"], {}),
+        ({"traceparent": 5, "tracestate": None}, {}),
+        ({"traceparent": TRACEPARENT}, {"traceparent": TRACEPARENT}),
+        (
+            {"traceparent": TRACEPARENT, "tracestate": "a=1", "baggage": "k=v"},
+            {"traceparent": TRACEPARENT, "tracestate": "a=1"},
+        ),
+        ({"traceparent": TRACEPARENT, "tracestate": "a" * 513}, {"traceparent": TRACEPARENT}),
+        ({"traceparent": "0" * 100_000}, {}),
+    ],
+)
+def test_a_stored_carrier_keeps_only_w3c_headers_of_bounded_strs(
+    stored: object, kept: dict[str, str]
+) -> None:
+    """clean_carrier keeps traceparent and tracestate when they are str values of at most
+    512 characters, and nothing else: not other keys, other types, or a non-dict."""
+    assert tracing.clean_carrier(stored) == kept
+
+
+@pytest.mark.parametrize("stored", MALFORMED_CARRIERS.values(), ids=MALFORMED_CARRIERS.keys())
+async def test_a_malformed_stored_trace_context_blocks_neither_the_job_nor_its_webhook(
+    make_queue: QueueFactory,
+    shared_planner: Planner,
+    pool: ImagePool,
+    settings: Settings,
+    http_server: HTTPTestServer,
+    receiver: Receiver,
+    stored: object,
+) -> None:
+    """A record whose stored trace context is not a dict of strings (a number, a str,
+    a list, a huge value), on either queue: the job runs once and is done, its attempt
+    a root span, and its webhook event is delivered in a span of its own."""
+    rec = Recorder()
+    api_queue, worker_queue = make_queue(), make_queue()
+    src = serve(http_server, "trace/Malformed.jpg", jpeg(320, 240))
+    job = {
+        "source": src,
+        "webhook": receiver.url("/hook"),
+        "outputs": [file_output(settings, "bad-context.png", 64)],
+    }
+    dispatcher = webhooks.Dispatcher(
+        worker_queue,
+        settings.webhook,
+        settings.transport,
+        poll_s=0.05,
+        metrics=Metrics(rec.tracing),
+    )
+    try:
+        async with api_node(api_queue, shared_planner, settings, StoresCarrier(stored)) as base:
+            status, reply = await post(base, job)
+            assert status == 202, reply
+        delivering = asyncio.create_task(dispatcher.serve())
+        try:
+            async with worker_node(worker_queue, pool, settings, rec.tracing):
+                record = await wait_finished(worker_queue, reply["jobId"])
+                [delivery] = await rec.wait_for("webhook")
+        finally:
+            delivering.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await delivering
+    finally:
+        for queue in {id(api_queue): api_queue, id(worker_queue): worker_queue}.values():
+            await queue.close()
+    assert (record.state.value, record.attempts) == ("done", 1), record
+    [attempt] = rec.named("job")
+    assert attempt.parent is None
+    assert attributes(attempt)[tracing.OUTCOME] == "done"
+    assert delivery.parent is None
+    assert attributes(delivery)[tracing.OUTCOME] == "delivered"
+    assert len(receiver.received("/hook")) == 1
+
+
+async def test_a_poison_job_with_a_malformed_trace_context_fails_as_a_poison_job(
+    sqlite_queue: JobQueue,
+    shared_planner: Planner,
+    pool: ImagePool,
+    settings: Settings,
+    http_server: HTTPTestServer,
+) -> None:
+    """A job delivered past max_attempts (its runner died on each) whose stored trace
+    context is {"traceparent": 5}: the poison check still runs, and the job fails
+    for good with 603 instead of being delivered again and again."""
+    rec = Recorder()
+    src = serve(http_server, "trace/Poison.jpg", jpeg(320, 240))
+    job = {"source": src, "outputs": [file_output(settings, "poison.png", 64)]}
+
+    def died_once(stored: dict[str, Any]) -> None:
+        stored.update(attempts=settings.worker.max_attempts, trace_context={"traceparent": 5})
+
+    try:
+        async with api_node(sqlite_queue, shared_planner, settings, tracing.NO_TRACING) as base:
+            status, reply = await post(base, job)
+            assert status == 202, reply
+        await rewrite_stored(sqlite_queue, reply["jobId"], died_once)
+        async with worker_node(sqlite_queue, pool, settings, rec.tracing):
+            record = await wait_finished(sqlite_queue, reply["jobId"])
+    finally:
+        await sqlite_queue.close()
+    assert (record.state.value, record.error_code) == ("failed", 603), record
+    assert record.attempts == settings.worker.max_attempts + 1
+    [attempt] = rec.named("job")
+    assert attributes(attempt)[tracing.OUTCOME] == "failed"
 
 
 # --- turning it on, and what happens when it cannot be ---------------------------------
@@ -437,8 +689,11 @@ def test_the_endpoint_is_a_base_url_as_otel_exporter_otlp_endpoint_is() -> None:
     assert otel.traces_endpoint(None) is None
 
 
-def _cli(args: list[str], *, hide_otel: Path | None = None) -> subprocess.CompletedProcess[str]:
+def _cli(
+    args: list[str], *, hide_otel: Path | None = None, otel_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "IMGSERVE_"))}
+    env.update(otel_env or {})
     if hide_otel is not None:
         # A package of that name first on the path, which fails to import as an
         # absent one does: the interpreter's own packages stay as they are.
@@ -479,6 +734,32 @@ def test_tracing_without_the_extra_is_a_clear_startup_error(
     assert not (state / "imgserve.pid").exists()
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["start", "--tracing"],
+        ["serve", "--otlp-endpoint", "http://127.0.0.1:4318"],
+        ["worker", "--queue", "redis://127.0.0.1:1/0", "--tracing"],
+    ],
+    ids=["start", "serve", "worker"],
+)
+def test_an_otel_variable_the_sdk_refuses_is_a_startup_error_before_detaching(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """OTEL_BSP_MAX_QUEUE_SIZE=0, which the SDK refuses: the daemon does not start (start
+    does not detach a child), exits 1 and says why in one line, with no traceback."""
+    state = tmp_path / "state"
+    result = _cli(
+        [*command, "--state-dir", str(state), "--port", "1"],
+        otel_env={"OTEL_BSP_MAX_QUEUE_SIZE": "0"},
+    )
+    assert result.returncode == daemon.EXIT_FAIL, result.stderr
+    assert "tracing cannot start" in result.stderr and "max_queue_size" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (state / "imgserve.startup.log").exists()
+    assert not (state / "imgserve.pid").exists()
+
+
 def test_without_tracing_no_opentelemetry_module_is_imported(tmp_path: Path) -> None:
     """Tracing off: building the settings, the checks before start, the API app, a
     runner and a timed phase import nothing of OpenTelemetry (it is installed here)."""
@@ -487,13 +768,29 @@ import asyncio, sys
 from pathlib import Path
 from imgserve import api, cli, config, daemon, tracing, worker
 from imgserve.metrics import Metrics
+from imgserve.queue import open_queue
+from imgserve.transports import Transports
 settings = cli.settings_from(cli.build_parser().parse_args(["serve", "--state-dir", sys.argv[1]]))
 daemon.preflight(settings, daemon.paths_for(settings))
 traces = tracing.start(settings.server)
 assert traces is tracing.NO_TRACING
 metrics = Metrics(traces)
-with metrics.phase("download"):
-    pass
+
+async def build():
+    queue = open_queue(None, Path(sys.argv[1]) / "q")
+    transports = Transports(settings.transport)
+    runner = worker.Runner(queue, transports, None, settings, metrics=metrics)
+    service = api.Service(
+        settings=settings, queue=queue, transports=transports, runner=runner,
+        planner=None, metrics=metrics,
+    )
+    assert api.make_app(service).middlewares
+    with metrics.phase("download"):
+        pass
+    await transports.aclose()
+    await queue.close()
+
+asyncio.run(build())
 print(sorted(name for name in sys.modules if name.startswith("opentelemetry")))
 """
     result = subprocess.run(
@@ -533,7 +830,11 @@ async def test_each_webhook_attempt_is_a_span_in_the_jobs_trace(
         "outputs": [file_output(settings, "w.png", 64)],
     }
     dispatcher = webhooks.Dispatcher(
-        sqlite_queue, settings.webhook, settings.transport, poll_s=0.05, tracing=rec.tracing
+        sqlite_queue,
+        settings.webhook,
+        settings.transport,
+        poll_s=0.05,
+        metrics=Metrics(rec.tracing),
     )
     delivering = asyncio.create_task(dispatcher.serve())
     try:
@@ -564,6 +865,53 @@ async def test_each_webhook_attempt_is_a_span_in_the_jobs_trace(
     assert attributes(delivery)[tracing.WEBHOOK_EVENT].startswith("msg_")
     expected = StatusCode.ERROR if failed else StatusCode.UNSET
     assert delivery.status.status_code is expected
+
+
+async def test_long_urls_are_cut_to_500_characters_on_every_span(
+    sqlite_queue: JobQueue,
+    shared_planner: Planner,
+    pool: ImagePool,
+    settings: Settings,
+    http_server: HTTPTestServer,
+    receiver: Receiver,
+) -> None:
+    """A source URL and a webhook URL each thousands of characters long (a long query)
+    are on the request, job and webhook spans cut to 500 characters, as an error's
+    detail is; no attribute of any span is longer."""
+    rec = Recorder()
+    src = serve(http_server, "trace/Long.jpg", jpeg(320, 240)) + "?pad=" + "s" * 4000
+    job = {
+        "source": src,
+        "webhook": receiver.url("/hook") + "?pad=" + "w" * 4000,
+        "outputs": [file_output(settings, "long.png", 64)],
+    }
+    dispatcher = webhooks.Dispatcher(
+        sqlite_queue,
+        settings.webhook,
+        settings.transport,
+        poll_s=0.05,
+        metrics=Metrics(rec.tracing),
+    )
+    delivering = asyncio.create_task(dispatcher.serve())
+    try:
+        async with (
+            api_node(sqlite_queue, shared_planner, settings, rec.tracing) as base,
+            worker_node(sqlite_queue, pool, settings, rec.tracing),
+        ):
+            status, reply = await post(base, job)
+            assert status == 202, reply
+            [delivery] = await rec.wait_for("webhook")
+    finally:
+        delivering.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await delivering
+        await sqlite_queue.close()
+    [request], [attempt] = rec.named("POST /jobs"), rec.named("job")
+    for span in (request, attempt):
+        assert attributes(span)[tracing.SOURCE] == src[: tracing.DETAIL_CHARS]
+    assert attributes(delivery)["url.full"] == job["webhook"][: tracing.DETAIL_CHARS]
+    longest = max(len(str(v)) for span in rec.spans for v in attributes(span).values())
+    assert longest == tracing.DETAIL_CHARS
 
 
 async def test_a_retried_job_has_an_attempt_span_and_a_wait_for_each_try(
@@ -618,7 +966,28 @@ async def test_a_retried_job_has_an_attempt_span_and_a_wait_for_each_try(
     assert first.start_time <= waits[1].start_time <= waits[1].end_time <= second.start_time
 
 
-async def test_a_collector_that_is_down_costs_spans_not_jobs(
+class SilentCollector:
+    """A collector that takes connections and never answers: a listening socket that
+    is never read, so an export waits its whole timeout (a closed port would refuse
+    at once, and prove nothing about who waits)."""
+
+    def __init__(self) -> None:
+        self.socket = socket.create_server(("127.0.0.1", 0), backlog=64)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+
+    def connected(self) -> bool:
+        """An exporter has connected (a connection waits to be accepted)."""
+        readable, _, _ = select.select([self.socket], [], [], 0)
+        return bool(readable)
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+async def test_a_collector_that_never_answers_costs_spans_not_jobs(
     sqlite_queue: JobQueue,
     shared_planner: Planner,
     pool: ImagePool,
@@ -626,32 +995,40 @@ async def test_a_collector_that_is_down_costs_spans_not_jobs(
     http_server: HTTPTestServer,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Tracing to an endpoint nobody listens on (the real OTLP/HTTP exporter): the job
-    is accepted and done as usual, and closing the tracing waits only about the
-    export timeout (OTEL_EXPORTER_OTLP_TIMEOUT) for the batch it cannot send."""
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")
+    """Tracing (the real OTLP/HTTP exporter, a 30 s export timeout) to a collector that
+    accepts and never answers: the job is accepted and done in far less than one
+    export timeout, and closing the tracing, with an export hanging and 1,500 spans
+    queued, returns within otel.CLOSE_TIMEOUT_S."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "30")
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
-    traces = otel.start(f"http://127.0.0.1:{free_port()}")
+    collector = SilentCollector()
+    traces = otel.start(collector.url)
     src = serve(http_server, "trace/Unsent.jpg", jpeg(320, 240))
-    job = {"source": src, "outputs": [file_output(settings, "down.png", 64)]}
+    job = {"source": src, "outputs": [file_output(settings, "silent.png", 64)]}
+    loop = asyncio.get_running_loop()
     try:
         async with (
             api_node(sqlite_queue, shared_planner, settings, traces) as base,
             worker_node(sqlite_queue, pool, settings, traces),
         ):
+            posted = loop.time()
             status, reply = await post(base, job)
+            accepted_s = loop.time() - posted
             assert status == 202, reply
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + WAIT_S
-            while (record := await sqlite_queue.get(reply["jobId"])) is None or (
-                not record.finished
-            ):
-                assert loop.time() < deadline, record
-                await asyncio.sleep(0.05)
+            record = await wait_finished(sqlite_queue, reply["jobId"])
+            done_s = loop.time() - posted
+        deadline = loop.time() + WAIT_S
+        while not collector.connected():
+            assert loop.time() < deadline, "the exporter never connected"
+            await asyncio.sleep(0.02)
+        for _ in range(1_500):
+            traces.tracer.start_span("queued").end()
     finally:
         await sqlite_queue.close()
-        closing = asyncio.get_running_loop().time()
+        closing = loop.time()
         await asyncio.to_thread(traces.close)
-        closed_s = asyncio.get_running_loop().time() - closing
+        closed_s = loop.time() - closing
+        collector.close()
     assert record.state.value == "done"
-    assert closed_s < 10.0
+    assert accepted_s < 10.0 and done_s < 10.0, (accepted_s, done_s)
+    assert closed_s < otel.CLOSE_TIMEOUT_S + 1.0, closed_s

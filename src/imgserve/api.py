@@ -1020,8 +1020,10 @@ def make_app(service: Service) -> web.Application:
         middlewares=[
             request_timer(service.metrics),
             errors_middleware,
-            *service.metrics.tracing.middlewares(),  # inside: sees an error's code
             auth_middleware,
+            # Inside errors_middleware (it sees an error's code) and auth_middleware:
+            # a request without a valid key gets no span (it cannot flood a collector).
+            *service.metrics.tracing.middlewares(),
         ],
         client_max_size=service.settings.server.max_request_bytes + 1,
     )

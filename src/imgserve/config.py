@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from imgserve.logs import LOG_FORMATS
+from imgserve.urls import redact_url
 
 MiB = 1024 * 1024
 
@@ -465,13 +466,14 @@ def check_webhook_secret(secret: str) -> None:
         raise ValueError("a webhook secret's key is empty")
 
 
-def _check_webhook_url(url: str | None) -> None:
-    """An http(s) URL with a host (a webhook's, the OTLP endpoint's)."""
+def _check_http_url(url: str | None) -> None:
+    """An http(s) URL with a host (a webhook's, the OTLP endpoint's); the error shows
+    it redacted, as a log line would (it may carry a password or a token)."""
     if url is None:
         return
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() not in ("http", "https") or not rest.split("/", 1)[0]:
-        raise ValueError(f"expected an http(s) URL with a host, got {url!r}")
+        raise ValueError(f"expected an http(s) URL with a host, got {redact_url(url)!r}")
 
 
 def _resolved_pair(pair: str) -> str:
@@ -531,12 +533,12 @@ def _check_secrets(secrets: tuple[str, ...]) -> None:
 # ValueError saying what is wrong (never echoing a secret).
 _CHECKS: dict[str, Any] = {
     "server.log_format": _check_log_format,
-    "webhook.webhook_url": _check_webhook_url,
+    "webhook.webhook_url": _check_http_url,
     "webhook.webhook_schedule_s": _check_schedule,
     "webhook.webhook_secrets": _check_secrets,
     "imaging.watermarks": _check_watermarks,
     "server.metrics_listen": _check_listen,
-    "server.otlp_endpoint": _check_webhook_url,
+    "server.otlp_endpoint": _check_http_url,
 }
 
 OPTIONS: dict[str, Option] = _build_options(Settings, _ALIASES)

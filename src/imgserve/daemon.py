@@ -220,7 +220,7 @@ async def _serve(settings: Settings, paths: Paths, *, linger_s: float = DEGRADED
         stack.push_async_callback(asyncio.to_thread, planner.close)
         keys = load_keyring(settings)
         metrics = Metrics(traces)
-        dispatcher = _start_dispatcher(stack, queue, settings, metrics, keys, traces=traces)
+        dispatcher = _start_dispatcher(stack, queue, settings, metrics, keys)
         # With a Redis queue this node only accepts jobs; `imgserve worker` nodes run them.
         runner: Runner | None = None
         pool: ImagePool | None = None
@@ -304,7 +304,6 @@ def _start_dispatcher(
     keys: auth.Keyring | None = None,
     *,
     hand_off: bool = False,
-    traces: tracing.Tracing = tracing.NO_TRACING,
 ) -> webhooks.Dispatcher:
     """Deliver completion events from the queue's outbox in this process, until the
     stack closes (before the queue does). Every process that ends jobs runs one, and
@@ -325,7 +324,6 @@ def _start_dispatcher(
         settings.transport,
         secrets_for=signer,
         metrics=metrics,
-        tracing=traces,
     )
     task = asyncio.create_task(webhooks.supervise(dispatcher))
     stack.push_async_callback(_cancel, task)
@@ -365,7 +363,8 @@ async def _cancel(task: asyncio.Task[Any]) -> None:
 
 def _start_tracing(stack: contextlib.AsyncExitStack, settings: Settings) -> tracing.Tracing:
     """The tracing the settings ask for (preflight checked the extra is there); the
-    spans still buffered are sent when the stack closes, after everything else."""
+    spans still buffered are sent when the stack closes, after everything else, for
+    at most otel.CLOSE_TIMEOUT_S."""
     traces = tracing.start(settings.server)
     if traces.enabled:
         stack.push_async_callback(asyncio.to_thread, traces.close)
@@ -375,7 +374,8 @@ def _start_tracing(stack: contextlib.AsyncExitStack, settings: Settings) -> trac
 
 
 def check_tracing(settings: Settings) -> None:
-    """StartupError when tracing is asked for and the ``tracing`` extra is missing."""
+    """StartupError when tracing is asked for and cannot start (the ``tracing`` extra
+    is missing, or the SDK refuses an ``OTEL_*`` value)."""
     try:
         tracing.check(settings.server)
     except tracing.TracingUnavailable as exc:
@@ -523,7 +523,7 @@ async def _worker(settings: Settings) -> int:
         # Worker nodes check no keys; given the keys file, they sign keyed events.
         metrics = Metrics(traces)
         dispatcher = _start_dispatcher(
-            stack, queue, settings, metrics, load_keyring(settings), hand_off=True, traces=traces
+            stack, queue, settings, metrics, load_keyring(settings), hand_off=True
         )
         _watch_pool(metrics, pool)
         runner = Runner(
@@ -622,7 +622,8 @@ class StartupError(Exception):
 def preflight(settings: Settings, paths: Paths) -> None:
     """What can be checked before detaching: the directories the daemon writes
     can be created and written, the queue backend imports and accepts its URL, the
-    keys and watermarks can be used, and tracing, if asked for, is installed.
+    keys and watermarks can be used, and tracing, if asked for, is installed and
+    accepts its ``OTEL_*`` settings.
 
     Raises StartupError with the reason.
     """

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import threading
 from collections.abc import Iterator, Mapping
 
 from aiohttp import web
@@ -33,7 +35,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Span, SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -48,6 +50,14 @@ TRACED_ROUTES = frozenset({("POST", "/"), ("POST", "/jobs")})
 streams and job reads would flood a collector with traces of no job."""
 
 TRACES_PATH = "/v1/traces"
+
+CLOSE_TIMEOUT_S = 5.0
+"""The longest ``close`` waits for the last spans to be sent. The SDK's shutdown may
+take 30 s and more (an export hanging up to its timeout, then each batch left), and
+a stopping daemon has 15 s past its drain before ``imgserve stop`` and systemd's
+TimeoutStopSec kill it; spans still unsent then are dropped."""
+
+log = logging.getLogger("imgserve.tracing")
 
 
 def start(otlp_endpoint: str | None) -> OpenTelemetry:
@@ -76,7 +86,14 @@ class OpenTelemetry(tracing.Tracing):
     enabled = True
 
     def __init__(self, processor: SpanProcessor) -> None:
-        self.provider = TracerProvider(resource=resource())
+        # close() shuts it down with a deadline: no atexit shutdown to wait 30 s more.
+        # Every text attribute is cut as an error's detail is: URLs have no bound of
+        # their own, and a span of kilobytes costs the collector, not the client.
+        self.provider = TracerProvider(
+            resource=resource(),
+            shutdown_on_exit=False,
+            span_limits=SpanLimits(max_attribute_length=tracing.DETAIL_CHARS),
+        )
         self.provider.add_span_processor(processor)
         self.tracer = self.provider.get_tracer("imgserve", __version__)
         self.propagator = TraceContextTextMapPropagator()
@@ -128,14 +145,26 @@ class OpenTelemetry(tracing.Tracing):
     def carrier(self) -> tracing.Carrier | None:
         headers: dict[str, str] = {}
         self.propagator.inject(headers)
-        return headers or None
+        # Stored with the job and copied into each of its events: a client's long
+        # tracestate is left out (W3C asks that 512 characters be passed on).
+        return tracing.clean_carrier(headers) or None
 
     def describe_job(self, record: JobRecord) -> None:
         trace.get_current_span().set_attributes(tracing.job_attributes(record))
 
+    def _parent(self, stored: object) -> otel_context.Context:
+        """The context a stored carrier continues; for anything it cannot read, an
+        empty one (the span starts a trace of its own): a bad record must never keep
+        its job or its event from running."""
+        try:
+            return self.propagator.extract(tracing.clean_carrier(stored))
+        except Exception:
+            log.debug("an unreadable trace context is ignored", exc_info=True)
+            return otel_context.Context()
+
     @contextlib.contextmanager
     def job_span(self, record: JobRecord) -> Iterator[None]:
-        parent = self.propagator.extract(record.trace_context or {})
+        parent = self._parent(record.trace_context)
         attributes = {
             **tracing.job_attributes(record),
             tracing.ATTEMPT: record.attempts,
@@ -179,7 +208,7 @@ class OpenTelemetry(tracing.Tracing):
 
     @contextlib.contextmanager
     def webhook_span(self, event: Event) -> Iterator[None]:
-        parent = self.propagator.extract(event.trace_context or {})
+        parent = self._parent(event.trace_context)
         attributes = tracing.webhook_attributes(event)
         with self._span("webhook", context=parent, kind=SpanKind.CLIENT, attributes=attributes):
             yield
@@ -203,7 +232,8 @@ class OpenTelemetry(tracing.Tracing):
     def _middleware(self) -> Middleware:
         """A server span per job submission, named ``POST /jobs`` (the route), continuing
         the client's ``traceparent`` if it sent one. Placed inside errors_middleware, it
-        sees imgserve errors as exceptions: their code goes on the span."""
+        sees imgserve errors as exceptions: their code goes on the span; inside
+        auth_middleware, so a request without a known key (401) is not traced."""
 
         @web.middleware
         async def traced(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -244,7 +274,19 @@ class OpenTelemetry(tracing.Tracing):
         return traced
 
     def close(self) -> None:
-        self.provider.shutdown()
+        # The SDK's shutdown takes no deadline (force_flush ignores its own), so it
+        # runs in a thread of its own, left behind if it overruns: it is a daemon
+        # thread, as the batch processor's is, and the process exits without it.
+        closing = threading.Thread(
+            target=self.provider.shutdown, name="imgserve-tracing-close", daemon=True
+        )
+        closing.start()
+        closing.join(CLOSE_TIMEOUT_S)
+        if closing.is_alive():
+            log.warning(
+                "tracing: the last spans were not sent within %g s; they are dropped",
+                CLOSE_TIMEOUT_S,
+            )
 
 
 def _mark_error(span: Span, exc: errors.ImgserveError) -> None:

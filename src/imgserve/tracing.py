@@ -35,6 +35,12 @@ EXTRA = "imgserve[tracing]"
 Carrier = dict[str, str]
 """W3C Trace Context headers (``traceparent``, ``tracestate``) as a job record keeps them."""
 
+CARRIER_KEYS = ("traceparent", "tracestate")
+CARRIER_CHARS = 512
+"""The longest header a carrier keeps: W3C Trace Context asks that at least 512
+characters of ``tracestate`` be passed on (a ``traceparent`` is 55); a longer one is
+left out rather than stored with every job and copied into its events."""
+
 # Attribute names: OpenTelemetry's semantic conventions where one fits, else imgserve.*.
 JOB_ID = "imgserve.job.id"
 OPERATION = "imgserve.job.operation"
@@ -56,13 +62,15 @@ WEBHOOK_OUTCOMES = {"delivered": "delivered", "pending": "retry", "failed": "fai
 """An attempt's outcome by the event's state after it (pending: another is scheduled)."""
 
 DETAIL_CHARS = 500
+"""The longest text attribute a span keeps (an error's detail, a URL): cut past it."""
 
 _NOTHING: AbstractContextManager[None] = contextlib.nullcontext()
 """The one no-op context every call returns when tracing is off (it is reusable)."""
 
 
 class TracingUnavailable(RuntimeError):
-    """Tracing was asked for but the ``tracing`` extra is not installed."""
+    """Tracing was asked for but cannot be had: the ``tracing`` extra is not
+    installed, or the SDK refuses the ``OTEL_*`` settings."""
 
 
 class Tracing:
@@ -104,7 +112,7 @@ class Tracing:
         """Record how the attempt just made ended (the event's state, the answer)."""
 
     def close(self) -> None:
-        """Send the spans still buffered (blocks up to the exporter's timeout)."""
+        """Send the spans still buffered, blocking at most otel.CLOSE_TIMEOUT_S (5 s)."""
 
 
 NO_TRACING = Tracing()
@@ -118,10 +126,19 @@ def wanted(server: ServerSettings) -> bool:
 
 
 def check(server: ServerSettings) -> None:
-    """TracingUnavailable (saying what to install) when tracing is asked for and
-    the extra is missing; nothing is imported when it is not asked for."""
-    if wanted(server):
-        _implementation()
+    """TracingUnavailable (saying why) when tracing is asked for and cannot start: the
+    extra is missing, or the SDK refuses an ``OTEL_*`` value (``OTEL_BSP_MAX_QUEUE_SIZE=0``),
+    which it says only when the tracing is built: so it is built here, and closed.
+    Nothing is imported when tracing is not asked for."""
+    if not wanted(server):
+        return
+    build = _implementation()
+    try:
+        build(server.otlp_endpoint).close()
+    except Exception as exc:  # the SDK's own ValueError, for one
+        raise TracingUnavailable(
+            f"tracing cannot start: {type(exc).__name__}: {exc} (check the OTEL_* variables)"
+        ) from None
 
 
 def start(server: ServerSettings) -> Tracing:
@@ -144,6 +161,19 @@ def _implementation() -> Callable[[str | None], Tracing]:
 
 
 # --- what spans say (pure) -----------------------------------------------------------------
+
+
+def clean_carrier(stored: object) -> Carrier:
+    """The W3C headers in a stored trace context, read without trusting it (a record
+    another release wrote, or one edited in the store): only ``traceparent`` and
+    ``tracestate``, and only str values of at most CARRIER_CHARS; the rest is left out."""
+    if not isinstance(stored, dict):
+        return {}
+    return {
+        key: value
+        for key in CARRIER_KEYS
+        if isinstance(value := stored.get(key), str) and len(value) <= CARRIER_CHARS
+    }
 
 
 def job_attributes(record: JobRecord) -> dict[str, str | int]:

@@ -43,7 +43,6 @@ from imgserve.planning import JobPlan
 from imgserve.queue.base import Event, JobQueue, JobRecord
 from imgserve.retry import backoff_s
 from imgserve.spec import JobSpec
-from imgserve.tracing import NO_TRACING, Tracing
 from imgserve.urls import redact_url
 
 log = logging.getLogger("imgserve.webhooks")
@@ -397,13 +396,11 @@ class Dispatcher:
         random: Callable[[], float] = _random.random,
         secrets_for: Callable[[str | None], Sequence[str] | None] | None = None,
         metrics: Metrics | None = None,
-        tracing: Tracing = NO_TRACING,
     ) -> None:
         self.queue = queue
         self.metrics = metrics or Metrics()
-        """Times each attempt (the ``webhook`` phase) and counts how attempts end."""
-        self.tracing = tracing
-        """Each attempt is a ``webhook`` span in its job's trace (imgserve.tracing)."""
+        """Times each attempt (the ``webhook`` phase) and counts how attempts end; with
+        its tracing, each attempt is a ``webhook`` span in its job's trace."""
         self.settings = settings
         self.secrets_for = secrets_for or (lambda _key: settings.webhook_secrets)
         """The secrets that sign an event, by its job's API key name (auth.webhook_signer);
@@ -475,7 +472,7 @@ class Dispatcher:
         if secrets is None:
             await self._hand_off(event, at)
             return
-        with self.tracing.webhook_span(event):
+        with self.metrics.tracing.webhook_span(event):
             await self._attempt(event, at, secrets)
 
     async def _attempt(self, event: Event, at: float, secrets: Sequence[str]) -> None:
@@ -491,7 +488,7 @@ class Dispatcher:
         schedule = self.settings.webhook_schedule_s
         record_attempt(event, answer, at, schedule, self.random, answered_at=time.time())
         self.metrics.webhooks.labels(event.state).inc()
-        self.tracing.webhook_outcome(event)
+        self.metrics.tracing.webhook_outcome(event)
         shown = redact_url(event.url)
         if event.state == "delivered":
             log.info(

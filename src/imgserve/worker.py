@@ -191,8 +191,8 @@ class Runner:
     def _observe_queue_wait(self, record: JobRecord) -> None:
         """From when the job was due (accepted, or its retry's backoff over) to its start."""
         if record.started_at is not None:
-            due = max(record.created_at, record.run_at)
-            self.metrics.phases.labels("queue_wait").observe(max(0.0, record.started_at - due))
+            wait_s = max(0.0, record.started_at - record.due_at)
+            self.metrics.phases.labels("queue_wait").observe(wait_s)
 
     @contextlib.contextmanager
     def _rendering(self) -> Iterator[None]:
