@@ -9,10 +9,13 @@ import datetime as dt
 import json
 import subprocess
 import sys
+import tomllib
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import pytest
+from packaging.requirements import Requirement
 from standardwebhooks.webhooks import Webhook
 
 from imgserve import errors as server_errors
@@ -291,3 +294,16 @@ def test_the_command_line_loads_no_daemon_library() -> None:
     anything) loads none of the daemon's libraries either: they are imported by the
     commands that run the daemon."""
     assert not _loaded_by("import imgserve.cli") & SERVER_SIDE
+
+
+def test_the_client_extra_needs_a_stamina_that_honours_retry_after() -> None:
+    """A float from the backoff hook (Retry-After) is a wait only from stamina 25.2:
+    the ``client`` extra must not allow an older one."""
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    (stamina,) = (
+        Requirement(r)
+        for r in pyproject["project"]["optional-dependencies"]["client"]
+        if Requirement(r).name == "stamina"
+    )
+    assert not stamina.specifier.contains("25.1.0")
+    assert stamina.specifier.contains("25.2.0")
