@@ -4,6 +4,7 @@ errors of the command (exit 2, in-process)."""
 
 from __future__ import annotations
 
+import io
 import re
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 from imgserve import cli
 from imgserve.submit import plan
 from imgserve.submit.plan import Item, PlanError
+from imgserve.submit.report import Reporter
 from tests.servers import free_port
 
 
@@ -204,3 +206,18 @@ def test_without_the_client_extra_it_says_which_to_install(tmp_path: Path) -> No
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert version.returncode == 0 and version.stdout.startswith("imgserve ")
+
+
+@pytest.mark.parametrize("label", ["photos/[old]/a.jpg", "in1/[/raw]/bad.jpg", "scans/[/]/b.jpg"])
+def test_a_failure_on_a_terminal_shows_names_as_they_are(label: str) -> None:
+    """Square brackets in a path or a detail are shown as they are on the progress
+    bar's console and in the summary, not read as rich markup (which dropped
+    ``[old]`` and raised MarkupError on ``[/raw]``)."""
+    out = io.StringIO()
+    reporter = Reporter(out, total=1, plain=False)
+    item = Item(label=label, source=Path(label), job={}, name="a.jpg")
+    tally = plan.Tally(total=1, failed=1, failures=[(label, 202, "not an image: [/x]")])
+    reporter.failed(item, 202, "not an image: [/x]", None, tally)
+    assert f"failed {label}: code 202: not an image: [/x]" in out.getvalue()
+    reporter.summary(tally, interrupted=False)
+    assert label in out.getvalue().rpartition("first source")[2]

@@ -158,15 +158,12 @@ def test_resume_tries_a_failed_job_again(
     assert len(lines(third.stdout, "skipped")) == 1
 
 
-def test_a_terminal_gets_the_progress_bar(daemon: Daemon, tmp_path: Path) -> None:
-    """On a terminal (a pseudo-terminal here): rich's progress bar with the jobs
-    done and failed, the rate and the ETA, in colour; no plain lines; the summary."""
-    for i in range(5):
-        (tmp_path / f"t{i}.jpg").write_bytes(jpeg(40 + i, 30))
+def on_a_terminal(daemon: Daemon, *args: str) -> tuple[int, str]:
+    """``imgserve submit ARGS`` with its output on a pseudo-terminal: its exit code
+    and everything it showed."""
     leader, follower = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "imgserve", "submit", "--url", daemon.url, str(tmp_path),
-         "-o", f"file://{daemon.out_dir}/tty/{{$basename}}.png", "--width", "8"],
+        [sys.executable, "-m", "imgserve", "submit", "--url", daemon.url, *args],
         stdin=subprocess.DEVNULL, stdout=follower, stderr=follower,
         env={**os.environ, "COLUMNS": "160"},
     )  # fmt: skip
@@ -181,12 +178,45 @@ def test_a_terminal_gets_the_progress_bar(daemon: Daemon, tmp_path: Path) -> Non
             break
         shown += chunk
     os.close(leader)
-    assert proc.wait(60) == 0
-    text = shown.decode("utf-8", "replace")
+    return proc.wait(60), shown.decode("utf-8", "replace")
+
+
+def test_a_terminal_gets_the_progress_bar(daemon: Daemon, tmp_path: Path) -> None:
+    """On a terminal (a pseudo-terminal here): rich's progress bar with the jobs
+    done and failed, the rate and the ETA, in colour; no plain lines; the summary."""
+    for i in range(5):
+        (tmp_path / f"t{i}.jpg").write_bytes(jpeg(40 + i, 30))
+    code, text = on_a_terminal(
+        daemon,
+        str(tmp_path),
+        "-o",
+        f"file://{daemon.out_dir}/tty/{{$basename}}.png",
+        "--width",
+        "8",
+    )
+    assert code == 0
     assert "\x1b[" in text
     for part in ("5/5", "5 done", "0 failed", "jobs/s", "ETA", "imgserve submit: 5 jobs"):
         assert part in text, (part, text[-3000:])
     assert not re.search(r"^\[\d+/5\] done", text, re.MULTILINE)
+
+
+def test_a_terminal_shows_bracketed_names_as_they_are(daemon: Daemon, tmp_path: Path) -> None:
+    """Folders named ``[old]`` and ``[/raw]`` with a corrupt file each: on a terminal
+    both failures are shown with their paths whole (not read as rich markup: no
+    MarkupError, no dropped ``[old]``), and the run ends with exit 1."""
+    for folder in ("[old]", "[/raw]"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "bad.jpg").write_bytes(b"not a JPEG")
+    (tmp_path / "good.jpg").write_bytes(jpeg(40, 30))
+    code, text = on_a_terminal(
+        daemon, str(tmp_path), "-o", f"file://{daemon.out_dir}/br/{{$basename}}.png",
+        "--width", "8", "--name-from-path",
+    )  # fmt: skip
+    plain = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", text)
+    assert "Traceback" not in plain and code == 1, plain[-3000:]
+    for folder in ("[old]", "[/raw]"):
+        assert f"failed {tmp_path}/{folder}/bad.jpg: code 202" in plain, plain[-3000:]
 
 
 def test_a_closed_output_stops_the_run_quietly(daemon: Daemon, tmp_path: Path) -> None:
