@@ -1,10 +1,11 @@
-"""The client's retries against a real aiohttp server that answers as a busy imgserve
-would: 503 with Retry-After then 202, a key's 429 until the attempts run out, and no
-server at all."""
+"""The client against real aiohttp servers playing imgserve: its retries (503 with
+Retry-After then 202, a key's 429 until the attempts run out, no server at all) and
+its waits on an event stream that is quiet but for pings."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -14,7 +15,15 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from imgserve.client import AsyncClient, AuthError, Client, Retries, ServiceError, TransportError
+from imgserve.client import (
+    AsyncClient,
+    AuthError,
+    Client,
+    Retries,
+    ServiceError,
+    TransportError,
+    WaitTimeout,
+)
 from tests.servers import free_port
 
 JOB_ID = "3f0c9a7e2b1d4c58a6e0f1b2c3d4e5f6"
@@ -124,3 +133,76 @@ async def test_no_daemon_is_a_transport_error() -> None:
         with pytest.raises(TransportError, match=r"/jobs/") as caught:
             await client.get(JOB_ID)
     assert caught.value.__cause__ is not None
+
+
+@dataclass
+class Quiet:
+    """Plays a daemon's ``GET /events`` and ``GET /jobs/<id>``: the stream sends only
+    ``: ping`` comments (every ``ping_s``) until ``end`` is set, then a change event
+    ending each job; a job reads running until then. Counts the streams opened and
+    the reads of each job."""
+
+    ping_s: float = 0.5
+    end: asyncio.Event = field(default_factory=asyncio.Event)
+    streams: int = 0
+    reads: list[str] = field(default_factory=list)
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        self.streams += 1
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        while not self.end.is_set():
+            await response.write(b": ping\n\n")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.ping_s):
+                    await self.end.wait()
+        for n, job_id in enumerate(sorted(set(self.reads)), 1):
+            data = json.dumps({"jobId": job_id, "state": "done", "at": 1.0})
+            await response.write(f"id: {n}\nevent: job.done\ndata: {data}\n\n".encode())
+        while True:  # the stream stays open, as the daemon's does
+            await response.write(b": ping\n\n")
+            await asyncio.sleep(self.ping_s)
+
+    async def job(self, request: web.Request) -> web.Response:
+        job_id = request.match_info["id"]
+        self.reads.append(job_id)
+        state = "done" if self.end.is_set() else "running"
+        return web.json_response({"jobId": job_id, "state": state, "outputs": []})
+
+
+@pytest.fixture
+async def quiet_server() -> AsyncIterator[tuple[Quiet, TestServer]]:
+    """A real HTTP server on loopback whose event stream is quiet but for pings."""
+    quiet = Quiet()
+    app = web.Application()
+    app.router.add_get("/events", quiet.events)
+    app.router.add_get("/jobs/{id}", quiet.job)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield quiet, server
+    await server.close()
+
+
+async def test_sync_wait_times_out_on_a_stream_of_pings(
+    quiet_server: tuple[Quiet, TestServer],
+) -> None:
+    """A stream that pings every 0.5 s and never says the job ended: the blocking
+    ``wait(timeout_s=2)`` raises WaitTimeout after about 2 s (the pings kept httpx's
+    read timeout from firing), carrying the job as last seen."""
+    quiet, server = quiet_server
+
+    def wait() -> tuple[float, WaitTimeout]:
+        started = time.monotonic()
+        with Client(_url(server)) as client:
+            try:
+                client.wait(JOB_ID, timeout_s=2)
+            except WaitTimeout as exc:
+                return time.monotonic() - started, exc
+        raise AssertionError("wait returned")
+
+    waiting = asyncio.ensure_future(asyncio.to_thread(wait))
+    await asyncio.wait({waiting}, timeout=10)
+    quiet.end.set()  # a wait that missed its deadline ends now (and fails the test)
+    waited_s, timeout = await waiting
+    assert 2 <= waited_s < 4
+    assert timeout.job is not None and (timeout.job.id, timeout.job.state) == (JOB_ID, "running")

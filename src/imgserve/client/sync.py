@@ -16,7 +16,8 @@ from typing import Any
 
 import httpx
 import stamina
-from httpx_sse import ServerSentEvent, SSEError, connect_sse
+from httpx_sse import ServerSentEvent, connect_sse
+from httpx_sse._decoders import SSEDecoder  # (not exported: wait reads the pings too)
 
 from imgserve.client import _protocol as p
 from imgserve.client.errors import WaitTimeout
@@ -175,17 +176,18 @@ class Client:
     def wait(self, job: Job | str, *, timeout_s: float | None = None, poll_s: float = 1.0) -> Job:
         """The job once it has ended (done, failed or cancelled), followed on the
         event stream, or by polling every ``poll_s`` when the stream cannot be had.
-        :class:`WaitTimeout` after ``timeout_s`` (on a quiet stream, within the
-        daemon's 15 s heartbeat). A failed job is returned, not raised:
-        ``wait(job).raise_for_state()`` raises its error."""
+        :class:`WaitTimeout` after ``timeout_s`` (on a quiet stream, at the daemon's
+        next ping: within 15 s), carrying the job as last seen. A failed job is
+        returned, not raised: ``wait(job).raise_for_state()`` raises its error."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         job_id = p.job_id(job)
+        last: list[Job] = []
         try:
-            return self._wait_on_stream(job_id, deadline)
+            return self._wait_on_stream(job_id, deadline, last)
         except _NoStream:
-            return self._wait_polling(job_id, deadline, poll_s)
+            return self._wait_polling(job_id, deadline, poll_s, last)
 
-    def _wait_on_stream(self, job_id: str, deadline: float | None) -> Job:
+    def _wait_on_stream(self, job_id: str, deadline: float | None, last: list[Job]) -> Job:
         read_s = p.STREAM_READ_S if deadline is None else _left(deadline, job_id, None)
         timeout = httpx.Timeout(self.timeout_s, read=min(p.STREAM_READ_S, read_s))
         try:
@@ -194,36 +196,51 @@ class Client:
                     raise _NoStream  # an older daemon, a proxy, 615: every stream taken
                 # The stream is open and starts from now: a change from here on is
                 # seen, so a job that has not ended yet cannot end unseen.
-                current = self.get(job_id)
-                if current.ended:
-                    return current
-                for change in _changes(es.iter_sse()):
-                    if change.job_id == job_id and change.state.ended:
-                        return self.get(job_id)
+                last[:] = [self.get(job_id)]
+                if last[-1].ended:
+                    return last[-1]
+                decoder = SSEDecoder()
+                # Line by line, pings included (iter_sse skips them): a quiet stream's
+                # pings are when the deadline is checked.
+                for line in es.response.iter_lines():
                     if deadline is not None:
-                        _left(deadline, job_id, current)
+                        _left(deadline, job_id, last[-1])
+                    change = _change(decoder.decode(line))
+                    if change is not None and change.job_id == job_id and change.state.ended:
+                        return self.get(job_id)
         except httpx.ReadTimeout as exc:
             if deadline is not None and time.monotonic() >= deadline:
-                raise WaitTimeout(f"job {job_id} did not end in time", None) from exc
+                raise WaitTimeout(f"job {job_id} did not end in time", _seen(last)) from exc
             raise _NoStream from exc
-        except (httpx.TransportError, SSEError) as exc:
+        except httpx.TransportError as exc:
             raise _NoStream from exc
         raise _NoStream  # the daemon ended the stream (it drains): poll the rest
 
-    def _wait_polling(self, job_id: str, deadline: float | None, poll_s: float) -> Job:
+    def _wait_polling(
+        self, job_id: str, deadline: float | None, poll_s: float, last: list[Job]
+    ) -> Job:
         while True:
-            current = self.get(job_id)
-            if current.ended:
-                return current
-            pause_s = poll_s if deadline is None else min(poll_s, _left(deadline, job_id, current))
+            last[:] = [self.get(job_id)]
+            if last[-1].ended:
+                return last[-1]
+            pause_s = poll_s if deadline is None else min(poll_s, _left(deadline, job_id, last[-1]))
             time.sleep(pause_s)
+
+
+def _seen(last: list[Job]) -> Job | None:
+    return last[-1] if last else None
+
+
+def _change(sse: ServerSentEvent | None) -> ChangeEvent | None:
+    data = None if sse is None else p.change_data(sse.data)
+    return None if sse is None or data is None else ChangeEvent.from_sse(sse.id, data)
 
 
 def _changes(events: Iterator[ServerSentEvent]) -> Iterator[ChangeEvent]:
     for sse in events:
-        data = p.change_data(sse.data)
-        if data is not None:
-            yield ChangeEvent.from_sse(sse.id, data)
+        change = _change(sse)
+        if change is not None:
+            yield change
 
 
 def _left(deadline: float, job_id: str, job: Job | None) -> float:
