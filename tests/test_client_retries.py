@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pytest
@@ -206,3 +208,47 @@ async def test_sync_wait_times_out_on_a_stream_of_pings(
     waited_s, timeout = await waiting
     assert 2 <= waited_s < 4
     assert timeout.job is not None and (timeout.job.id, timeout.job.state) == (JOB_ID, "running")
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Returns once ``condition()`` holds (checked every 10 ms), fails after ``timeout_s``."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+IDS = [f"{i:032x}" for i in range(8)]
+
+
+async def test_async_waits_share_one_stream(quiet_server: tuple[Quiet, TestServer]) -> None:
+    """Four concurrent ``wait()``s on an AsyncClient of four connections: one event
+    stream serves them all (each wait used to hold one, leaving no connection for
+    its GET /jobs/<id>: PoolTimeout), and each returns its job once the stream says
+    it ended."""
+    quiet, server = quiet_server
+    async with AsyncClient(_url(server), max_connections=4, timeout_s=3) as client:
+        waits = [asyncio.create_task(client.wait(i, timeout_s=20, poll_s=60)) for i in IDS[:4]]
+        await _until(lambda: set(IDS[:4]) <= set(quiet.reads))
+        quiet.end.set()
+        ended = await asyncio.gather(*waits)
+    assert [(j.id, j.state) for j in ended] == [(i, "done") for i in IDS[:4]]
+    assert quiet.streams == 1
+
+
+async def test_sync_waits_bound_their_streams(quiet_server: tuple[Quiet, TestServer]) -> None:
+    """Eight threads waiting on one blocking Client: at most ``Client.max_streams``
+    event streams are open (the rest poll), and every wait returns its job done."""
+    quiet, server = quiet_server
+    loop = asyncio.get_running_loop()
+    with (
+        Client(_url(server), retries=Retries(attempts=1)) as client,
+        ThreadPoolExecutor(len(IDS)) as threads,
+    ):
+        wait = functools.partial(client.wait, timeout_s=20, poll_s=0.2)
+        waits = [loop.run_in_executor(threads, wait, i) for i in IDS]
+        await _until(lambda: set(IDS) <= set(quiet.reads))
+        streams = quiet.streams
+        quiet.end.set()
+        ended = await asyncio.gather(*waits)
+    assert [(j.id, j.state) for j in ended] == [(i, "done") for i in IDS]
+    assert 1 <= streams <= client.max_streams < len(IDS)

@@ -247,7 +247,7 @@ def test_wait_polls_when_the_stream_is_refused(daemon: Daemon) -> None:
 
 
 def test_async_client_submits_and_waits_on_the_stream(daemon: Daemon) -> None:
-    """AsyncClient: ten jobs at once, each waited on its own event stream, all done."""
+    """AsyncClient: ten jobs at once, waited on together (one shared event stream), all done."""
 
     async def run() -> list[JobState]:
         async with AsyncClient(daemon.url) as client:

@@ -9,6 +9,7 @@ on ``GET /events`` and polls ``GET /jobs/<id>`` when the stream cannot be had.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
@@ -34,6 +35,9 @@ class Client:
     ``base_url`` defaults to ``IMGSERVE_URL`` (else ``http://127.0.0.1:8602``) and
     ``api_key`` to ``IMGSERVE_API_KEY``. ``timeout_s`` bounds each request (100 s:
     ``POST /jobs`` answers once the source was read and the placeholders are up).
+    Each ``wait`` (from as many threads as you like) holds an event stream and a
+    connection while it waits: at most ``max_streams`` at once, the waits beyond
+    them poll (the daemon serves 64 streams in all; ``AsyncClient`` shares one).
     Use as a context manager, or call :meth:`close`.
     """
 
@@ -44,9 +48,12 @@ class Client:
         api_key: str | None = None,
         timeout_s: float = p.REQUEST_TIMEOUT_S,
         retries: p.Retries | None = None,
+        max_streams: int = 4,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.base_url, api_key = p.resolve(base_url, api_key)
+        self.max_streams = max_streams
+        self._streams = threading.BoundedSemaphore(max_streams)
         self.timeout_s = timeout_s
         self.retries = retries or p.Retries()
         self._headers = p.headers(api_key)
@@ -188,6 +195,14 @@ class Client:
             return self._wait_polling(job_id, deadline, poll_s, last)
 
     def _wait_on_stream(self, job_id: str, deadline: float | None, last: list[Job]) -> Job:
+        if not self._streams.acquire(blocking=False):
+            raise _NoStream  # as many waits as max_streams hold one each: poll
+        try:
+            return self._wait_on_a_stream(job_id, deadline, last)
+        finally:
+            self._streams.release()
+
+    def _wait_on_a_stream(self, job_id: str, deadline: float | None, last: list[Job]) -> Job:
         read_s = p.STREAM_READ_S if deadline is None else _left(deadline, job_id, None)
         timeout = httpx.Timeout(self.timeout_s, read=min(p.STREAM_READ_S, read_s))
         try:

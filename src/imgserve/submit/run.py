@@ -1,7 +1,7 @@
 """Running ``imgserve submit``: at most ``concurrency`` jobs in flight, each
-submitted, then waited on; their ends heard on one shared ``GET /events`` stream
-(polling ``GET /jobs/<id>`` while it cannot be had), so a run of 10,000 jobs holds
-one stream, not one per job.
+submitted, then waited on with ``AsyncClient.wait``, whose waits share one
+``GET /events`` stream (polling ``GET /jobs/<id>`` while it cannot be had), so a run
+of 10,000 jobs holds one stream, not one per job.
 
 Ctrl-C once: no new job is submitted, the ones in flight are waited for; twice: the
 run stops at once (the daemon finishes what it accepted). Under ``--resume`` a
@@ -33,9 +33,6 @@ from imgserve.submit.report import Reporter
 
 MAX_RETRIES_OF_FAILED = 5
 """Under --resume, how many earlier failed tries of one job are followed before a new one."""
-SAFETY_POLL_S = 30.0
-"""While the stream is open, each job is still read this often (a lost event cannot
-leave a job waiting for ever)."""
 
 
 @dataclass(frozen=True)
@@ -48,58 +45,6 @@ class Options:
     source): every other item has the same job and would be refused the same way."""
 
 
-class Ends:
-    """The ends of jobs, as one shared event stream reports them."""
-
-    def __init__(self, client: AsyncClient, poll_s: float) -> None:
-        self.client = client
-        self.poll_s = poll_s
-        self.streaming = False
-        self._opened = asyncio.Event()
-        self._waiting: dict[str, set[asyncio.Event]] = {}
-
-    async def follow(self) -> None:
-        """Runs for the whole run: keeps the stream open, reopening it after a pause
-        when it ends or is refused (meanwhile waiters poll)."""
-        while True:
-            try:
-                async with self.client.events() as changes:
-                    self.streaming = True
-                    self._opened.set()
-                    async for change in changes:
-                        if change.state.ended:
-                            for woken in self._waiting.get(change.job_id, ()):
-                                woken.set()
-            except ClientError:
-                pass
-            self.streaming = False
-            self._opened.set()
-            for events in self._waiting.values():  # re-read now: the stream missed a while
-                for woken in events:
-                    woken.set()
-            await asyncio.sleep(self.poll_s)
-
-    async def wait(self, job_id: str) -> Job:
-        await self._opened.wait()
-        woken = asyncio.Event()
-        waiting = self._waiting.setdefault(job_id, set())
-        waiting.add(woken)  # before the first read: an end from then on is not lost
-        try:
-            while True:
-                woken.clear()
-                job = await self.client.get(job_id)
-                if job.ended:
-                    return job
-                pause_s = SAFETY_POLL_S if self.streaming else self.poll_s
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(pause_s):
-                        await woken.wait()
-        finally:
-            waiting.discard(woken)
-            if not waiting:
-                self._waiting.pop(job_id, None)
-
-
 class Run:
     def __init__(
         self, client: AsyncClient, items: Sequence[Item], options: Options, reporter: Reporter
@@ -110,27 +55,20 @@ class Run:
         self.reporter = reporter
         self.tally = Tally(total=len(items))
         self.stopping = asyncio.Event()
-        self.ends = Ends(client, options.poll_s)
 
     async def run(self) -> Tally:
         """Every item submitted and ended, or as many as the run got to."""
-        follower = asyncio.create_task(self.ends.follow())
         slots = asyncio.Semaphore(self.options.concurrency)
-        try:
-            async with asyncio.TaskGroup() as group:
-                for item in self.items:
-                    await slots.acquire()
-                    if self.reporter.gone:
-                        self.stopping.set()
-                    if self.stopping.is_set():
-                        slots.release()
-                        break
-                    task = group.create_task(self._one(item))
-                    task.add_done_callback(lambda _t: slots.release())
-        finally:
-            follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await follower
+        async with asyncio.TaskGroup() as group:
+            for item in self.items:
+                await slots.acquire()
+                if self.reporter.gone:
+                    self.stopping.set()
+                if self.stopping.is_set():
+                    slots.release()
+                    break
+                task = group.create_task(self._one(item))
+                task.add_done_callback(lambda _t: slots.release())
         return self.tally
 
     def stop(self, why: str) -> None:
@@ -143,7 +81,7 @@ class Run:
             job = await self._submit(item)
             if job is None:
                 return
-            ended = await self.ends.wait(job.id)
+            ended = await self.client.wait(job.id, poll_s=self.options.poll_s)
         except APIError as exc:
             self._failed(item, exc.code, exc.detail)
             if (
