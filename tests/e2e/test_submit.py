@@ -20,6 +20,7 @@ import pytest
 import pyvips
 
 from tests.e2e.conftest import Daemon, decode, jpeg, serve
+from tests.e2e.test_keys import keys_add
 from tests.servers import HTTPTestServer
 
 pytestmark = pytest.mark.slow
@@ -302,3 +303,30 @@ def test_second_ctrl_c_leaves(daemon: Daemon, tmp_path: Path) -> None:
     assert proc.wait(30) == 130
     assert "left; the daemon finishes the jobs it accepted" in rest
     assert lines(rest, "done") == [] and "jobs in" not in rest  # it did not wait
+
+
+def test_a_refused_key_stops_the_run(start_daemon: Any, tmp_path: Path) -> None:
+    """With a keyed daemon, a key it does not know (401 141), and a key whose
+    destinations do not cover the outputs of the flags (403 143), stop the run after
+    the jobs in flight: not one refusal per file of the folder. The daemon makes no
+    job either way."""
+    keys_file = tmp_path / "keys.toml"
+    keys_add(keys_file, "alice")
+    scoped = keys_add(keys_file, "scoped", "--destinations", f"file://{tmp_path}/out/ok/")
+    daemon: Daemon = start_daemon("--keys", str(keys_file))
+    assert daemon.out_dir == tmp_path / "out"
+    for i in range(20):
+        (tmp_path / "in" / f"k{i:02d}.jpg").parent.mkdir(exist_ok=True)
+        (tmp_path / "in" / f"k{i:02d}.jpg").write_bytes(jpeg(20 + i, 20))
+    for key, code in (("not-a-key-this-daemon-knows", 141), (scoped, 143)):
+        (tmp_path / "key").write_text(key + "\n")
+        result = submit(
+            daemon, str(tmp_path / "in"), "-o", f"file://{daemon.out_dir}/no/{{$basename}}.png",
+            "--width", "8", "-j", "2", "--api-key-file", str(tmp_path / "key"),
+        )  # fmt: skip
+        assert result.returncode == 1, result.stdout + result.stderr
+        refused = lines(result.stdout, "failed")
+        assert 1 <= len(refused) <= 2 and f"code {code}" in refused[0], result.stdout
+        assert "stopping:" in result.stdout
+        assert re.search(r"not submitted\s+│\s+1[89] │", result.stdout), result.stdout
+    assert not (daemon.out_dir / "no").exists()

@@ -31,6 +31,9 @@ from imgserve.client.errors import APIError
 from imgserve.submit.plan import Item, Tally, resume_key, retry_key
 from imgserve.submit.report import Reporter
 
+KEY_REFUSED = frozenset({140, 141})
+"""401: no API key, or one the daemon does not know (docs/errors.md)."""
+DESTINATION_OUT_OF_SCOPE = 143
 MAX_RETRIES_OF_FAILED = 5
 """Under --resume, how many earlier failed tries of one job are followed before a new one."""
 
@@ -42,7 +45,9 @@ class Options:
     poll_s: float = 1.0
     stop_on_invalid: bool = True
     """Stop submitting when the daemon refuses the job itself (7xx not about the
-    source): every other item has the same job and would be refused the same way."""
+    source) or the key may not write its outputs (403 143): every other item has the
+    same job and would be refused the same way. (A refused key, 401 140/141, stops
+    any run.)"""
 
 
 class Run:
@@ -84,12 +89,9 @@ class Run:
             ended = await self.client.wait(job.id, poll_s=self.options.poll_s)
         except APIError as exc:
             self._failed(item, exc.code, exc.detail)
-            if (
-                self.options.stop_on_invalid
-                and isinstance(exc, ValidationError)
-                and not exc.detail.startswith("source")
-            ):
-                self.stop(f"stopping: the daemon refused the job itself ({exc.code} {exc.detail})")
+            why = self._why_stop(exc)
+            if why is not None:
+                self.stop(f"stopping: {why} ({exc.code} {exc.detail})")
             return
         except ClientError as exc:  # no answer, after the client's retries
             self._failed(item, 0, str(exc))
@@ -107,6 +109,19 @@ class Run:
         else:
             error = ended.error
             self._failed(item, error.code if error else 0, error.detail if error else "", ended)
+
+    def _why_stop(self, exc: APIError) -> str | None:
+        """Why a refusal means every other item would be refused the same way, or
+        None when it is about this item alone."""
+        if exc.code in KEY_REFUSED:
+            return "the daemon refused the API key"
+        if not self.options.stop_on_invalid:
+            return None  # (a jobs file: each line has outputs of its own)
+        if exc.code == DESTINATION_OUT_OF_SCOPE:
+            return "the API key may not write to the outputs"
+        if isinstance(exc, ValidationError) and not exc.detail.startswith("source"):
+            return "the daemon refused the job itself"
+        return None
 
     async def _submit(self, item: Item) -> Job | None:
         """The item's job: submitted, or under --resume an earlier run's (None when
