@@ -96,6 +96,17 @@ def test_jobs_file() -> None:
         plan.load_jobs(["{"], "jobs.jsonl")
 
 
+def test_a_jobs_file_source_must_be_a_url() -> None:
+    """A jobs line whose source is a path (no scheme) is refused with its line
+    number, before anything is sent (it used to stop the run with a ValueError)."""
+    with pytest.raises(PlanError, match=r"jobs\.jsonl:2: .*photos/a\.jpg.* URL"):
+        plan.load_jobs(
+            ['{"source": "https://e.example/a.jpg", "outputs": []}',
+             '{"source": "photos/a.jpg", "outputs": []}'],
+            "jobs.jsonl",
+        )  # fmt: skip
+
+
 def _tree(base: Path, *names: str) -> None:
     for name in names:
         (base / name).parent.mkdir(parents=True, exist_ok=True)

@@ -170,13 +170,18 @@ def job_body(
     return body
 
 
+def is_url(text: str) -> bool:
+    """Whether a source given as a ``str`` is a URL (has a scheme), not a path."""
+    return "://" in text
+
+
 def submit_request(source: Source, job: Mapping[str, Any], idempotency_key: str | None) -> Request:
     """``POST /jobs`` for ``job`` (from :func:`job_body`) from ``source``: JSON with a
     URL source, multipart with a file or an :class:`Upload`. The Idempotency-Key is
     ``idempotency_key``, else a fresh UUID, the same on every retry of this request."""
     key = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
     if isinstance(source, str):
-        if "://" not in source:
+        if not is_url(source):
             raise ValueError(
                 f"source {source[:80]!r}: a str is the source's URL; "
                 "pass a pathlib.Path (or an Upload) for a local file"

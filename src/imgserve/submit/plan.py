@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imgserve.client._protocol import is_url
+
 IMAGE_EXTENSIONS = frozenset(
     {"jpg", "jpeg", "jpe", "png", "webp", "gif", "tif", "tiff", "heic", "heif", "avif", "svg"}
 )
@@ -52,10 +54,6 @@ class Item:
     @property
     def is_upload(self) -> bool:
         return isinstance(self.source, Path)
-
-
-def is_url(argument: str) -> bool:
-    return "://" in argument
 
 
 def parse_size(text: str) -> dict[str, int]:
@@ -125,6 +123,11 @@ def load_jobs(lines: Iterable[str], where: str) -> list[Item]:
         if not isinstance(job, dict) or not isinstance(job.get("source"), str):
             raise PlanError(f"{where}:{number}: a job object with a source URL, please")
         source = job.pop("source")
+        if not is_url(source):
+            raise PlanError(
+                f"{where}:{number}: source {source[:80]!r} is not a URL: a jobs file's "
+                "sources are URLs (give local files as SOURCEs)"
+            )
         items.append(Item(label=source, source=source, job=job))
     return items
 
