@@ -4,13 +4,18 @@ errors of the command (exit 2, in-process)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import re
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from imgserve import cli
 from imgserve.submit import plan
@@ -232,3 +237,50 @@ def test_a_failure_on_a_terminal_shows_names_as_they_are(label: str) -> None:
     assert f"failed {label}: code 202: not an image: [/x]" in out.getvalue()
     reporter.summary(tally, interrupted=False)
     assert label in out.getvalue().rpartition("first source")[2]
+
+
+@contextlib.contextmanager
+def _daemon_that_answers(body: dict[str, object], status: int) -> Iterator[str]:
+    """A real HTTP server in a thread answering every request with ``body``; its URL."""
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    port = free_port()
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response(body, status=status)
+
+    def serve() -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", answer)
+        runner = web.AppRunner(app)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+        ready.set()
+        loop.run_forever()
+        loop.run_until_complete(runner.cleanup())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    ready.wait(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def test_an_unexpected_reply_fails_its_item_not_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A daemon whose 202 is no job (no jobId): each item is recorded as failed with
+    what went wrong, the run goes on to the end and exits 1 (it used to die with a
+    traceback out of the task group)."""
+    for i in range(3):
+        (tmp_path / f"a{i}.jpg").write_bytes(b"x")
+    with _daemon_that_answers({"state": "queued"}, 202) as url:
+        argv = ["submit", str(tmp_path), "--url", url, "-o", "file:///o/{$basename}.png",
+                "--width", "8", "-j", "1", "--plain"]  # fmt: skip
+        assert cli.main(argv) == 1
+    out = capsys.readouterr().out
+    assert len(re.findall(r"^\[\d/3\] failed .* code 0: unexpected KeyError", out, re.M)) == 3, out

@@ -100,6 +100,9 @@ class Run:
         except OSError as exc:  # the file went away or cannot be read
             self._failed(item, 0, f"cannot read {item.label}: {exc.strerror}")
             return
+        except Exception as exc:  # a reply not understood (a proxy, a newer daemon), a bug:
+            self._failed(item, 0, f"unexpected {type(exc).__name__}: {exc}")  # this item's end
+            return
         if ended.state is JobState.DONE:
             self.tally.done += 1
             self.reporter.ended(item, ended, "done", self.tally)
