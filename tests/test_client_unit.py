@@ -22,6 +22,7 @@ from imgserve import errors as server_errors
 from imgserve.client import (
     APIError,
     AuthError,
+    ChangeEvent,
     DestinationError,
     InvalidWebhook,
     Job,
@@ -307,3 +308,15 @@ def test_the_client_extra_needs_a_stamina_that_honours_retry_after() -> None:
     )
     assert not stamina.specifier.contains("25.1.0")
     assert stamina.specifier.contains("25.2.0")
+
+
+def test_a_state_of_a_newer_daemon_is_kept_as_its_string() -> None:
+    """A job or a change in a state this client does not know (a newer daemon's) is
+    read, its state kept as the string and not ended, instead of a ValueError (which
+    stopped the shared event stream's follower)."""
+    job = Job.from_dict({"jobId": "j1", "state": "paused"})
+    assert (job.state, job.ended) == ("paused", False)
+    change = ChangeEvent.from_sse("7", {"jobId": "j1", "state": "paused"})
+    assert (change.state, change.ended) == ("paused", False)
+    assert ChangeEvent.from_sse("8", {"jobId": "j1", "state": "done"}).ended
+    assert Job.from_dict({"jobId": "j1", "state": "done"}).state is JobState.DONE

@@ -141,7 +141,7 @@ def test_wait_follows_the_event_stream(client: Client, daemon: Daemon) -> None:
         for change in changes:
             if change.job_id == job.id:
                 seen.append(change)
-                if change.state.ended:
+                if change.ended:
                     break
     assert [c.state for c in seen] == [JobState.QUEUED, JobState.RUNNING, JobState.DONE]
     with Client(daemon.url) as watcher, watcher.events(after=seen[0].id) as again:

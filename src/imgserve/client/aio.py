@@ -273,7 +273,7 @@ class _Ends:
                     self._streaming = True
                     self._opened.set()
                     async for change in changes:
-                        if change.state.ended:
+                        if change.ended:
                             for woken in self._waiting.get(change.job_id, ()):
                                 woken.set()
             except ClientError as exc:  # refused (615: every stream taken), broken

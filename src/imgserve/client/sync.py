@@ -221,7 +221,7 @@ class Client:
                     if deadline is not None:
                         _left(deadline, job_id, last[-1])
                     change = _change(decoder.decode(line))
-                    if change is not None and change.job_id == job_id and change.state.ended:
+                    if change is not None and change.job_id == job_id and change.ended:
                         return self.get(job_id)
         except httpx.ReadTimeout as exc:
             if deadline is not None and time.monotonic() >= deadline:
