@@ -284,3 +284,19 @@ def test_an_unexpected_reply_fails_its_item_not_the_run(
         assert cli.main(argv) == 1
     out = capsys.readouterr().out
     assert len(re.findall(r"^\[\d/3\] failed .* code 0: unexpected KeyError", out, re.M)) == 3, out
+
+
+def test_ctrl_c_while_planning_exits_130(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C during the directory walk (a KeyboardInterrupt raised from it, as the
+    signal would): exit 130 saying nothing was sent, no traceback."""
+
+    def interrupted(arguments: object) -> Iterator[tuple[str, Path]]:
+        yield str(tmp_path / "a.jpg"), tmp_path / "a.jpg"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plan, "walk", interrupted)
+    argv = ["submit", str(tmp_path), "-o", "file:///o/{$basename}.png", "--width", "8"]
+    assert cli.main(argv) == 130
+    assert "interrupted before anything was sent" in capsys.readouterr().err

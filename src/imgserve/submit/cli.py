@@ -192,6 +192,9 @@ def run(args: argparse.Namespace) -> int:
     except (plan.PlanError, OSError) as exc:
         print(f"imgserve submit: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # (a walk of a large tree takes a while)
+        print("imgserve submit: interrupted before anything was sent", file=sys.stderr)
+        return EXIT_INTERRUPTED
     options = Options(
         concurrency=args.concurrency, resume=args.resume, stop_on_invalid=args.jobs is None
     )
