@@ -300,3 +300,16 @@ def test_ctrl_c_while_planning_exits_130(
     argv = ["submit", str(tmp_path), "-o", "file:///o/{$basename}.png", "--width", "8"]
     assert cli.main(argv) == 130
     assert "interrupted before anything was sent" in capsys.readouterr().err
+
+
+def test_the_help_in_the_docs_is_the_real_one(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/client.md's ``imgserve submit --help`` block is what the command prints
+    (90 columns), defaults included."""
+    doc = (Path(__file__).parents[1] / "docs" / "client.md").read_text()
+    shown = doc.partition("$ imgserve submit --help\n")[2].partition("```")[0]
+    monkeypatch.setenv("COLUMNS", "90")
+    with pytest.raises(SystemExit):
+        cli.main(["submit", "--help"])
+    assert shown == capsys.readouterr().out
