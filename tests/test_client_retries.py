@@ -252,3 +252,32 @@ async def test_sync_waits_bound_their_streams(quiet_server: tuple[Quiet, TestSer
         ended = await asyncio.gather(*waits)
     assert [(j.id, j.state) for j in ended] == [(i, "done") for i in IDS]
     assert 1 <= streams <= client.max_streams < len(IDS)
+
+
+@pytest.mark.parametrize("call", ["redeliver_webhook", "cancel"])
+async def test_a_request_without_a_key_is_not_sent_twice_after_no_reply(call: str) -> None:
+    """``redeliver_webhook`` (a POST without Idempotency-Key) and ``cancel`` whose
+    reply never comes (a read timeout): not sent again, since the first may have
+    been acted on (a second delivery; a 409 613 for the cancel that worked); the
+    TransportError is raised after the one try."""
+    seen: list[str] = []
+    never = asyncio.Event()
+
+    async def silent(request: web.Request) -> web.Response:
+        seen.append(f"{request.method} {request.path}")
+        await never.wait()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", silent)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    retries = Retries(attempts=3, wait_initial_s=0.01)
+    try:
+        async with AsyncClient(_url(server), timeout_s=0.3, retries=retries) as client:
+            with pytest.raises(TransportError, match="ReadTimeout"):
+                await getattr(client, call)(JOB_ID)
+        assert len(seen) == 1, seen
+    finally:
+        never.set()
+        await server.close()

@@ -35,12 +35,17 @@ STREAM_READ_S = 40.0
 a ping every 15 s."""
 
 
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+"""No answer because the request never reached the daemon: safe to send again."""
+
+
 @dataclass(frozen=True)
 class Retries:
     """How a request is tried again after a 503 or 429 (waiting the reply's
     ``Retry-After``, at most ``wait_max_s``), a 409 614 (its Idempotency-Key's first
-    request still being answered) or no answer (a connection refused, reset or timed
-    out: safe, since every POST carries an Idempotency-Key). Backoff without
+    request still being answered) or no answer: a connection refused, and for a
+    request that may be sent twice (reads, and ``POST /jobs`` with its
+    Idempotency-Key) a connection reset or a reply timed out too. Backoff without
     ``Retry-After`` is exponential with jitter (stamina), from ``wait_initial_s``.
     ``attempts`` counts the first try; ``Retries(attempts=1)`` never retries."""
 
@@ -53,9 +58,11 @@ class Retries:
         if self.attempts < 1:
             raise ValueError(f"attempts must be at least 1, got {self.attempts}")
 
-    def stamina_kwargs(self) -> dict[str, Any]:
+    def stamina_kwargs(self, request: Request | None = None) -> dict[str, Any]:
+        """stamina.retry_context's arguments for ``request``."""
+        resend = request is None or request.resend_unanswered
         return {
-            "on": self.backoff_hook,
+            "on": self.backoff_hook if resend else self.backoff_hook_unsent_only,
             "attempts": self.attempts,
             "timeout": self.timeout_s,
             "wait_initial": self.wait_initial_s,
@@ -72,6 +79,13 @@ class Retries:
                 return min(exc.retry_after_s, self.wait_max_s)
             return True
         return False
+
+    def backoff_hook_unsent_only(self, exc: Exception) -> bool | float:
+        """:meth:`backoff_hook` for a request that must not be acted on twice: no
+        answer is retried only when the request cannot have reached the daemon."""
+        if isinstance(exc, httpx.TransportError) and not isinstance(exc, NOT_SENT):
+            return False
+        return self.backoff_hook(exc)
 
 
 def retry_after_s(value: str | None, now: dt.datetime | None = None) -> float | None:
@@ -135,6 +149,10 @@ class Request:
     data: Mapping[str, str] | None = None
     files: Mapping[str, tuple[str, bytes, str]] | None = None
     params: Mapping[str, str] | None = None
+    resend_unanswered: bool = True
+    """Whether it may be sent again when its reply did not come (a timeout, a reset):
+    not when a second one would act again or answer otherwise (a webhook
+    redelivery, a cancel: 409 613 for the job the first one cancelled)."""
 
     def kwargs(self) -> dict[str, Any]:
         out: dict[str, Any] = {"headers": dict(self.headers)}

@@ -65,7 +65,7 @@ class AsyncClient:
     async def _send(self, request: p.Request) -> httpx.Response:
         """The request, retried; an error reply that is not retried is raised."""
         try:
-            async for attempt in stamina.retry_context(**self.retries.stamina_kwargs()):
+            async for attempt in stamina.retry_context(**self.retries.stamina_kwargs(request)):
                 with attempt:
                     response = await self._http.request(
                         request.method, request.path, **request.kwargs()
@@ -128,11 +128,16 @@ class AsyncClient:
 
     async def cancel(self, job: Job | str) -> Job:
         """``DELETE /jobs/<id>``."""
-        return p.job_reply(await self._send(p.Request("DELETE", f"/jobs/{p.job_id(job)}", {})))
+        return p.job_reply(
+            await self._send(
+                p.Request("DELETE", f"/jobs/{p.job_id(job)}", {}, resend_unanswered=False)
+            )
+        )
 
     async def redeliver_webhook(self, job: Job | str) -> WebhookDelivery:
         """``POST /jobs/<id>/webhook``."""
-        request = p.Request("POST", f"/jobs/{p.job_id(job)}/webhook", {})
+        path = f"/jobs/{p.job_id(job)}/webhook"
+        request = p.Request("POST", path, {}, resend_unanswered=False)  # (no key: not twice)
         return WebhookDelivery.from_dict(p.json_reply(await self._send(request))["webhook"])
 
     async def health(self) -> dict[str, Any]:

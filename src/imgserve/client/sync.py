@@ -1,7 +1,8 @@
 """``Client``: imgserve's HTTP API from blocking code, on httpx.Client.
 
-Each method is one request, retried as :class:`Retries` says (every POST carries an
-Idempotency-Key, so a retry never makes a second job); error replies raise the
+Each method is one request, retried as :class:`Retries` says (``submit`` carries an
+Idempotency-Key, so a retry never makes a second job; a cancel or a webhook
+redelivery whose reply did not come is not sent again); error replies raise the
 exception of their code's family (imgserve.client.errors). ``wait`` follows the job
 on ``GET /events`` and polls ``GET /jobs/<id>`` when the stream cannot be had.
 """
@@ -78,7 +79,7 @@ class Client:
     def _send(self, request: p.Request) -> httpx.Response:
         """The request, retried; an error reply that is not retried is raised."""
         try:
-            for attempt in stamina.retry_context(**self.retries.stamina_kwargs()):
+            for attempt in stamina.retry_context(**self.retries.stamina_kwargs(request)):
                 with attempt:
                     response = self._http.request(request.method, request.path, **request.kwargs())
                     p.raise_for_reply(response)
@@ -142,11 +143,14 @@ class Client:
     def cancel(self, job: Job | str) -> Job:
         """``DELETE /jobs/<id>``: a queued job ends as cancelled (409, 613, when it
         is running or ended)."""
-        return p.job_reply(self._send(p.Request("DELETE", f"/jobs/{p.job_id(job)}", {})))
+        return p.job_reply(
+            self._send(p.Request("DELETE", f"/jobs/{p.job_id(job)}", {}, resend_unanswered=False))
+        )
 
     def redeliver_webhook(self, job: Job | str) -> WebhookDelivery:
         """``POST /jobs/<id>/webhook``: send the job's latest webhook event again."""
-        request = p.Request("POST", f"/jobs/{p.job_id(job)}/webhook", {})
+        path = f"/jobs/{p.job_id(job)}/webhook"
+        request = p.Request("POST", path, {}, resend_unanswered=False)  # (no key: not twice)
         return WebhookDelivery.from_dict(p.json_reply(self._send(request))["webhook"])
 
     def health(self) -> dict[str, Any]:
