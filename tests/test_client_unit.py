@@ -113,12 +113,11 @@ def test_retry_after(header: str | None, expected: float | None) -> None:
 
 
 def test_which_failures_are_retried() -> None:
-    """503, 429 and 409/614 are retried after Retry-After (capped), no answer is
-    retried with backoff, any other error reply is not."""
+    """503, 429 and 409/614 are retried after Retry-After, no answer is retried with
+    backoff, any other error reply is not."""
     retries = Retries(wait_max_s=10.0)
     hook = retries.backoff_hook
     assert hook(from_reply(503, b'{"msg": "x", "code": 611}', 2.0)) == 2.0
-    assert hook(from_reply(429, b'{"msg": "x", "code": 144}', 600.0)) == 10.0
     assert hook(from_reply(409, b'{"msg": "x", "code": 614}', 2.0)) == 2.0
     assert hook(from_reply(503, b'{"msg": "x", "code": 602}')) is True
     assert hook(httpx.ConnectError("refused")) is True
@@ -127,6 +126,21 @@ def test_which_failures_are_retried() -> None:
     assert hook(ValueError("a bug")) is False
     with pytest.raises(ValueError, match="attempts"):
         Retries(attempts=0)
+
+
+@pytest.mark.parametrize(
+    ("retry_after_s", "elapsed_s", "expected"),
+    [(120.0, 0.0, 120.0), (120.0, 170.0, 120.0), (120.0, 190.0, False), (600.0, 0.0, False),
+     (None, 0.0, True)],
+)  # fmt: skip
+def test_retry_after_is_waited_in_full_or_not_at_all(
+    retry_after_s: float | None, elapsed_s: float, expected: float | bool
+) -> None:
+    """A Retry-After longer than ``wait_max_s`` (30 s) is waited in full when the
+    retry still fits in ``timeout_s`` (300 s) after it, else raised at once: cut to
+    30 s, the retry would only be refused again."""
+    busy = from_reply(429, b'{"msg": "x", "code": 144}', retry_after_s)
+    assert Retries().decide(busy, elapsed_s=elapsed_s) == expected
 
 
 def test_url_source_is_json_with_a_fresh_key() -> None:

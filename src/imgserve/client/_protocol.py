@@ -11,6 +11,7 @@ import datetime as dt
 import email.utils
 import json
 import os
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -42,12 +43,13 @@ NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 @dataclass(frozen=True)
 class Retries:
     """How a request is tried again after a 503 or 429 (waiting the reply's
-    ``Retry-After``, at most ``wait_max_s``), a 409 614 (its Idempotency-Key's first
-    request still being answered) or no answer: a connection refused, and for a
-    request that may be sent twice (reads, and ``POST /jobs`` with its
-    Idempotency-Key) a connection reset or a reply timed out too. Backoff without
-    ``Retry-After`` is exponential with jitter (stamina), from ``wait_initial_s``.
-    ``attempts`` counts the first try; ``Retries(attempts=1)`` never retries."""
+    ``Retry-After``), a 409 614 (its Idempotency-Key's first request still being
+    answered) or no answer: a connection refused, and for a request that may be sent
+    twice (reads, and ``POST /jobs`` with its Idempotency-Key) a connection reset or
+    a reply timed out too. A ``Retry-After`` is waited in full, or not at all when
+    the retry would come after ``timeout_s``. Backoff without it is exponential with
+    jitter (stamina), from ``wait_initial_s`` up to ``wait_max_s``. ``attempts``
+    counts the first try; ``Retries(attempts=1)`` never retries."""
 
     attempts: int = 6
     timeout_s: float = 300.0
@@ -59,10 +61,16 @@ class Retries:
             raise ValueError(f"attempts must be at least 1, got {self.attempts}")
 
     def stamina_kwargs(self, request: Request | None = None) -> dict[str, Any]:
-        """stamina.retry_context's arguments for ``request``."""
+        """stamina.retry_context's arguments for one ``request``'s tries."""
         resend = request is None or request.resend_unanswered
+        started = time.monotonic()
+
+        def on(exc: Exception) -> bool | float:
+            elapsed_s = time.monotonic() - started
+            return self.decide(exc, elapsed_s=elapsed_s, resend_unanswered=resend)
+
         return {
-            "on": self.backoff_hook if resend else self.backoff_hook_unsent_only,
+            "on": on,
             "attempts": self.attempts,
             "timeout": self.timeout_s,
             "wait_initial": self.wait_initial_s,
@@ -70,22 +78,26 @@ class Retries:
         }
 
     def backoff_hook(self, exc: Exception) -> bool | float:
-        """stamina's hook: whether to retry ``exc``, and after how long when the
-        daemon said (``Retry-After``, capped at ``wait_max_s``)."""
-        if isinstance(exc, httpx.TransportError):
-            return True
-        if isinstance(exc, APIError) and (exc.status in RETRY_STATUSES or exc.code == KEY_BUSY):
-            if exc.retry_after_s is not None:
-                return min(exc.retry_after_s, self.wait_max_s)
-            return True
-        return False
+        """stamina's hook for a first failure (see :meth:`decide`)."""
+        return self.decide(exc)
 
-    def backoff_hook_unsent_only(self, exc: Exception) -> bool | float:
-        """:meth:`backoff_hook` for a request that must not be acted on twice: no
-        answer is retried only when the request cannot have reached the daemon."""
-        if isinstance(exc, httpx.TransportError) and not isinstance(exc, NOT_SENT):
-            return False
-        return self.backoff_hook(exc)
+    def decide(
+        self, exc: Exception, *, elapsed_s: float = 0.0, resend_unanswered: bool = True
+    ) -> bool | float:
+        """Whether to retry ``exc`` after ``elapsed_s`` of tries, and after how long
+        when the daemon said: its ``Retry-After`` in full (sooner, it would refuse
+        again), so no retry when that does not fit in ``timeout_s``. No answer is
+        retried unless ``resend_unanswered`` is false and the request may have
+        reached the daemon."""
+        if isinstance(exc, httpx.TransportError):
+            return resend_unanswered or isinstance(exc, NOT_SENT)
+        if isinstance(exc, APIError) and (exc.status in RETRY_STATUSES or exc.code == KEY_BUSY):
+            if exc.retry_after_s is None:
+                return True
+            if elapsed_s + exc.retry_after_s > self.timeout_s:
+                return False
+            return exc.retry_after_s
+        return False
 
 
 def retry_after_s(value: str | None, now: dt.datetime | None = None) -> float | None:
