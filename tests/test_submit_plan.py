@@ -177,6 +177,8 @@ def test_resume_keys() -> None:
         (["submit", "{dir}/nope.jpg", "-o", "file:///o/a.webp", "--width", "8"], "no such file"),
         (["submit", "{dir}", "-o", "u", "--width", "8", "--metadata", "[1]"], "JSON object"),
         (["submit", "{dir}", "-o", "u", "--width", "8", "--concurrency", "0"], "concurrency"),
+        (["submit", "{dir}", "-o", "u", "--width", "0"], "--width 0: sizes are positive"),
+        (["submit", "{dir}", "-o", "u", "--width", "8", "--height", "-2"], "--height -2"),
     ],
 )
 def test_usage_errors_exit_2(
