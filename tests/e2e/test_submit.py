@@ -330,3 +330,27 @@ def test_a_refused_key_stops_the_run(start_daemon: Any, tmp_path: Path) -> None:
         assert "stopping:" in result.stdout
         assert re.search(r"not submitted\s+│\s+1[89] │", result.stdout), result.stdout
     assert not (daemon.out_dir / "no").exists()
+
+
+def test_resume_after_the_job_was_pruned(start_daemon: Any, tmp_path: Path) -> None:
+    """--resume when the daemon still knows the key but has pruned its job (kept 1 s
+    here): the replay names a job that is gone (605), so the item is submitted again
+    under the retry key and ends done, instead of failing with 605."""
+    daemon: Daemon = start_daemon("--keep-finished", "1")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "pruned.jpg").write_bytes(jpeg(40, 30))
+    command = [str(tmp_path / "in"), "-o", f"file://{daemon.out_dir}/pr/{{$basename}}.png",
+               "--width", "8", "--resume"]  # fmt: skip
+    first = submit(daemon, *command)
+    assert first.returncode == 0, first.stdout + first.stderr
+    (done,) = lines(first.stdout, "done")
+    job_id = re.search(r" job ([0-9a-f]{32}) ", done)
+    assert job_id is not None, done
+    deadline = time.monotonic() + 30
+    while daemon.request("GET", f"/jobs/{job_id[1]}").status != 404:  # pruned
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    again = submit(daemon, *command)
+    assert again.returncode == 0, again.stdout + again.stderr
+    (redone,) = lines(again.stdout, "done")
+    assert job_id[1] not in redone

@@ -7,7 +7,7 @@ Ctrl-C once: no new job is submitted, the ones in flight are waited for; twice: 
 run stops at once (the daemon finishes what it accepted). Under ``--resume`` a
 job's Idempotency-Key comes from its source and options (plan.resume_key): a job
 the daemon answers as a replay that had ended done is counted as skipped, one that
-had failed is tried again under a key derived from that try.
+had failed (or was pruned since) is tried again under a key derived from that try.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from imgserve.client import (
     AsyncClient,
     ClientError,
     Job,
+    JobNotFound,
     JobState,
     Upload,
     ValidationError,
@@ -140,7 +141,11 @@ class Run:
             job = await self.client.submit_job(source, item.job, idempotency_key=key)
             if not job.replayed:
                 return job
-            current = await self.client.get(job.id)
+            try:
+                current = await self.client.get(job.id)
+            except JobNotFound:  # the daemon kept the key but pruned its job: send anew
+                key = retry_key(key, job.id)
+                continue
             if current.state is JobState.DONE:
                 self.tally.skipped += 1
                 self.reporter.ended(item, current, "skipped", self.tally)
