@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from imgserve.client import (
+    APIError,
     AsyncClient,
     AuthError,
     Client,
@@ -280,4 +281,34 @@ async def test_a_request_without_a_key_is_not_sent_twice_after_no_reply(call: st
         assert len(seen) == 1, seen
     finally:
         never.set()
+        await server.close()
+
+
+@pytest.mark.parametrize(("status", "body"), [(502, b"<html>Bad Gateway</html>"), (200, b"ok")])
+async def test_health_that_is_not_json_is_an_api_error(status: int, body: bytes) -> None:
+    """``health()`` answered by something that is not imgserve (a proxy's page, a
+    plain "ok"): APIError with the status and the start of the body, from both
+    clients, not a ValueError."""
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(status=status, body=body, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/health", page)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with AsyncClient(_url(server)) as client:
+            with pytest.raises(APIError) as caught:
+                await client.health()
+        assert (caught.value.status, caught.value.code) == (status, 0)
+
+        def sync_health() -> None:
+            with Client(_url(server)) as client:
+                client.health()
+
+        with pytest.raises(APIError) as caught:
+            await asyncio.to_thread(sync_health)
+        assert body.decode()[:10] in caught.value.detail
+    finally:
         await server.close()

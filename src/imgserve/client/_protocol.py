@@ -262,6 +262,19 @@ def json_reply(response: httpx.Response) -> Any:
         raise APIError(response.status_code, 0, "reply is not JSON", response.text[:200]) from exc
 
 
+def health_reply(response: httpx.Response) -> dict[str, Any]:
+    """``GET /health``'s JSON, whatever its status (a 503 still says why it is
+    degraded); a reply that is not imgserve's (a proxy's page) is an APIError."""
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    if isinstance(data, Mapping):
+        return dict(data)
+    raise_for_reply(response)
+    raise APIError(response.status_code, 0, "reply is not JSON", response.text[:200])
+
+
 def job_reply(response: httpx.Response) -> Job:
     replayed = response.headers.get("Idempotent-Replayed") == "true"
     return Job.from_dict(json_reply(response), replayed=replayed)

@@ -146,7 +146,7 @@ class AsyncClient:
             response = await self._http.get("/health")  # 503 (degraded) still says why
         except httpx.TransportError as exc:
             raise p.transport_error(exc, self.base_url + "/health") from exc
-        return dict(response.json())
+        return p.health_reply(response)
 
     @contextlib.asynccontextmanager
     async def events(

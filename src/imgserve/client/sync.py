@@ -159,7 +159,7 @@ class Client:
             response = self._http.get("/health")  # 503 (degraded) still says why
         except httpx.TransportError as exc:
             raise p.transport_error(exc, self.base_url + "/health") from exc
-        return dict(response.json())
+        return p.health_reply(response)
 
     @contextlib.contextmanager
     def events(self, *, after: str | None = None) -> Iterator[Iterator[ChangeEvent]]:
