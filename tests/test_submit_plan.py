@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import os
 import re
 import subprocess
 import sys
@@ -315,3 +316,35 @@ def test_the_help_in_the_docs_is_the_real_one(
     with pytest.raises(SystemExit):
         cli.main(["submit", "--help"])
     assert shown == capsys.readouterr().out
+
+
+def _unlistable_below(base: Path) -> Path:
+    """A directory below ``base`` that os.walk finds but cannot list: its path is
+    longer than PATH_MAX (made one level at a time with dir_fd). Permissions would
+    not do: the tests may run as root."""
+    fd = os.open(base, os.O_RDONLY)
+    try:
+        for _ in range(17):
+            os.mkdir("d" * 250, dir_fd=fd)
+            child = os.open("d" * 250, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    finally:
+        os.close(fd)
+    return base / "/".join(["d" * 250] * 17)
+
+
+def test_a_directory_that_cannot_be_listed_is_a_failure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A subdirectory os.walk cannot list is an item failed with why (not silently
+    left out): the run counts it failed, sending nothing for it, and exits 1."""
+    _unlistable_below(tmp_path)
+    (unlisted,) = plan.items_for([str(tmp_path)], {"outputs": []})
+    assert unlisted.error is not None and "cannot list" in unlisted.error
+    assert "File name too long" in unlisted.error
+    url = f"http://127.0.0.1:{free_port()}"
+    argv = ["submit", str(tmp_path), "--url", url, "-o", "file:///o/{$basename}.png",
+            "--width", "8", "-j", "1", "--retries", "1", "--plain"]  # fmt: skip
+    assert cli.main(argv) == 1
+    assert "cannot list" in capsys.readouterr().out

@@ -50,6 +50,9 @@ class Item:
     source: str | Path
     job: Mapping[str, Any]
     name: str | None = None
+    error: str | None = None
+    """Why the item failed before anything was sent (a directory that cannot be
+    listed): the run counts it failed and sends nothing for it."""
 
     @property
     def is_upload(self) -> bool:
@@ -132,24 +135,31 @@ def load_jobs(lines: Iterable[str], where: str) -> list[Item]:
     return items
 
 
-def walk(arguments: Sequence[str]) -> Iterator[tuple[str, Path | str]]:
+def walk(arguments: Sequence[str]) -> Iterator[tuple[str, Path | str | OSError]]:
     """Each source the arguments name: (label, URL or path). A directory gives its
     image files, recursively (its files, then its subdirectories, each sorted),
-    hidden files and directories skipped; a file
-    named on the command line is sent whatever its extension."""
+    hidden files and directories skipped, and the error of each subdirectory that
+    cannot be listed; a file named on the command line is sent whatever its
+    extension."""
     for argument in arguments:
         if is_url(argument):
             yield argument, argument
             continue
         path = Path(argument)
         if path.is_dir():
-            for root, dirs, files in os.walk(path):
+            unlisted: list[OSError] = []
+            for root, dirs, files in os.walk(path, onerror=unlisted.append):
+                while unlisted:
+                    error = unlisted.pop(0)
+                    yield str(error.filename), error
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 for name in sorted(files):
                     suffix = name.rpartition(".")[2].lower() if "." in name else ""
                     if not name.startswith(".") and suffix in IMAGE_EXTENSIONS:
                         found = Path(root) / name
                         yield str(found), found
+            for error in unlisted:  # (the last directory walked)
+                yield str(error.filename), error
         elif path.is_file():
             yield argument, path
         else:
@@ -167,6 +177,10 @@ def items_for(
     for argument in arguments:
         base = Path(argument) if not is_url(argument) and Path(argument).is_dir() else None
         for label, source in walk([argument]):
+            if isinstance(source, OSError):
+                error = f"cannot list {label}: {source.strerror}"
+                items.append(Item(label=label, source=Path(label), job=job, error=error))
+                continue
             name = None
             if isinstance(source, Path):
                 name = source.name

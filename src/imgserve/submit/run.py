@@ -83,6 +83,9 @@ class Run:
             self.reporter.note(why)
 
     async def _one(self, item: Item) -> None:
+        if item.error is not None:
+            self._failed(item, 0, item.error)
+            return
         try:
             job = await self._submit(item)
             if job is None:
