@@ -231,6 +231,8 @@ class _Ends:
             if not waiting:
                 self._waiting.pop(job_id, None)
             if not self._waiting and self._follower is not None:
+                if self._linger is not None:
+                    self._linger.cancel()
                 loop = asyncio.get_running_loop()
                 self._linger = loop.call_later(self.LINGER_S, self._stop)
 
@@ -260,10 +262,12 @@ class _Ends:
     async def _follow(self) -> None:
         try:
             await self._follow_stream()
-        finally:  # (cancelled, or a bug): the waiters poll from now on
-            self._streaming = False
-            self._opened.set()
-            self._wake_all()
+        finally:  # (cancelled, or a bug): the waiters poll from now on, unless
+            # this one was stopped and a newer follower already serves them
+            if self._follower in (None, asyncio.current_task()):
+                self._streaming = False
+                self._opened.set()
+                self._wake_all()
 
     def _wake_all(self) -> None:
         for events in self._waiting.values():
