@@ -9,16 +9,20 @@ import datetime as dt
 import json
 import subprocess
 import sys
+import tomllib
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import pytest
+from packaging.requirements import Requirement
 from standardwebhooks.webhooks import Webhook
 
 from imgserve import errors as server_errors
 from imgserve.client import (
     APIError,
     AuthError,
+    ChangeEvent,
     DestinationError,
     InvalidWebhook,
     Job,
@@ -109,12 +113,11 @@ def test_retry_after(header: str | None, expected: float | None) -> None:
 
 
 def test_which_failures_are_retried() -> None:
-    """503, 429 and 409/614 are retried after Retry-After (capped), no answer is
-    retried with backoff, any other error reply is not."""
+    """503, 429 and 409/614 are retried after Retry-After, no answer is retried with
+    backoff, any other error reply is not."""
     retries = Retries(wait_max_s=10.0)
     hook = retries.backoff_hook
     assert hook(from_reply(503, b'{"msg": "x", "code": 611}', 2.0)) == 2.0
-    assert hook(from_reply(429, b'{"msg": "x", "code": 144}', 600.0)) == 10.0
     assert hook(from_reply(409, b'{"msg": "x", "code": 614}', 2.0)) == 2.0
     assert hook(from_reply(503, b'{"msg": "x", "code": 602}')) is True
     assert hook(httpx.ConnectError("refused")) is True
@@ -123,6 +126,21 @@ def test_which_failures_are_retried() -> None:
     assert hook(ValueError("a bug")) is False
     with pytest.raises(ValueError, match="attempts"):
         Retries(attempts=0)
+
+
+@pytest.mark.parametrize(
+    ("retry_after_s", "elapsed_s", "expected"),
+    [(120.0, 0.0, 120.0), (120.0, 170.0, 120.0), (120.0, 190.0, False), (600.0, 0.0, False),
+     (None, 0.0, True)],
+)  # fmt: skip
+def test_retry_after_is_waited_in_full_or_not_at_all(
+    retry_after_s: float | None, elapsed_s: float, expected: float | bool
+) -> None:
+    """A Retry-After longer than ``wait_max_s`` (30 s) is waited in full when the
+    retry still fits in ``timeout_s`` (300 s) after it, else raised at once: cut to
+    30 s, the retry would only be refused again."""
+    busy = from_reply(429, b'{"msg": "x", "code": 144}', retry_after_s)
+    assert Retries().decide(busy, elapsed_s=elapsed_s) == expected
 
 
 def test_url_source_is_json_with_a_fresh_key() -> None:
@@ -291,3 +309,28 @@ def test_the_command_line_loads_no_daemon_library() -> None:
     anything) loads none of the daemon's libraries either: they are imported by the
     commands that run the daemon."""
     assert not _loaded_by("import imgserve.cli") & SERVER_SIDE
+
+
+def test_the_client_extra_needs_a_stamina_that_honours_retry_after() -> None:
+    """A float from the backoff hook (Retry-After) is a wait only from stamina 25.2:
+    the ``client`` extra must not allow an older one."""
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    (stamina,) = (
+        Requirement(r)
+        for r in pyproject["project"]["optional-dependencies"]["client"]
+        if Requirement(r).name == "stamina"
+    )
+    assert not stamina.specifier.contains("25.1.0")
+    assert stamina.specifier.contains("25.2.0")
+
+
+def test_a_state_of_a_newer_daemon_is_kept_as_its_string() -> None:
+    """A job or a change in a state this client does not know (a newer daemon's) is
+    read, its state kept as the string and not ended, instead of a ValueError (which
+    stopped the shared event stream's follower)."""
+    job = Job.from_dict({"jobId": "j1", "state": "paused"})
+    assert (job.state, job.ended) == ("paused", False)
+    change = ChangeEvent.from_sse("7", {"jobId": "j1", "state": "paused"})
+    assert (change.state, change.ended) == ("paused", False)
+    assert ChangeEvent.from_sse("8", {"jobId": "j1", "state": "done"}).ended
+    assert Job.from_dict({"jobId": "j1", "state": "done"}).state is JobState.DONE

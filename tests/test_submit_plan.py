@@ -4,16 +4,24 @@ errors of the command (exit 2, in-process)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import io
+import os
 import re
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from imgserve import cli
 from imgserve.submit import plan
 from imgserve.submit.plan import Item, PlanError
+from imgserve.submit.report import Reporter
 from tests.servers import free_port
 
 
@@ -94,6 +102,17 @@ def test_jobs_file() -> None:
         plan.load_jobs(["{"], "jobs.jsonl")
 
 
+def test_a_jobs_file_source_must_be_a_url() -> None:
+    """A jobs line whose source is a path (no scheme) is refused with its line
+    number, before anything is sent (it used to stop the run with a ValueError)."""
+    with pytest.raises(PlanError, match=r"jobs\.jsonl:2: .*photos/a\.jpg.* URL"):
+        plan.load_jobs(
+            ['{"source": "https://e.example/a.jpg", "outputs": []}',
+             '{"source": "photos/a.jpg", "outputs": []}'],
+            "jobs.jsonl",
+        )  # fmt: skip
+
+
 def _tree(base: Path, *names: str) -> None:
     for name in names:
         (base / name).parent.mkdir(parents=True, exist_ok=True)
@@ -159,6 +178,8 @@ def test_resume_keys() -> None:
         (["submit", "{dir}/nope.jpg", "-o", "file:///o/a.webp", "--width", "8"], "no such file"),
         (["submit", "{dir}", "-o", "u", "--width", "8", "--metadata", "[1]"], "JSON object"),
         (["submit", "{dir}", "-o", "u", "--width", "8", "--concurrency", "0"], "concurrency"),
+        (["submit", "{dir}", "-o", "u", "--width", "0"], "--width 0: sizes are positive"),
+        (["submit", "{dir}", "-o", "u", "--width", "8", "--height", "-2"], "--height -2"),
     ],
 )
 def test_usage_errors_exit_2(
@@ -204,3 +225,126 @@ def test_without_the_client_extra_it_says_which_to_install(tmp_path: Path) -> No
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert version.returncode == 0 and version.stdout.startswith("imgserve ")
+
+
+@pytest.mark.parametrize("label", ["photos/[old]/a.jpg", "in1/[/raw]/bad.jpg", "scans/[/]/b.jpg"])
+def test_a_failure_on_a_terminal_shows_names_as_they_are(label: str) -> None:
+    """Square brackets in a path or a detail are shown as they are on the progress
+    bar's console and in the summary, not read as rich markup (which dropped
+    ``[old]`` and raised MarkupError on ``[/raw]``)."""
+    out = io.StringIO()
+    reporter = Reporter(out, total=1, plain=False)
+    item = Item(label=label, source=Path(label), job={}, name="a.jpg")
+    tally = plan.Tally(total=1, failed=1, failures=[(label, 202, "not an image: [/x]")])
+    reporter.failed(item, 202, "not an image: [/x]", None, tally)
+    assert f"failed {label}: code 202: not an image: [/x]" in out.getvalue()
+    reporter.summary(tally, interrupted=False)
+    assert label in out.getvalue().rpartition("first source")[2]
+
+
+@contextlib.contextmanager
+def _daemon_that_answers(body: dict[str, object], status: int) -> Iterator[str]:
+    """A real HTTP server in a thread answering every request with ``body``; its URL."""
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    port = free_port()
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response(body, status=status)
+
+    def serve() -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", answer)
+        runner = web.AppRunner(app)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+        ready.set()
+        loop.run_forever()
+        loop.run_until_complete(runner.cleanup())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    ready.wait(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def test_an_unexpected_reply_fails_its_item_not_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A daemon whose 202 is no job (no jobId): each item is recorded as failed with
+    what went wrong, the run goes on to the end and exits 1 (it used to die with a
+    traceback out of the task group)."""
+    for i in range(3):
+        (tmp_path / f"a{i}.jpg").write_bytes(b"x")
+    with _daemon_that_answers({"state": "queued"}, 202) as url:
+        argv = ["submit", str(tmp_path), "--url", url, "-o", "file:///o/{$basename}.png",
+                "--width", "8", "-j", "1", "--plain"]  # fmt: skip
+        assert cli.main(argv) == 1
+    out = capsys.readouterr().out
+    assert len(re.findall(r"^\[\d/3\] failed .* code 0: unexpected KeyError", out, re.M)) == 3, out
+
+
+def test_ctrl_c_while_planning_exits_130(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C during the directory walk (a KeyboardInterrupt raised from it, as the
+    signal would): exit 130 saying nothing was sent, no traceback."""
+
+    def interrupted(arguments: object) -> Iterator[tuple[str, Path]]:
+        yield str(tmp_path / "a.jpg"), tmp_path / "a.jpg"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plan, "walk", interrupted)
+    argv = ["submit", str(tmp_path), "-o", "file:///o/{$basename}.png", "--width", "8"]
+    assert cli.main(argv) == 130
+    assert "interrupted before anything was sent" in capsys.readouterr().err
+
+
+def test_the_help_in_the_docs_is_the_real_one(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/client.md's ``imgserve submit --help`` block is what the command prints
+    (90 columns), defaults included."""
+    doc = (Path(__file__).parents[1] / "docs" / "client.md").read_text()
+    shown = doc.partition("$ imgserve submit --help\n")[2].partition("```")[0]
+    monkeypatch.setenv("COLUMNS", "90")
+    with pytest.raises(SystemExit):
+        cli.main(["submit", "--help"])
+    assert shown == capsys.readouterr().out
+
+
+def _unlistable_below(base: Path) -> Path:
+    """A directory below ``base`` that os.walk finds but cannot list: its path is
+    longer than PATH_MAX (made one level at a time with dir_fd). Permissions would
+    not do: the tests may run as root."""
+    fd = os.open(base, os.O_RDONLY)
+    try:
+        for _ in range(17):
+            os.mkdir("d" * 250, dir_fd=fd)
+            child = os.open("d" * 250, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    finally:
+        os.close(fd)
+    return base / "/".join(["d" * 250] * 17)
+
+
+def test_a_directory_that_cannot_be_listed_is_a_failure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A subdirectory os.walk cannot list is an item failed with why (not silently
+    left out): the run counts it failed, sending nothing for it, and exits 1."""
+    _unlistable_below(tmp_path)
+    (unlisted,) = plan.items_for([str(tmp_path)], {"outputs": []})
+    assert unlisted.error is not None and "cannot list" in unlisted.error
+    assert "File name too long" in unlisted.error
+    url = f"http://127.0.0.1:{free_port()}"
+    argv = ["submit", str(tmp_path), "--url", url, "-o", "file:///o/{$basename}.png",
+            "--width", "8", "-j", "1", "--retries", "1", "--plain"]  # fmt: skip
+    assert cli.main(argv) == 1
+    assert "cannot list" in capsys.readouterr().out

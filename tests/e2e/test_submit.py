@@ -20,6 +20,7 @@ import pytest
 import pyvips
 
 from tests.e2e.conftest import Daemon, decode, jpeg, serve
+from tests.e2e.test_keys import keys_add
 from tests.servers import HTTPTestServer
 
 pytestmark = pytest.mark.slow
@@ -158,15 +159,12 @@ def test_resume_tries_a_failed_job_again(
     assert len(lines(third.stdout, "skipped")) == 1
 
 
-def test_a_terminal_gets_the_progress_bar(daemon: Daemon, tmp_path: Path) -> None:
-    """On a terminal (a pseudo-terminal here): rich's progress bar with the jobs
-    done and failed, the rate and the ETA, in colour; no plain lines; the summary."""
-    for i in range(5):
-        (tmp_path / f"t{i}.jpg").write_bytes(jpeg(40 + i, 30))
+def on_a_terminal(daemon: Daemon, *args: str) -> tuple[int, str]:
+    """``imgserve submit ARGS`` with its output on a pseudo-terminal: its exit code
+    and everything it showed."""
     leader, follower = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "imgserve", "submit", "--url", daemon.url, str(tmp_path),
-         "-o", f"file://{daemon.out_dir}/tty/{{$basename}}.png", "--width", "8"],
+        [sys.executable, "-m", "imgserve", "submit", "--url", daemon.url, *args],
         stdin=subprocess.DEVNULL, stdout=follower, stderr=follower,
         env={**os.environ, "COLUMNS": "160"},
     )  # fmt: skip
@@ -181,12 +179,45 @@ def test_a_terminal_gets_the_progress_bar(daemon: Daemon, tmp_path: Path) -> Non
             break
         shown += chunk
     os.close(leader)
-    assert proc.wait(60) == 0
-    text = shown.decode("utf-8", "replace")
+    return proc.wait(60), shown.decode("utf-8", "replace")
+
+
+def test_a_terminal_gets_the_progress_bar(daemon: Daemon, tmp_path: Path) -> None:
+    """On a terminal (a pseudo-terminal here): rich's progress bar with the jobs
+    done and failed, the rate and the ETA, in colour; no plain lines; the summary."""
+    for i in range(5):
+        (tmp_path / f"t{i}.jpg").write_bytes(jpeg(40 + i, 30))
+    code, text = on_a_terminal(
+        daemon,
+        str(tmp_path),
+        "-o",
+        f"file://{daemon.out_dir}/tty/{{$basename}}.png",
+        "--width",
+        "8",
+    )
+    assert code == 0
     assert "\x1b[" in text
     for part in ("5/5", "5 done", "0 failed", "jobs/s", "ETA", "imgserve submit: 5 jobs"):
         assert part in text, (part, text[-3000:])
     assert not re.search(r"^\[\d+/5\] done", text, re.MULTILINE)
+
+
+def test_a_terminal_shows_bracketed_names_as_they_are(daemon: Daemon, tmp_path: Path) -> None:
+    """Folders named ``[old]`` and ``[/raw]`` with a corrupt file each: on a terminal
+    both failures are shown with their paths whole (not read as rich markup: no
+    MarkupError, no dropped ``[old]``), and the run ends with exit 1."""
+    for folder in ("[old]", "[/raw]"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "bad.jpg").write_bytes(b"not a JPEG")
+    (tmp_path / "good.jpg").write_bytes(jpeg(40, 30))
+    code, text = on_a_terminal(
+        daemon, str(tmp_path), "-o", f"file://{daemon.out_dir}/br/{{$basename}}.png",
+        "--width", "8", "--name-from-path",
+    )  # fmt: skip
+    plain = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", text)
+    assert "Traceback" not in plain and code == 1, plain[-3000:]
+    for folder in ("[old]", "[/raw]"):
+        assert f"failed {tmp_path}/{folder}/bad.jpg: code 202" in plain, plain[-3000:]
 
 
 def test_a_closed_output_stops_the_run_quietly(daemon: Daemon, tmp_path: Path) -> None:
@@ -272,3 +303,54 @@ def test_second_ctrl_c_leaves(daemon: Daemon, tmp_path: Path) -> None:
     assert proc.wait(30) == 130
     assert "left; the daemon finishes the jobs it accepted" in rest
     assert lines(rest, "done") == [] and "jobs in" not in rest  # it did not wait
+
+
+def test_a_refused_key_stops_the_run(start_daemon: Any, tmp_path: Path) -> None:
+    """With a keyed daemon, a key it does not know (401 141), and a key whose
+    destinations do not cover the outputs of the flags (403 143), stop the run after
+    the jobs in flight: not one refusal per file of the folder. The daemon makes no
+    job either way."""
+    keys_file = tmp_path / "keys.toml"
+    keys_add(keys_file, "alice")
+    scoped = keys_add(keys_file, "scoped", "--destinations", f"file://{tmp_path}/out/ok/")
+    daemon: Daemon = start_daemon("--keys", str(keys_file))
+    assert daemon.out_dir == tmp_path / "out"
+    for i in range(20):
+        (tmp_path / "in" / f"k{i:02d}.jpg").parent.mkdir(exist_ok=True)
+        (tmp_path / "in" / f"k{i:02d}.jpg").write_bytes(jpeg(20 + i, 20))
+    for key, code in (("not-a-key-this-daemon-knows", 141), (scoped, 143)):
+        (tmp_path / "key").write_text(key + "\n")
+        result = submit(
+            daemon, str(tmp_path / "in"), "-o", f"file://{daemon.out_dir}/no/{{$basename}}.png",
+            "--width", "8", "-j", "2", "--api-key-file", str(tmp_path / "key"),
+        )  # fmt: skip
+        assert result.returncode == 1, result.stdout + result.stderr
+        refused = lines(result.stdout, "failed")
+        assert 1 <= len(refused) <= 2 and f"code {code}" in refused[0], result.stdout
+        assert "stopping:" in result.stdout
+        assert re.search(r"not submitted\s+│\s+1[89] │", result.stdout), result.stdout
+    assert not (daemon.out_dir / "no").exists()
+
+
+def test_resume_after_the_job_was_pruned(start_daemon: Any, tmp_path: Path) -> None:
+    """--resume when the daemon still knows the key but has pruned its job (kept 1 s
+    here): the replay names a job that is gone (605), so the item is submitted again
+    under the retry key and ends done, instead of failing with 605."""
+    daemon: Daemon = start_daemon("--keep-finished", "1")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "pruned.jpg").write_bytes(jpeg(40, 30))
+    command = [str(tmp_path / "in"), "-o", f"file://{daemon.out_dir}/pr/{{$basename}}.png",
+               "--width", "8", "--resume"]  # fmt: skip
+    first = submit(daemon, *command)
+    assert first.returncode == 0, first.stdout + first.stderr
+    (done,) = lines(first.stdout, "done")
+    job_id = re.search(r" job ([0-9a-f]{32}) ", done)
+    assert job_id is not None, done
+    deadline = time.monotonic() + 30
+    while daemon.request("GET", f"/jobs/{job_id[1]}").status != 404:  # pruned
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    again = submit(daemon, *command)
+    assert again.returncode == 0, again.stdout + again.stderr
+    (redone,) = lines(again.stdout, "done")
+    assert job_id[1] not in redone

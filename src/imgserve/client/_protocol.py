@@ -11,6 +11,7 @@ import datetime as dt
 import email.utils
 import json
 import os
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,14 +36,20 @@ STREAM_READ_S = 40.0
 a ping every 15 s."""
 
 
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+"""No answer because the request never reached the daemon: safe to send again."""
+
+
 @dataclass(frozen=True)
 class Retries:
     """How a request is tried again after a 503 or 429 (waiting the reply's
-    ``Retry-After``, at most ``wait_max_s``), a 409 614 (its Idempotency-Key's first
-    request still being answered) or no answer (a connection refused, reset or timed
-    out: safe, since every POST carries an Idempotency-Key). Backoff without
-    ``Retry-After`` is exponential with jitter (stamina), from ``wait_initial_s``.
-    ``attempts`` counts the first try; ``Retries(attempts=1)`` never retries."""
+    ``Retry-After``), a 409 614 (its Idempotency-Key's first request still being
+    answered) or no answer: a connection refused, and for a request that may be sent
+    twice (reads, and ``POST /jobs`` with its Idempotency-Key) a connection reset or
+    a reply timed out too. A ``Retry-After`` is waited in full, or not at all when
+    the retry would come after ``timeout_s``. Backoff without it is exponential with
+    jitter (stamina), from ``wait_initial_s`` up to ``wait_max_s``. ``attempts``
+    counts the first try; ``Retries(attempts=1)`` never retries."""
 
     attempts: int = 6
     timeout_s: float = 300.0
@@ -53,9 +60,17 @@ class Retries:
         if self.attempts < 1:
             raise ValueError(f"attempts must be at least 1, got {self.attempts}")
 
-    def stamina_kwargs(self) -> dict[str, Any]:
+    def stamina_kwargs(self, request: Request | None = None) -> dict[str, Any]:
+        """stamina.retry_context's arguments for one ``request``'s tries."""
+        resend = request is None or request.resend_unanswered
+        started = time.monotonic()
+
+        def on(exc: Exception) -> bool | float:
+            elapsed_s = time.monotonic() - started
+            return self.decide(exc, elapsed_s=elapsed_s, resend_unanswered=resend)
+
         return {
-            "on": self.backoff_hook,
+            "on": on,
             "attempts": self.attempts,
             "timeout": self.timeout_s,
             "wait_initial": self.wait_initial_s,
@@ -63,14 +78,25 @@ class Retries:
         }
 
     def backoff_hook(self, exc: Exception) -> bool | float:
-        """stamina's hook: whether to retry ``exc``, and after how long when the
-        daemon said (``Retry-After``, capped at ``wait_max_s``)."""
+        """stamina's hook for a first failure (see :meth:`decide`)."""
+        return self.decide(exc)
+
+    def decide(
+        self, exc: Exception, *, elapsed_s: float = 0.0, resend_unanswered: bool = True
+    ) -> bool | float:
+        """Whether to retry ``exc`` after ``elapsed_s`` of tries, and after how long
+        when the daemon said: its ``Retry-After`` in full (sooner, it would refuse
+        again), so no retry when that does not fit in ``timeout_s``. No answer is
+        retried unless ``resend_unanswered`` is false and the request may have
+        reached the daemon."""
         if isinstance(exc, httpx.TransportError):
-            return True
+            return resend_unanswered or isinstance(exc, NOT_SENT)
         if isinstance(exc, APIError) and (exc.status in RETRY_STATUSES or exc.code == KEY_BUSY):
-            if exc.retry_after_s is not None:
-                return min(exc.retry_after_s, self.wait_max_s)
-            return True
+            if exc.retry_after_s is None:
+                return True
+            if elapsed_s + exc.retry_after_s > self.timeout_s:
+                return False
+            return exc.retry_after_s
         return False
 
 
@@ -135,6 +161,10 @@ class Request:
     data: Mapping[str, str] | None = None
     files: Mapping[str, tuple[str, bytes, str]] | None = None
     params: Mapping[str, str] | None = None
+    resend_unanswered: bool = True
+    """Whether it may be sent again when its reply did not come (a timeout, a reset):
+    not when a second one would act again or answer otherwise (a webhook
+    redelivery, a cancel: 409 613 for the job the first one cancelled)."""
 
     def kwargs(self) -> dict[str, Any]:
         out: dict[str, Any] = {"headers": dict(self.headers)}
@@ -170,13 +200,18 @@ def job_body(
     return body
 
 
+def is_url(text: str) -> bool:
+    """Whether a source given as a ``str`` is a URL (has a scheme), not a path."""
+    return "://" in text
+
+
 def submit_request(source: Source, job: Mapping[str, Any], idempotency_key: str | None) -> Request:
     """``POST /jobs`` for ``job`` (from :func:`job_body`) from ``source``: JSON with a
     URL source, multipart with a file or an :class:`Upload`. The Idempotency-Key is
     ``idempotency_key``, else a fresh UUID, the same on every retry of this request."""
     key = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
     if isinstance(source, str):
-        if "://" not in source:
+        if not is_url(source):
             raise ValueError(
                 f"source {source[:80]!r}: a str is the source's URL; "
                 "pass a pathlib.Path (or an Upload) for a local file"
@@ -225,6 +260,19 @@ def json_reply(response: httpx.Response) -> Any:
         return response.json()
     except ValueError as exc:
         raise APIError(response.status_code, 0, "reply is not JSON", response.text[:200]) from exc
+
+
+def health_reply(response: httpx.Response) -> dict[str, Any]:
+    """``GET /health``'s JSON, whatever its status (a 503 still says why it is
+    degraded); a reply that is not imgserve's (a proxy's page) is an APIError."""
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    if isinstance(data, Mapping):
+        return dict(data)
+    raise_for_reply(response)
+    raise APIError(response.status_code, 0, "reply is not JSON", response.text[:200])
 
 
 def job_reply(response: httpx.Response) -> Job:

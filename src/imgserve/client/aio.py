@@ -14,15 +14,11 @@ from typing import Any
 
 import httpx
 import stamina
-from httpx_sse import ServerSentEvent, SSEError, aconnect_sse
+from httpx_sse import ServerSentEvent, aconnect_sse
 
 from imgserve.client import _protocol as p
-from imgserve.client.errors import WaitTimeout
+from imgserve.client.errors import APIError, ClientError, WaitTimeout
 from imgserve.client.models import ChangeEvent, Job, JobPage, JobState, WebhookDelivery
-
-
-class _NoStream(Exception):
-    """The event stream cannot be had or ended: poll instead."""
 
 
 class AsyncClient:
@@ -49,6 +45,7 @@ class AsyncClient:
             headers=p.headers(api_key),
             limits=limits,
         )
+        self._ends = _Ends(self)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -62,12 +59,13 @@ class AsyncClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        await self._ends.aclose()
         await self._http.aclose()
 
     async def _send(self, request: p.Request) -> httpx.Response:
         """The request, retried; an error reply that is not retried is raised."""
         try:
-            async for attempt in stamina.retry_context(**self.retries.stamina_kwargs()):
+            async for attempt in stamina.retry_context(**self.retries.stamina_kwargs(request)):
                 with attempt:
                     response = await self._http.request(
                         request.method, request.path, **request.kwargs()
@@ -130,11 +128,16 @@ class AsyncClient:
 
     async def cancel(self, job: Job | str) -> Job:
         """``DELETE /jobs/<id>``."""
-        return p.job_reply(await self._send(p.Request("DELETE", f"/jobs/{p.job_id(job)}", {})))
+        return p.job_reply(
+            await self._send(
+                p.Request("DELETE", f"/jobs/{p.job_id(job)}", {}, resend_unanswered=False)
+            )
+        )
 
     async def redeliver_webhook(self, job: Job | str) -> WebhookDelivery:
         """``POST /jobs/<id>/webhook``."""
-        request = p.Request("POST", f"/jobs/{p.job_id(job)}/webhook", {})
+        path = f"/jobs/{p.job_id(job)}/webhook"
+        request = p.Request("POST", path, {}, resend_unanswered=False)  # (no key: not twice)
         return WebhookDelivery.from_dict(p.json_reply(await self._send(request))["webhook"])
 
     async def health(self) -> dict[str, Any]:
@@ -143,7 +146,7 @@ class AsyncClient:
             response = await self._http.get("/health")  # 503 (degraded) still says why
         except httpx.TransportError as exc:
             raise p.transport_error(exc, self.base_url + "/health") from exc
-        return dict(response.json())
+        return p.health_reply(response)
 
     @contextlib.asynccontextmanager
     async def events(
@@ -173,43 +176,122 @@ class AsyncClient:
     async def wait(
         self, job: Job | str, *, timeout_s: float | None = None, poll_s: float = 1.0
     ) -> Job:
-        """The job once it has ended (see ``Client.wait``); here ``timeout_s`` is exact."""
+        """The job once it has ended (see ``Client.wait``); here ``timeout_s`` is exact.
+        Every wait of this client hears the ends on one shared ``GET /events``
+        stream, so a thousand waits hold one stream and one connection."""
         job_id = p.job_id(job)
         last: list[Job] = []
         try:
             async with asyncio.timeout(timeout_s):
-                try:
-                    return await self._wait_on_stream(job_id, last)
-                except _NoStream:
-                    return await self._wait_polling(job_id, last, poll_s)
+                return await self._ends.wait(job_id, poll_s, last)
         except TimeoutError as exc:
             raise WaitTimeout(
                 f"job {job_id} did not end in {timeout_s:g} s", last[-1] if last else None
             ) from exc
 
-    async def _wait_on_stream(self, job_id: str, last: list[Job]) -> Job:
-        timeout = httpx.Timeout(self.timeout_s, read=p.STREAM_READ_S)
+
+class _Ends:
+    """The ends of jobs, heard on one ``GET /events`` stream that every ``wait()`` of
+    a client shares: open while someone waits (and ``LINGER_S`` after, for the next
+    wait), reopened after a pause when it ends or is refused. Meanwhile, and
+    every ``SAFETY_POLL_S`` even while it is open, each waiter reads its job."""
+
+    LINGER_S = 5.0
+    SAFETY_POLL_S = 30.0
+    """A lost event cannot leave a wait waiting for ever."""
+    REOPEN_S = 1.0
+    """The pause before the stream is asked for again (or its ``Retry-After``)."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+        self._waiting: dict[str, set[asyncio.Event]] = {}
+        self._follower: asyncio.Task[None] | None = None
+        self._opened = asyncio.Event()
+        self._streaming = False
+        self._linger: asyncio.TimerHandle | None = None
+
+    async def wait(self, job_id: str, poll_s: float, last: list[Job]) -> Job:
+        woken = asyncio.Event()
+        waiting = self._waiting.setdefault(job_id, set())
+        waiting.add(woken)  # before the first read: an end from then on is not lost
+        self._start()
         try:
-            async with aconnect_sse(self._http, "GET", "/events", timeout=timeout) as es:
-                if not p.is_event_stream(es.response):
-                    raise _NoStream  # an older daemon, a proxy, 615: every stream taken
-                # The stream starts from now: a change from here on is seen.
-                last[:] = [await self.get(job_id)]
+            await self._opened.wait()  # the stream is open (or cannot be had yet)
+            while True:
+                woken.clear()
+                last[:] = [await self._client.get(job_id)]
                 if last[-1].ended:
                     return last[-1]
-                async for change in _changes(es.aiter_sse()):
-                    if change.job_id == job_id and change.state.ended:
-                        return await self.get(job_id)
-        except (httpx.TransportError, SSEError) as exc:
-            raise _NoStream from exc
-        raise _NoStream  # the daemon ended the stream (it drains): poll the rest
+                pause_s = self.SAFETY_POLL_S if self._streaming else poll_s
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(pause_s):
+                        await woken.wait()
+        finally:
+            waiting.discard(woken)
+            if not waiting:
+                self._waiting.pop(job_id, None)
+            if not self._waiting and self._follower is not None:
+                if self._linger is not None:
+                    self._linger.cancel()
+                loop = asyncio.get_running_loop()
+                self._linger = loop.call_later(self.LINGER_S, self._stop)
 
-    async def _wait_polling(self, job_id: str, last: list[Job], poll_s: float) -> Job:
+    def _start(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        if self._follower is None or self._follower.done():
+            self._opened = asyncio.Event()
+            self._streaming = False
+            self._follower = asyncio.get_running_loop().create_task(self._follow())
+
+    def _stop(self) -> None:
+        if self._follower is not None and not self._waiting:
+            self._follower.cancel()
+            self._follower = None
+
+    async def aclose(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+        follower, self._follower = self._follower, None
+        if follower is not None:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+
+    async def _follow(self) -> None:
+        try:
+            await self._follow_stream()
+        finally:  # (cancelled, or a bug): the waiters poll from now on, unless
+            # this one was stopped and a newer follower already serves them
+            if self._follower in (None, asyncio.current_task()):
+                self._streaming = False
+                self._opened.set()
+                self._wake_all()
+
+    def _wake_all(self) -> None:
+        for events in self._waiting.values():
+            for woken in events:
+                woken.set()
+
+    async def _follow_stream(self) -> None:
         while True:
-            last[:] = [await self.get(job_id)]
-            if last[-1].ended:
-                return last[-1]
-            await asyncio.sleep(poll_s)
+            pause_s = self.REOPEN_S
+            try:
+                async with self._client.events() as changes:
+                    self._streaming = True
+                    self._opened.set()
+                    async for change in changes:
+                        if change.ended:
+                            for woken in self._waiting.get(change.job_id, ()):
+                                woken.set()
+            except ClientError as exc:  # refused (615: every stream taken), broken
+                if isinstance(exc, APIError) and exc.retry_after_s is not None:
+                    pause_s = max(pause_s, exc.retry_after_s)
+            self._streaming = False
+            self._opened.set()
+            self._wake_all()  # re-read now: the stream missed a while
+            await asyncio.sleep(pause_s)
 
 
 async def _changes(events: AsyncIterator[ServerSentEvent]) -> AsyncIterator[ChangeEvent]:

@@ -31,6 +31,19 @@ class JobState(enum.StrEnum):
         return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 
 
+def job_state(value: Any) -> JobState | str:
+    """A state as its JobState; one this client does not know (a newer daemon's) as
+    its string, read as not ended."""
+    try:
+        return JobState(value)
+    except ValueError:
+        return str(value)
+
+
+def _ended(state: JobState | str) -> bool:
+    return isinstance(state, JobState) and state.ended
+
+
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -164,7 +177,8 @@ class Job:
     an earlier request's, replayed for its Idempotency-Key)."""
 
     id: str
-    state: JobState
+    state: JobState | str
+    """A JobState, or the string of a state this client does not know."""
     outputs: tuple[Output, ...] = ()
     operation_type: str | None = None
     src_url: str | None = None
@@ -191,7 +205,7 @@ class Job:
         metadata = data.get("metadata")
         return cls(
             id=str(data["jobId"]),
-            state=JobState(data["state"]),
+            state=job_state(data["state"]),
             outputs=tuple(
                 Output.from_dict(o) for o in data.get("outputs") or () if isinstance(o, Mapping)
             ),
@@ -219,7 +233,7 @@ class Job:
 
     @property
     def ended(self) -> bool:
-        return self.state.ended
+        return _ended(self.state)
 
     def raise_for_state(self) -> Job:
         """The job itself when it did not fail; a failed job's error as its exception."""
@@ -250,15 +264,21 @@ class ChangeEvent:
 
     id: str
     job_id: str
-    state: JobState
+    state: JobState | str
+    """A JobState, or the string of a state this client does not know."""
     at: float | None
+
+    @property
+    def ended(self) -> bool:
+        """Whether the job will not change any more."""
+        return _ended(self.state)
 
     @classmethod
     def from_sse(cls, event_id: str, data: Mapping[str, Any]) -> ChangeEvent:
         return cls(
             id=event_id,
             job_id=str(data["jobId"]),
-            state=JobState(data["state"]),
+            state=job_state(data["state"]),
             at=_float(data.get("at")),
         )
 
@@ -273,7 +293,7 @@ class WebhookEvent:
     """``job.completed``, ``job.failed`` or ``job.cancelled``."""
     timestamp: str
     job_id: str
-    state: JobState
+    state: JobState | str
     outputs: tuple[Output, ...]
     source_info: SourceInfo | None
     error: JobError | None
@@ -290,7 +310,7 @@ class WebhookEvent:
             type=str(payload["type"]),
             timestamp=str(payload.get("timestamp", "")),
             job_id=str(data["jobId"]),
-            state=JobState(data["state"]),
+            state=job_state(data["state"]),
             outputs=tuple(
                 Output.from_dict(o) for o in data.get("outputs") or () if isinstance(o, Mapping)
             ),

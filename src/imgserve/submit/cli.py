@@ -119,8 +119,11 @@ def _job_from_flags(args: argparse.Namespace) -> dict[str, Any]:
         if not args.output:
             raise plan.PlanError("no outputs: give --output URL (and a size), or --preset")
         sizes = [plan.parse_size(s) for s in args.size]
-        if args.width is not None or args.height is not None:
-            first = {k: v for k, v in (("width", args.width), ("height", args.height)) if v}
+        first = {k: v for k, v in (("width", args.width), ("height", args.height)) if v is not None}
+        for flag, value in first.items():
+            if value < 1:
+                raise plan.PlanError(f"--{flag} {value}: sizes are positive")
+        if first:
             sizes.insert(0, first)
         names = ("fit", "gravity", "format", "quality", "background", "enlarge", "keep_metadata")
         common = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
@@ -192,6 +195,9 @@ def run(args: argparse.Namespace) -> int:
     except (plan.PlanError, OSError) as exc:
         print(f"imgserve submit: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # (a walk of a large tree takes a while)
+        print("imgserve submit: interrupted before anything was sent", file=sys.stderr)
+        return EXIT_INTERRUPTED
     options = Options(
         concurrency=args.concurrency, resume=args.resume, stop_on_invalid=args.jobs is None
     )

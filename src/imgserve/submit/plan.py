@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imgserve.client._protocol import is_url
+
 IMAGE_EXTENSIONS = frozenset(
     {"jpg", "jpeg", "jpe", "png", "webp", "gif", "tif", "tiff", "heic", "heif", "avif", "svg"}
 )
@@ -48,14 +50,13 @@ class Item:
     source: str | Path
     job: Mapping[str, Any]
     name: str | None = None
+    error: str | None = None
+    """Why the item failed before anything was sent (a directory that cannot be
+    listed): the run counts it failed and sends nothing for it."""
 
     @property
     def is_upload(self) -> bool:
         return isinstance(self.source, Path)
-
-
-def is_url(argument: str) -> bool:
-    return "://" in argument
 
 
 def parse_size(text: str) -> dict[str, int]:
@@ -125,28 +126,40 @@ def load_jobs(lines: Iterable[str], where: str) -> list[Item]:
         if not isinstance(job, dict) or not isinstance(job.get("source"), str):
             raise PlanError(f"{where}:{number}: a job object with a source URL, please")
         source = job.pop("source")
+        if not is_url(source):
+            raise PlanError(
+                f"{where}:{number}: source {source[:80]!r} is not a URL: a jobs file's "
+                "sources are URLs (give local files as SOURCEs)"
+            )
         items.append(Item(label=source, source=source, job=job))
     return items
 
 
-def walk(arguments: Sequence[str]) -> Iterator[tuple[str, Path | str]]:
+def walk(arguments: Sequence[str]) -> Iterator[tuple[str, Path | str | OSError]]:
     """Each source the arguments name: (label, URL or path). A directory gives its
     image files, recursively (its files, then its subdirectories, each sorted),
-    hidden files and directories skipped; a file
-    named on the command line is sent whatever its extension."""
+    hidden files and directories skipped, and the error of each subdirectory that
+    cannot be listed; a file named on the command line is sent whatever its
+    extension."""
     for argument in arguments:
         if is_url(argument):
             yield argument, argument
             continue
         path = Path(argument)
         if path.is_dir():
-            for root, dirs, files in os.walk(path):
+            unlisted: list[OSError] = []
+            for root, dirs, files in os.walk(path, onerror=unlisted.append):
+                while unlisted:
+                    error = unlisted.pop(0)
+                    yield str(error.filename), error
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 for name in sorted(files):
                     suffix = name.rpartition(".")[2].lower() if "." in name else ""
                     if not name.startswith(".") and suffix in IMAGE_EXTENSIONS:
                         found = Path(root) / name
                         yield str(found), found
+            for error in unlisted:  # (the last directory walked)
+                yield str(error.filename), error
         elif path.is_file():
             yield argument, path
         else:
@@ -164,6 +177,10 @@ def items_for(
     for argument in arguments:
         base = Path(argument) if not is_url(argument) and Path(argument).is_dir() else None
         for label, source in walk([argument]):
+            if isinstance(source, OSError):
+                error = f"cannot list {label}: {source.strerror}"
+                items.append(Item(label=label, source=Path(label), job=job, error=error))
+                continue
             name = None
             if isinstance(source, Path):
                 name = source.name

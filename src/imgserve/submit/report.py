@@ -116,7 +116,9 @@ class Reporter:
             which = f"  job {job.id}" if job is not None else ""
             self._line(f"{'failed':<9} {item.label}{which}  code {code}: {detail}", tally)
         else:
-            self.console.print(f"[red]failed[/] {item.label}: code {code}: {detail}", markup=True)
+            # Text, not markup: a path or a detail may hold "[old]" or "[/raw]".
+            line = Text.assemble(("failed", "red"), f" {item.label}: code {code}: {detail}")
+            self.console.print(line)
         self._advance(tally)
 
     def _line(self, text: str, tally: Tally) -> None:
@@ -173,7 +175,7 @@ class Reporter:
             failures.add_column("first detail")
             failures.add_column("first source")
             for code, count, detail, label in tally.by_code():
-                failures.add_row(str(code), str(count), detail, label)
+                failures.add_row(str(code), str(count), Text(detail), Text(label))  # no markup
             self.console.print(failures)
         if interrupted:
             self.note("interrupted: run the same command with --resume to go on")

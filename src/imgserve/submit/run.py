@@ -1,13 +1,13 @@
 """Running ``imgserve submit``: at most ``concurrency`` jobs in flight, each
-submitted, then waited on; their ends heard on one shared ``GET /events`` stream
-(polling ``GET /jobs/<id>`` while it cannot be had), so a run of 10,000 jobs holds
-one stream, not one per job.
+submitted, then waited on with ``AsyncClient.wait``, whose waits share one
+``GET /events`` stream (polling ``GET /jobs/<id>`` while it cannot be had), so a run
+of 10,000 jobs holds one stream, not one per job.
 
 Ctrl-C once: no new job is submitted, the ones in flight are waited for; twice: the
 run stops at once (the daemon finishes what it accepted). Under ``--resume`` a
 job's Idempotency-Key comes from its source and options (plan.resume_key): a job
 the daemon answers as a replay that had ended done is counted as skipped, one that
-had failed is tried again under a key derived from that try.
+had failed (or was pruned since) is tried again under a key derived from that try.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from imgserve.client import (
     AsyncClient,
     ClientError,
     Job,
+    JobNotFound,
     JobState,
     Upload,
     ValidationError,
@@ -31,11 +32,11 @@ from imgserve.client.errors import APIError
 from imgserve.submit.plan import Item, Tally, resume_key, retry_key
 from imgserve.submit.report import Reporter
 
+KEY_REFUSED = frozenset({140, 141})
+"""401: no API key, or one the daemon does not know (docs/errors.md)."""
+DESTINATION_OUT_OF_SCOPE = 143
 MAX_RETRIES_OF_FAILED = 5
 """Under --resume, how many earlier failed tries of one job are followed before a new one."""
-SAFETY_POLL_S = 30.0
-"""While the stream is open, each job is still read this often (a lost event cannot
-leave a job waiting for ever)."""
 
 
 @dataclass(frozen=True)
@@ -45,59 +46,9 @@ class Options:
     poll_s: float = 1.0
     stop_on_invalid: bool = True
     """Stop submitting when the daemon refuses the job itself (7xx not about the
-    source): every other item has the same job and would be refused the same way."""
-
-
-class Ends:
-    """The ends of jobs, as one shared event stream reports them."""
-
-    def __init__(self, client: AsyncClient, poll_s: float) -> None:
-        self.client = client
-        self.poll_s = poll_s
-        self.streaming = False
-        self._opened = asyncio.Event()
-        self._waiting: dict[str, set[asyncio.Event]] = {}
-
-    async def follow(self) -> None:
-        """Runs for the whole run: keeps the stream open, reopening it after a pause
-        when it ends or is refused (meanwhile waiters poll)."""
-        while True:
-            try:
-                async with self.client.events() as changes:
-                    self.streaming = True
-                    self._opened.set()
-                    async for change in changes:
-                        if change.state.ended:
-                            for woken in self._waiting.get(change.job_id, ()):
-                                woken.set()
-            except ClientError:
-                pass
-            self.streaming = False
-            self._opened.set()
-            for events in self._waiting.values():  # re-read now: the stream missed a while
-                for woken in events:
-                    woken.set()
-            await asyncio.sleep(self.poll_s)
-
-    async def wait(self, job_id: str) -> Job:
-        await self._opened.wait()
-        woken = asyncio.Event()
-        waiting = self._waiting.setdefault(job_id, set())
-        waiting.add(woken)  # before the first read: an end from then on is not lost
-        try:
-            while True:
-                woken.clear()
-                job = await self.client.get(job_id)
-                if job.ended:
-                    return job
-                pause_s = SAFETY_POLL_S if self.streaming else self.poll_s
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(pause_s):
-                        await woken.wait()
-        finally:
-            waiting.discard(woken)
-            if not waiting:
-                self._waiting.pop(job_id, None)
+    source) or the key may not write its outputs (403 143): every other item has the
+    same job and would be refused the same way. (A refused key, 401 140/141, stops
+    any run.)"""
 
 
 class Run:
@@ -110,27 +61,20 @@ class Run:
         self.reporter = reporter
         self.tally = Tally(total=len(items))
         self.stopping = asyncio.Event()
-        self.ends = Ends(client, options.poll_s)
 
     async def run(self) -> Tally:
         """Every item submitted and ended, or as many as the run got to."""
-        follower = asyncio.create_task(self.ends.follow())
         slots = asyncio.Semaphore(self.options.concurrency)
-        try:
-            async with asyncio.TaskGroup() as group:
-                for item in self.items:
-                    await slots.acquire()
-                    if self.reporter.gone:
-                        self.stopping.set()
-                    if self.stopping.is_set():
-                        slots.release()
-                        break
-                    task = group.create_task(self._one(item))
-                    task.add_done_callback(lambda _t: slots.release())
-        finally:
-            follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await follower
+        async with asyncio.TaskGroup() as group:
+            for item in self.items:
+                await slots.acquire()
+                if self.reporter.gone:
+                    self.stopping.set()
+                if self.stopping.is_set():
+                    slots.release()
+                    break
+                task = group.create_task(self._one(item))
+                task.add_done_callback(lambda _t: slots.release())
         return self.tally
 
     def stop(self, why: str) -> None:
@@ -139,19 +83,19 @@ class Run:
             self.reporter.note(why)
 
     async def _one(self, item: Item) -> None:
+        if item.error is not None:
+            self._failed(item, 0, item.error)
+            return
         try:
             job = await self._submit(item)
             if job is None:
                 return
-            ended = await self.ends.wait(job.id)
+            ended = await self.client.wait(job.id, poll_s=self.options.poll_s)
         except APIError as exc:
             self._failed(item, exc.code, exc.detail)
-            if (
-                self.options.stop_on_invalid
-                and isinstance(exc, ValidationError)
-                and not exc.detail.startswith("source")
-            ):
-                self.stop(f"stopping: the daemon refused the job itself ({exc.code} {exc.detail})")
+            why = self._why_stop(exc)
+            if why is not None:
+                self.stop(f"stopping: {why} ({exc.code} {exc.detail})")
             return
         except ClientError as exc:  # no answer, after the client's retries
             self._failed(item, 0, str(exc))
@@ -159,6 +103,9 @@ class Run:
             return
         except OSError as exc:  # the file went away or cannot be read
             self._failed(item, 0, f"cannot read {item.label}: {exc.strerror}")
+            return
+        except Exception as exc:  # a reply not understood (a proxy, a newer daemon), a bug:
+            self._failed(item, 0, f"unexpected {type(exc).__name__}: {exc}")  # this item's end
             return
         if ended.state is JobState.DONE:
             self.tally.done += 1
@@ -169,6 +116,19 @@ class Run:
         else:
             error = ended.error
             self._failed(item, error.code if error else 0, error.detail if error else "", ended)
+
+    def _why_stop(self, exc: APIError) -> str | None:
+        """Why a refusal means every other item would be refused the same way, or
+        None when it is about this item alone."""
+        if exc.code in KEY_REFUSED:
+            return "the daemon refused the API key"
+        if not self.options.stop_on_invalid:
+            return None  # (a jobs file: each line has outputs of its own)
+        if exc.code == DESTINATION_OUT_OF_SCOPE:
+            return "the API key may not write to the outputs"
+        if isinstance(exc, ValidationError) and not exc.detail.startswith("source"):
+            return "the daemon refused the job itself"
+        return None
 
     async def _submit(self, item: Item) -> Job | None:
         """The item's job: submitted, or under --resume an earlier run's (None when
@@ -184,7 +144,11 @@ class Run:
             job = await self.client.submit_job(source, item.job, idempotency_key=key)
             if not job.replayed:
                 return job
-            current = await self.client.get(job.id)
+            try:
+                current = await self.client.get(job.id)
+            except JobNotFound:  # the daemon kept the key but pruned its job: send anew
+                key = retry_key(key, job.id)
+                continue
             if current.state is JobState.DONE:
                 self.tally.skipped += 1
                 self.reporter.ended(item, current, "skipped", self.tally)
