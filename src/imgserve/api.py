@@ -48,7 +48,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp_sse import EventSourceResponse, sse_response
 
-from imgserve import __version__, auth, errors, webhooks
+from imgserve import __version__, auth, errors, ui, webhooks
 from imgserve.config import Settings
 from imgserve.destination import TAG, destination_target, substitute
 from imgserve.intake import Admission, Intake
@@ -182,8 +182,9 @@ async def errors_middleware(
 # --- API keys ---------------------------------------------------------------------------
 
 _CALLER = "imgserve.caller"
-OPEN_PATHS = frozenset({"/health", "/livez"})
-"""Answered without a key: probes for load balancers and supervisors."""
+OPEN_PATHS = frozenset({"/health", "/livez"}) | ui.OPEN_PATHS
+"""Answered without a key: probes for load balancers and supervisors, and the
+dashboard's static files (its data needs a key)."""
 
 
 @web.middleware
@@ -1012,6 +1013,7 @@ def make_app(service: Service) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/livez", livez)
     app.router.add_get("/metrics", metrics)
+    ui.add_routes(app, service.queue.counts)
 
     async def end_streams(_app: web.Application) -> None:
         service.closing.set()  # before aiohttp waits for the handlers still running
