@@ -140,6 +140,7 @@ async function refreshPending() {
     }),
   );
   renderJobs();
+  loadHealth(); // its counts moved too
 }
 
 function upsert(view) {
@@ -196,8 +197,12 @@ function jobRow(view) {
     el("td", {}, view.key ?? "–"),
   );
   row.addEventListener("click", () => {
-    if (opened.has(view.jobId)) opened.delete(view.jobId);
-    else opened.add(view.jobId);
+    if (opened.has(view.jobId)) {
+      opened.delete(view.jobId);
+    } else {
+      opened.add(view.jobId);
+      changed(view.jobId); // its webhook attempts change with no change on the stream
+    }
     renderJobs();
   });
   return row;
@@ -424,7 +429,10 @@ function chartOptions() {
   return {
     width: chartWidth(),
     height: 220,
-    scales: { x: { time: true }, jobs: { range: (_u, _min, max) => [0, Math.max(1, max)] }, rate: { range: (_u, _min, max) => [0, Math.max(1, max)] } },
+    scales: {
+      // Always the last hour, however few samples there are yet.
+      x: { time: true, range: () => { const now = Date.now() / 1000; return [now - 3600, now]; } },
+      jobs: { range: (_u, _min, max) => [0, Math.max(1, max)] }, rate: { range: (_u, _min, max) => [0, Math.max(1, max)] } },
     axes: [
       {},
       { scale: "jobs", label: "jobs" },
