@@ -49,6 +49,8 @@ async def test_the_page_and_its_files_need_no_key_and_forbid_other_origins(keyed
     assert "script-src 'self'" in headers["Content-Security-Policy"]
     assert "unsafe-inline" not in headers["Content-Security-Policy"]
     assert b"<script>" not in body  # every script is a file
+    async with aiohttp.ClientSession() as session, session.get(keyed_api.url + "/ui/") as resp:
+        assert (resp.status, resp.url.path) == (200, "/ui")  # redirected
     for name, kind in ui.ASSETS.items():
         status, headers, _ = await _get(keyed_api, f"/ui/{name}")
         assert (status, headers["Content-Type"]) == (200, kind), name

@@ -1,8 +1,9 @@
 """The dashboard in a real browser: Playwright driving Debian's Chromium (headless)
 against the real daemon. The page loads, a job submitted while it is open appears
 live and turns done with its ThumbHash previews drawn, a failed job shows its code
-and opens to its error and webhook attempts, the state filter, and with API keys a
-prompt until a good key is typed (the key only ever in an Authorization header).
+and opens to its error and webhook attempts, the state filter, with API keys a
+prompt until a good key is typed (the key only ever in an Authorization header),
+and in Redis mode the worker nodes.
 
 A screenshot of each page is kept: under ``$TEST_ARTIFACTS`` when set (CI keeps
 that directory), else in the test's tmp_path; its path is recorded as the
@@ -24,7 +25,9 @@ import pytest
 from playwright.sync_api import Browser, Page, Request, expect, sync_playwright
 
 from tests.e2e.conftest import Daemon, jpeg, post_jobs, serve
+from tests.e2e.test_durability import Node, _wait_nodes
 from tests.e2e.test_keys import keys_add
+from tests.redis_server import RedisServer
 from tests.servers import HTTPTestServer
 from tests.webhook_receiver import Receiver, Reply, until
 
@@ -288,3 +291,37 @@ def test_history_endpoint_returns_samples_behind_the_key(keyed: tuple[Daemon, st
     assert body["intervalS"] == 10.0
     assert body["samples"], body
     assert set(body["samples"][0]) >= {"at", "queued", "running", "done", "failed", "cancelled"}
+
+
+@pytest.fixture
+def redis_api(start_daemon: Any, private_redis: RedisServer, tmp_path: Path) -> Iterator[Daemon]:
+    """An API node on Redis, with one worker node that has announced itself."""
+    api: Daemon = start_daemon("--queue", private_redis.url)
+    node = Node(private_redis.url, ["--file-root", str(api.out_dir)], tmp_path / "node.log")
+    try:
+        _wait_nodes(api, 1)
+        yield api
+    finally:
+        node.kill()
+
+
+def test_in_redis_mode_the_page_shows_the_worker_nodes_and_their_jobs(
+    redis_api: Daemon, page: Page, http_server: HTTPTestServer, screenshot: None
+) -> None:
+    """With an API node and a worker node on Redis, the node is listed with its
+    workers, a job it runs turns done on the page, and the history is sampled."""
+    api = redis_api
+    _open(page, api)
+    nodes = api.request("GET", "/health").body["nodes"]
+    listed = page.locator(f'#nodes tr[data-node="{nodes[0]["name"]}"]')
+    expect(listed).to_contain_text("1 of 1")
+    expect(page.locator("#summary")).to_contain_text("1 of 1")
+
+    source = serve(http_server, "ui/Redis.jpg", jpeg(320, 240))
+    job_id = _accepted(post_jobs(api, _job(api, source, "redis")))
+    row = page.locator(f'tr.job[data-job-id="{job_id}"]')
+    expect(row).to_have_attribute("data-state", "done", timeout=DONE_MS)
+    expect(row.locator('canvas[data-drawn="yes"]')).to_have_count(2)
+    assert api.job(job_id)["node"] == nodes[0]["name"]
+    expect(page.locator("#chartnote")).to_contain_text("samples")
+    assert api.request("GET", "/ui/history").body["samples"][0]["queued"] >= 0

@@ -33,7 +33,7 @@ ASSETS: dict[str, str] = {
 }
 """The files in static/ and their types: the only paths served (no directory listing)."""
 
-OPEN_PATHS = frozenset({"/ui", *(f"/ui/{name}" for name in ASSETS)})
+OPEN_PATHS = frozenset({"/ui", "/ui/", *(f"/ui/{name}" for name in ASSETS)})
 """Answered without a key: the page and its scripts carry no data."""
 
 HEADERS = {
@@ -71,6 +71,7 @@ def add_routes(
         return handler
 
     app.router.add_get("/ui", asset("index.html"))
+    app.router.add_get("/ui/", to_the_page)
     for name in ASSETS:
         app.router.add_get(f"/ui/{name}", asset(name))
     app.router.add_get("/ui/history", history_view)
@@ -83,6 +84,11 @@ def add_routes(
             await task
 
     app.cleanup_ctx.append(sampling)
+
+
+async def to_the_page(_request: web.Request) -> web.Response:
+    """``/ui/`` is the page too: the page's own links are absolute, so one URL is enough."""
+    raise web.HTTPFound("/ui")
 
 
 async def history_view(request: web.Request) -> web.Response:
