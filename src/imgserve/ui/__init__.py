@@ -29,6 +29,7 @@ ASSETS: dict[str, str] = {
     "thumbhash.js": "text/javascript; charset=utf-8",
     "uPlot.iife.min.js": "text/javascript; charset=utf-8",
     "uPlot.min.css": "text/css; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
     "LICENSES.md": "text/markdown; charset=utf-8",
 }
 """The files in static/ and their types: the only paths served (no directory listing)."""

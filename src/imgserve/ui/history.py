@@ -82,4 +82,6 @@ async def sample_forever(
             history.add(clock(), await counts())
         except errors.ImgserveError as exc:
             log.debug("dashboard history: no sample: %s", exc.detail)
+        except Exception:  # a bug here must not end the history (nor the app)
+            log.exception("dashboard history: no sample")
         await asyncio.sleep(history.interval_s)

@@ -116,9 +116,13 @@ async function loadJobs() {
 const pending = new Set();
 let pendingTimer = null;
 
+const MAX_SINGLE_READS = 10;
+
 // A change on the stream: fetch the job's view again (changes of one job that come
-// close together, queued -> running -> done, cost one request).
-function changed(jobId) {
+// close together, queued -> running -> done, cost one request). A change to a
+// state the filter hides, of a job not shown, needs no request.
+function changed(jobId, state) {
+  if (filter && state && state !== filter && !jobs.has(jobId)) return;
   pending.add(jobId);
   if (pendingTimer === null) pendingTimer = setTimeout(refreshPending, 100);
 }
@@ -127,6 +131,12 @@ async function refreshPending() {
   pendingTimer = null;
   const ids = [...pending];
   pending.clear();
+  if (ids.length > MAX_SINGLE_READS) {
+    // A busy spell: one page of the list instead of a request per job.
+    await loadJobs().catch(failed);
+    loadHealth();
+    return;
+  }
   const mine = generation;
   await Promise.all(
     ids.map(async (jobId) => {
@@ -394,7 +404,7 @@ function sseEvent(block) {
   if (data.length) {
     try {
       const change = JSON.parse(data.join("\n"));
-      if (change.jobId) changed(change.jobId);
+      if (change.jobId) changed(change.jobId, change.state);
     } catch {
       // not a change (a comment or a future event type): nothing to do
     }
