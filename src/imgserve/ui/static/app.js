@@ -368,10 +368,14 @@ async function stream(mine) {
       if (lastId === null) await loadJobs();
       const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
       let buffer = "";
+      let carry = ""; // a chunk's last \r may be the first half of a \r\n
       for (;;) {
         const { value, done } = await reader.read();
         if (done) break;
-        buffer += value.replace(/\r\n?/g, "\n");
+        let text = carry + value;
+        carry = text.endsWith("\r") ? "\r" : "";
+        if (carry) text = text.slice(0, -1);
+        buffer += text.replace(/\r\n?/g, "\n");
         let end;
         while ((end = buffer.indexOf("\n\n")) >= 0) {
           const block = buffer.slice(0, end);
