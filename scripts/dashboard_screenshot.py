@@ -108,13 +108,13 @@ def main() -> int:
             while time.monotonic() < end:
                 part = (time.monotonic() - started) / (end - started)
                 # A busy spell in the middle, a backfill near the end.
-                wave = rng.randint(2, 7) if 0.35 < part < 0.5 else rng.randint(0, 2)
+                wave = rng.randint(6, 12) if 0.35 < part < 0.5 else rng.randint(0, 2)
                 for _ in range(wave):
                     source = sources / f"{rng.choice(names[: len(photos)])}.jpg"
                     post(port, cms, job(source, out, metadata={"upload": rng.randint(1, 9999)}))
-                if rng.random() < 0.15:
+                if rng.random() < 0.06:
                     post(port, cms, job(sources / "Upload-7731.jpg", out, webhook=dead_hook))
-                if 0.75 < part < 0.85 or part > 0.97:
+                if 0.72 < part < 0.8 or part > 0.97:
                     for _ in range(rng.randint(3, 9)):
                         source = sources / f"{rng.choice(names[: len(photos)])}.jpg"
                         post(port, backfill, job(source, out, priority="batch"))

@@ -197,10 +197,10 @@ function jobRow(view) {
     el("td", {}, view.operationType),
     el("td", {}, el("div", { class: "outputs" }, ...outputs.map(outputCell))),
     el("td", {}, outputs.map((out) => (out.bytes === undefined ? "–" : bytes(out.bytes))).join(", ")),
-    el("td", {}, durations(view)),
+    el("td", { class: "nowrap" }, durations(view)),
     el(
       "td",
-      {},
+      { class: "error" },
       view.error ? el("span", { class: "code" }, view.error.code) : null,
       view.error ? el("span", { class: "detailtext" }, ` ${view.error.detail}`) : null,
     ),
@@ -421,13 +421,12 @@ function sseEvent(block) {
 async function loadHistory() {
   const body = await getJSON("/ui/history");
   const samples = body.samples;
-  const perMinute = (n) => (n === null ? null : (n * 60) / body.intervalS);
   const data = [
     samples.map((s) => s.at),
     samples.map((s) => s.queued),
     samples.map((s) => s.running),
-    samples.map((s) => perMinute(s.doneSince)),
-    samples.map((s) => perMinute(s.failedSince)),
+    perMinute(samples, "doneSince"),
+    perMinute(samples, "failedSince"),
   ];
   $("chartnote").textContent = `${samples.length} samples, one every ${body.intervalS} s, kept by this API process.`;
   if (chart === null) {
@@ -435,6 +434,20 @@ async function loadHistory() {
   } else {
     chart.setData(data);
   }
+}
+
+const RATE_WINDOW = 6; // samples: a minute at 10 s
+
+// Jobs per minute at each sample, over the minute before it (one 10 s step alone
+// is too spiky to read); null where there is nothing before.
+function perMinute(samples, field) {
+  return samples.map((sample, i) => {
+    const from = Math.max(0, i - RATE_WINDOW);
+    if (i === from) return null;
+    let ended = 0;
+    for (let j = from + 1; j <= i; j++) ended += samples[j][field] ?? 0;
+    return (ended * 60) / (sample.at - samples[from].at);
+  });
 }
 
 function chartOptions() {
