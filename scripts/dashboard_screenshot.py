@@ -108,14 +108,15 @@ def main() -> int:
             while time.monotonic() < end:
                 part = (time.monotonic() - started) / (end - started)
                 # A busy spell in the middle, a backfill near the end.
-                wave = rng.randint(6, 12) if 0.35 < part < 0.5 else rng.randint(0, 2)
+                # (Two workers finish about 2.5 of these jobs a second.)
+                wave = rng.randint(10, 16) if 0.35 < part < 0.45 else rng.randint(0, 2)
                 for _ in range(wave):
                     source = sources / f"{rng.choice(names[: len(photos)])}.jpg"
                     post(port, cms, job(source, out, metadata={"upload": rng.randint(1, 9999)}))
                 if rng.random() < 0.06:
                     post(port, cms, job(sources / "Upload-7731.jpg", out, webhook=dead_hook))
                 if 0.72 < part < 0.8 or part > 0.97:
-                    for _ in range(rng.randint(3, 9)):
+                    for _ in range(rng.randint(6, 12)):
                         source = sources / f"{rng.choice(names[: len(photos)])}.jpg"
                         post(port, backfill, job(source, out, priority="batch"))
                 time.sleep(3.0)
