@@ -20,10 +20,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests use: a real Redis server, a real Prometheus (it
-# scrapes a test daemon's /metrics) and real image corpora.
+# scrapes a test daemon's /metrics), a real browser (Playwright drives Debian's
+# Chromium through the dashboard, tests/e2e/test_ui.py: Playwright's own browser
+# download needs a network) and real image corpora.
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+command -v chromium >/dev/null 2>&1 || need+=(chromium fonts-liberation)
 [ -d /usr/share/desktop-base ] || need+=(desktop-base)
 [ -d /usr/share/wallpapers/Autumn ] || need+=(plasma-workspace-wallpapers)
 if [ ${#need[@]} -gt 0 ]; then

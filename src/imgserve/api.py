@@ -48,7 +48,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp_sse import EventSourceResponse, sse_response
 
-from imgserve import __version__, auth, errors, openapi, webhooks
+from imgserve import __version__, auth, errors, openapi, ui, webhooks
 from imgserve.config import Settings
 from imgserve.destination import TAG, destination_target, substitute
 from imgserve.intake import Admission, Intake
@@ -189,9 +189,10 @@ async def errors_middleware(
 # --- API keys ---------------------------------------------------------------------------
 
 _CALLER = "imgserve.caller"
-OPEN_PATHS = frozenset({"/health", "/livez", "/openapi.json"})
-"""Answered without a key: probes for load balancers and supervisors, and the API's
-description (the same public document on every server)."""
+OPEN_PATHS = frozenset({"/health", "/livez", "/openapi.json"}) | ui.OPEN_PATHS
+"""Answered without a key: probes for load balancers and supervisors, the API's
+description (the same public document on every server), and the dashboard's
+static files (its data needs a key)."""
 
 
 @web.middleware
@@ -1039,6 +1040,7 @@ def make_app(service: Service) -> web.Application:
     app.router.add_get("/livez", livez)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi_document)
+    ui.add_routes(app, service.queue.counts)
 
     async def end_streams(_app: web.Application) -> None:
         service.closing.set()  # before aiohttp waits for the handlers still running

@@ -41,6 +41,7 @@ from imgserve.request_jobs import (
     METADATA_MAX_BYTES,
 )
 from imgserve.spec import FITS
+from imgserve.ui import ASSETS as UI_ASSETS
 
 FILE_NAME = "openapi.json"
 DEFAULT_MAX_OUTPUTS = 16
@@ -90,11 +91,24 @@ OPERATION_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("get", "/livez"): (),
     ("get", "/metrics"): (),
     ("get", "/openapi.json"): (),
+    ("get", "/ui"): (),
+    ("get", "/ui/"): (),
+    **{("get", f"/ui/{name}"): () for name in UI_ASSETS},
+    ("get", "/ui/history"): (),
 }
 """The codes each operation may answer with, besides ANY_REQUEST (and KEYED)."""
 
-OPEN_OPERATIONS = frozenset({("get", "/health"), ("get", "/livez"), ("get", "/openapi.json")})
-"""Answered without a key (api.OPEN_PATHS)."""
+OPEN_OPERATIONS = frozenset(
+    {
+        ("get", "/health"),
+        ("get", "/livez"),
+        ("get", "/openapi.json"),
+        ("get", "/ui"),
+        ("get", "/ui/"),
+        *(("get", f"/ui/{name}") for name in UI_ASSETS),
+    }
+)
+"""Answered without a key (api.OPEN_PATHS): the dashboard's files hold no data."""
 
 
 def _codes(method: str, path: str) -> list[int]:
@@ -1074,7 +1088,95 @@ def _paths(max_outputs: int) -> dict[str, Any]:
                 operationId="openapi",
             )
         },
+        **_ui_paths(),
     }
+
+
+def _ui_paths() -> dict[str, Any]:
+    """The dashboard (docs/operating.md "Dashboard"): its page and files, and the
+    history its chart reads."""
+    count = {"type": "integer", "minimum": 0}
+    since = {"type": ["integer", "null"], "minimum": 0}
+    sample = {
+        "type": "object",
+        "required": ["at", *(state.value for state in State), "doneSince", "failedSince"],
+        "properties": {
+            "at": {"type": "number", "description": "Unix time of the sample"},
+            **{state.value: count for state in State},
+            "doneSince": since,
+            "failedSince": since,
+        },
+        "additionalProperties": False,
+    }
+    paths: dict[str, Any] = {
+        "/ui": {
+            "get": _operation(
+                "get",
+                "/ui",
+                "The dashboard page",
+                {
+                    "200": {
+                        "description": "The page (its data is read with a key).",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    }
+                },
+                operationId="dashboard",
+            )
+        },
+        "/ui/": {
+            "get": _operation(
+                "get",
+                "/ui/",
+                "The dashboard page's other URL",
+                {"302": {"description": "To /ui."}},
+                operationId="dashboardSlash",
+            )
+        },
+        "/ui/history": {
+            "get": _operation(
+                "get",
+                "/ui/history",
+                "The last hour of queue counts, a sample every 10 s (the dashboard's chart)",
+                {
+                    "200": {
+                        "description": "The samples, oldest first.",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["intervalS", "samples"],
+                                    "properties": {
+                                        "intervalS": {"type": "number"},
+                                        "samples": {"type": "array", "items": sample},
+                                    },
+                                    "additionalProperties": False,
+                                }
+                            }
+                        },
+                    }
+                },
+                operationId="dashboardHistory",
+            )
+        },
+    }
+    for name, content_type in UI_ASSETS.items():
+        path = f"/ui/{name}"
+        paths[path] = {
+            "get": _operation(
+                "get",
+                path,
+                f"A file of the dashboard page: {name}",
+                {
+                    "200": {
+                        "description": "The file.",
+                        "content": {content_type.split(";")[0]: {"schema": {"type": "string"}}},
+                    }
+                },
+                operationId="dashboardFile"
+                + "".join(part.capitalize() for part in name.replace("-", ".").split(".")),
+            )
+        }
+    return paths
 
 
 def _components(max_outputs: int) -> dict[str, Any]:

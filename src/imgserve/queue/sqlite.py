@@ -187,6 +187,7 @@ class SQLiteQueue(JobQueue):
         self.spool = Spool(path.parent / "spool")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgserve-sqlite")
         self._db: sqlite3.Connection | None = None
+        self._closed = False
         self._wakeup = asyncio.Event()
         # Jobs per state as of the last write: this process is the database's
         # only writer, so reading them needs no trip to the database thread.
@@ -686,10 +687,15 @@ class SQLiteQueue(JobQueue):
         return await self._run(op, writes=False)
 
     async def close(self) -> None:
-        def op(db: sqlite3.Connection) -> None:
-            db.close()
-            self._db = None
+        def op() -> None:
+            # In the queue's thread, so after a call still there that may be opening
+            # the database as close starts (checked here, not on the loop).
+            if self._db is not None:
+                self._db.close()
+                self._db = None
 
-        if self._db is not None:
-            await self._run(op, writes=False)
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.get_running_loop().run_in_executor(self._executor, op)
         self._executor.shutdown(wait=True)
