@@ -187,6 +187,47 @@ def sqlite_queue(tmp_path: Path) -> JobQueue:
     return open_queue(None, tmp_path / "q")
 
 
+@contextlib.asynccontextmanager
+async def delivering_events(
+    queue: JobQueue, settings: Settings, rec: Recorder
+) -> AsyncIterator[None]:
+    """A webhook dispatcher on ``queue`` tracing into ``rec``, while the block runs."""
+    dispatcher = webhooks.Dispatcher(
+        queue, settings.webhook, settings.transport, poll_s=0.05, metrics=Metrics(rec.tracing)
+    )
+    task = asyncio.create_task(dispatcher.serve())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def run_with_webhook(
+    queue: JobQueue,
+    planner: Planner,
+    pool: ImagePool,
+    settings: Settings,
+    rec: Recorder,
+    job: dict[str, Any],
+) -> tuple[dict[str, Any], Any]:
+    """``job`` through an API node and a runner on ``queue``: the reply, and the span
+    of its event's first delivery attempt."""
+    try:
+        async with (
+            delivering_events(queue, settings, rec),
+            api_node(queue, planner, settings, rec.tracing) as base,
+            worker_node(queue, pool, settings, rec.tracing),
+        ):
+            status, reply = await post(base, job)
+            assert status == 202, reply
+            [delivery] = await rec.wait_for("webhook")
+    finally:
+        await queue.close()
+    return reply, delivery
+
+
 async def test_a_job_is_one_trace_from_the_request_to_its_upload(
     sqlite_queue: JobQueue,
     shared_planner: Planner,
@@ -591,26 +632,16 @@ async def test_a_malformed_stored_trace_context_blocks_neither_the_job_nor_its_w
         "webhook": receiver.url("/hook"),
         "outputs": [file_output(settings, "bad-context.png", 64)],
     }
-    dispatcher = webhooks.Dispatcher(
-        worker_queue,
-        settings.webhook,
-        settings.transport,
-        poll_s=0.05,
-        metrics=Metrics(rec.tracing),
-    )
     try:
         async with api_node(api_queue, shared_planner, settings, StoresCarrier(stored)) as base:
             status, reply = await post(base, job)
             assert status == 202, reply
-        delivering = asyncio.create_task(dispatcher.serve())
-        try:
-            async with worker_node(worker_queue, pool, settings, rec.tracing):
-                record = await wait_finished(worker_queue, reply["jobId"])
-                [delivery] = await rec.wait_for("webhook")
-        finally:
-            delivering.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await delivering
+        async with (
+            delivering_events(worker_queue, settings, rec),
+            worker_node(worker_queue, pool, settings, rec.tracing),
+        ):
+            record = await wait_finished(worker_queue, reply["jobId"])
+            [delivery] = await rec.wait_for("webhook")
     finally:
         for queue in {id(api_queue): api_queue, id(worker_queue): worker_queue}.values():
             await queue.close()
@@ -829,27 +860,7 @@ async def test_each_webhook_attempt_is_a_span_in_the_jobs_trace(
         "webhook": receiver.url("/hook?token=hidden"),
         "outputs": [file_output(settings, "w.png", 64)],
     }
-    dispatcher = webhooks.Dispatcher(
-        sqlite_queue,
-        settings.webhook,
-        settings.transport,
-        poll_s=0.05,
-        metrics=Metrics(rec.tracing),
-    )
-    delivering = asyncio.create_task(dispatcher.serve())
-    try:
-        async with (
-            api_node(sqlite_queue, shared_planner, settings, rec.tracing) as base,
-            worker_node(sqlite_queue, pool, settings, rec.tracing),
-        ):
-            status, reply = await post(base, job)
-            assert status == 202, reply
-            [delivery] = await rec.wait_for("webhook")
-    finally:
-        delivering.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await delivering
-        await sqlite_queue.close()
+    reply, delivery = await run_with_webhook(sqlite_queue, shared_planner, pool, settings, rec, job)
     [request] = rec.named("POST /jobs")
     assert delivery.kind is SpanKind.CLIENT
     assert delivery.context.trace_id == request.context.trace_id
@@ -885,27 +896,7 @@ async def test_long_urls_are_cut_to_500_characters_on_every_span(
         "webhook": receiver.url("/hook") + "?pad=" + "w" * 4000,
         "outputs": [file_output(settings, "long.png", 64)],
     }
-    dispatcher = webhooks.Dispatcher(
-        sqlite_queue,
-        settings.webhook,
-        settings.transport,
-        poll_s=0.05,
-        metrics=Metrics(rec.tracing),
-    )
-    delivering = asyncio.create_task(dispatcher.serve())
-    try:
-        async with (
-            api_node(sqlite_queue, shared_planner, settings, rec.tracing) as base,
-            worker_node(sqlite_queue, pool, settings, rec.tracing),
-        ):
-            status, reply = await post(base, job)
-            assert status == 202, reply
-            [delivery] = await rec.wait_for("webhook")
-    finally:
-        delivering.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await delivering
-        await sqlite_queue.close()
+    _, delivery = await run_with_webhook(sqlite_queue, shared_planner, pool, settings, rec, job)
     [request], [attempt] = rec.named("POST /jobs"), rec.named("job")
     for span in (request, attempt):
         assert attributes(span)[tracing.SOURCE] == src[: tracing.DETAIL_CHARS]
