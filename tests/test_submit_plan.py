@@ -315,7 +315,15 @@ def test_the_help_in_the_docs_is_the_real_one(
     monkeypatch.setenv("COLUMNS", "90")
     with pytest.raises(SystemExit):
         cli.main(["submit", "--help"])
-    assert shown == capsys.readouterr().out
+    assert _argparse_neutral(shown) == _argparse_neutral(capsys.readouterr().out)
+
+
+def _argparse_neutral(text: str) -> str:
+    """Help text as any supported Python prints it: 3.13's argparse shows
+    ``--output, -o URL`` where 3.11 shows ``--output URL, -o URL`` (and so aligns and
+    wraps a few lines differently); the words are the same."""
+    text = re.sub(r"(-[-\w]+) ([A-Z][A-Z_]*), (-[-\w]+) \2\b", r"\1, \3 \2", text)
+    return " ".join(text.split())
 
 
 def _unlistable_below(base: Path) -> Path:
