@@ -134,7 +134,7 @@ async function refreshPending() {
   if (ids.length > MAX_SINGLE_READS) {
     // A busy spell: one page of the list instead of a request per job.
     await loadJobs().catch(failed);
-    loadHealth();
+    loadHealth().catch(failed);
     return;
   }
   const mine = generation;
@@ -150,7 +150,7 @@ async function refreshPending() {
     }),
   );
   renderJobs();
-  loadHealth(); // its counts moved too
+  loadHealth().catch(failed); // its counts moved too
 }
 
 function upsert(view) {
@@ -493,16 +493,26 @@ async function loadHealth() {
     $("status").textContent = "not answering";
     return;
   }
+  // A 503 with an error body (608: the queue cannot be reached) has no status
+  // fields: say what is wrong instead of drawing undefined ones.
+  if (body === null || typeof body !== "object" || body.code !== undefined || !body.status) {
+    const code = body ? body.code : undefined;
+    const why = code === 608 ? "queue unavailable (608)" : code !== undefined ? `${body.msg || "error"} (${code})` : "no status";
+    $("status").dataset.status = "down";
+    $("status").textContent = body && body.detail ? `${why}: ${body.detail}` : why;
+    return;
+  }
+  const intake = body.intake || {};
   $("status").dataset.status = body.status;
   $("status").textContent = body.status;
-  $("version").textContent = `v${body.version}`;
-  $("uptime").textContent = `up ${duration(body.uptimeS)}`;
+  $("version").textContent = body.version ? `v${body.version}` : "";
+  $("uptime").textContent = Number.isFinite(body.uptimeS) ? `up ${duration(body.uptimeS)}` : "";
   const summary = [
-    ["workers alive", `${body.workersAlive} of ${body.workers}`],
-    ["running", body.running],
-    ["queued", body.queueDepth],
-    ["failed (kept)", body.failed],
-    ["being checked", `${body.intake.jobs} jobs, ${bytes(body.intake.bytes)}`],
+    ["workers alive", `${body.workersAlive ?? "–"} of ${body.workers ?? "–"}`],
+    ["running", body.running ?? "–"],
+    ["queued", body.queueDepth ?? "–"],
+    ["failed (kept)", body.failed ?? "–"],
+    ["being checked", `${intake.jobs ?? 0} jobs, ${bytes(intake.bytes ?? 0)}`],
   ];
   if (body.detail) summary.push(["why", body.detail]);
   $("summary").replaceChildren(...summary.flatMap(([name, value]) => [el("dt", {}, name), el("dd", {}, value)]));
@@ -561,8 +571,8 @@ async function open() {
   stream(mine);
 }
 
-loadHealth();
-setInterval(loadHealth, HEALTH_EVERY_MS);
+loadHealth().catch(failed);
+setInterval(() => loadHealth().catch(failed), HEALTH_EVERY_MS);
 setInterval(() => {
   if (authorized) loadHistory().catch(failed);
 }, HISTORY_EVERY_MS);
