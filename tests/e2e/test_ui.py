@@ -17,13 +17,14 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from playwright.sync_api import Browser, Page, Request, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Request, Route, expect, sync_playwright
 
 from tests.e2e.conftest import Daemon, jpeg, post_jobs, serve
 from tests.e2e.test_durability import Node, _wait_nodes
@@ -364,3 +365,51 @@ def test_with_the_queue_down_the_status_says_so_and_the_page_keeps_running(
     # Two more polls (5 s apart) without a script error (the page fixture checks).
     page.wait_for_timeout(11_000)
     expect(status).to_have_attribute("data-status", "down")
+
+
+def _pumping(page: Page, condition: Any, timeout_s: float, what: str) -> None:
+    """Waits for condition while Playwright runs the page's callbacks (route handlers
+    run only inside a Playwright call, not during a plain sleep)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        page.wait_for_timeout(50)
+
+
+def test_the_event_stream_resumes_starts_afresh_after_a_400_and_honours_retry_after(
+    daemon: Daemon, page: Page, tolerated: list[str], screenshot: None
+) -> None:
+    """A stream that ends is resumed with its Last-Event-ID; a 400 (703) makes the next
+    request start afresh without one; a 503's Retry-After is waited out; the list
+    is reloaded on every connect."""
+    tolerated.extend(["status of 400", "status of 503"])
+    sent: list[tuple[float, str | None]] = []
+    list_reads: list[float] = []
+
+    def events(route: Route) -> None:
+        sent.append((time.monotonic(), route.request.headers.get("last-event-id")))
+        if len(sent) == 1:  # a stream that carries one id, then ends
+            route.fulfill(status=200, content_type="text/event-stream", body="id: 7\n: ping\n\n")
+        elif len(sent) == 2:
+            body = {"msg": "stale Last-Event-ID", "code": 703, "detail": "too old"}
+            route.fulfill(status=400, json=body)
+        elif len(sent) == 3:
+            body = {"msg": "job queue unavailable", "code": 608, "detail": "busy"}
+            route.fulfill(status=503, json=body, headers={"Retry-After": "3"})
+        else:
+            route.continue_()
+
+    page.route("**/events", events)
+    page.on(
+        "request",
+        lambda r: list_reads.append(time.monotonic()) if urlsplit(r.url).path == "/jobs" else None,
+    )
+    page.goto(f"{daemon.url}/ui")
+    expect(page.locator("#live")).to_have_attribute("data-live", "yes")
+    _pumping(page, lambda: len(sent) >= 4, 30.0, "the fourth GET /events")
+    expect(page.locator("#live")).to_have_attribute("data-live", "yes")
+    assert [last_id for _, last_id in sent[:4]] == [None, "7", None, None]
+    assert sent[3][0] - sent[2][0] >= 2.9  # Retry-After: 3
+    # open() reads the list, then each of the two 200 connects does.
+    _pumping(page, lambda: any(at > sent[3][0] for at in list_reads), 10.0, "a reload")
+    assert len(list_reads) >= 3

@@ -9,7 +9,6 @@ const KEY = "imgserve.apiKey";
 const LIMIT = 50;
 const HEALTH_EVERY_MS = 5000;
 const HISTORY_EVERY_MS = 10000;
-const RECONNECT_MS = 2000;
 
 const jobs = new Map(); // jobId -> the job's view (GET /jobs/<id>)
 const opened = new Set(); // jobIds whose detail row is shown
@@ -347,12 +346,18 @@ function setLive(live) {
 }
 
 // GET /events through fetch (EventSource cannot send the Authorization header):
-// reconnects with Last-Event-ID, reloads the list when it starts afresh.
+// reconnects with Last-Event-ID after a wait that doubles from 1 s to 30 s (with
+// jitter, so many pages do not come back at once), or what Retry-After says; a 400
+// (703: the id is too old to resume from) starts afresh. The server pings every
+// 15 s, so a connection silent for three pings is taken as dead. The list is
+// reloaded on every connect: what changed while away is in it.
 async function stream(mine) {
   let lastId = null;
+  let failures = 0;
   while (mine === session && authorized) {
     const abort = new AbortController();
     streamAbort = abort;
+    let waitMs = null; // from Retry-After
     try {
       const headers = authHeaders();
       if (lastId !== null) headers["Last-Event-ID"] = lastId;
@@ -361,35 +366,79 @@ async function stream(mine) {
         showPrompt(await resp.json().catch(() => ({})));
         return;
       }
-      if (!resp.ok) throw new Error(`GET /events: HTTP ${resp.status}`);
+      if (resp.status === 400) {
+        lastId = null;
+        throw new Error("GET /events: HTTP 400 (cannot resume); starting afresh");
+      }
+      if (!resp.ok) {
+        waitMs = retryAfterMs(resp.headers.get("Retry-After"));
+        const body = await resp.json().catch(() => ({}));
+        throw new Error(`GET /events: HTTP ${resp.status}${body.code ? ` (${body.code})` : ""}`);
+      }
+      failures = 0;
       setLive(true);
       problem("");
-      // The stream starts from now: what changed before it is in the list.
-      if (lastId === null) await loadJobs();
-      const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
-      let buffer = "";
-      let carry = ""; // a chunk's last \r may be the first half of a \r\n
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        let text = carry + value;
-        carry = text.endsWith("\r") ? "\r" : "";
-        if (carry) text = text.slice(0, -1);
-        buffer += text.replace(/\r\n?/g, "\n");
-        let end;
-        while ((end = buffer.indexOf("\n\n")) >= 0) {
-          const block = buffer.slice(0, end);
-          buffer = buffer.slice(end + 2);
-          const id = sseEvent(block);
-          if (id !== null) lastId = id;
-        }
-      }
+      await loadJobs();
+      await readEvents(resp.body, (id) => {
+        lastId = id;
+      });
     } catch (err) {
       if (abort.signal.aborted) return;
       problem(`Live updates interrupted (${err.message}); reconnecting.`);
     }
     setLive(false);
-    await new Promise((resolve) => setTimeout(resolve, RECONNECT_MS));
+    failures += 1;
+    await new Promise((resolve) => setTimeout(resolve, waitMs ?? backoffMs(failures)));
+  }
+}
+
+const BACKOFF_FIRST_MS = 1000;
+const BACKOFF_MAX_MS = 30000;
+const SILENCE_MS = 45000; // three of the server's 15 s pings
+
+// The wait before the nth reconnect: doubling, capped, with half of it random.
+function backoffMs(failures) {
+  const ceiling = Math.min(BACKOFF_MAX_MS, BACKOFF_FIRST_MS * 2 ** (failures - 1));
+  return ceiling / 2 + Math.random() * (ceiling / 2);
+}
+
+// Retry-After in seconds (the API sends no dates); null when absent or unreadable.
+function retryAfterMs(header) {
+  const seconds = Number(header);
+  return header !== null && Number.isFinite(seconds) && seconds >= 0 ? Math.min(seconds * 1000, 300000) : null;
+}
+
+// Reads the SSE body until it ends, or until it is silent for SILENCE_MS (a
+// half-open connection would otherwise look live forever); onId gets each event id.
+async function readEvents(body, onId) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let silent = null;
+  const watch = () => {
+    clearTimeout(silent);
+    silent = setTimeout(() => reader.cancel("no ping from the server"), SILENCE_MS);
+  };
+  watch();
+  let buffer = "";
+  let carry = ""; // a chunk's last \r may be the first half of a \r\n
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      watch();
+      let text = carry + value;
+      carry = text.endsWith("\r") ? "\r" : "";
+      if (carry) text = text.slice(0, -1);
+      buffer += text.replace(/\r\n?/g, "\n");
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        const id = sseEvent(block);
+        if (id !== null) onId(id);
+      }
+    }
+  } finally {
+    clearTimeout(silent);
   }
 }
 
