@@ -101,12 +101,16 @@ $("forget").addEventListener("click", () => {
 
 // --- jobs ---------------------------------------------------------------------------
 
+let listRead = 0; // numbers each list request: only the newest reply is applied
+
 async function loadJobs() {
   const mine = generation;
+  const read = ++listRead;
   const query = new URLSearchParams({ limit: String(LIMIT) });
   if (filter) query.set("state", filter);
   const body = await getJSON(`/jobs?${query}`);
-  if (mine !== generation) return;
+  // A slower, older reply must not overwrite a newer one.
+  if (mine !== generation || read !== listRead) return;
   jobs.clear();
   for (const view of body.jobs) jobs.set(view.jobId, view);
   renderJobs();
@@ -114,6 +118,7 @@ async function loadJobs() {
 
 const pending = new Set();
 let pendingTimer = null;
+let refreshing = false; // one refresh at a time; changes meanwhile wait in pending
 
 const MAX_SINGLE_READS = 10;
 
@@ -123,17 +128,33 @@ const MAX_SINGLE_READS = 10;
 function changed(jobId, state) {
   if (filter && state && state !== filter && !jobs.has(jobId)) return;
   pending.add(jobId);
-  if (pendingTimer === null) pendingTimer = setTimeout(refreshPending, 100);
+  scheduleRefresh();
 }
 
+function scheduleRefresh() {
+  if (pendingTimer === null && !refreshing) pendingTimer = setTimeout(refreshPending, 100);
+}
+
+// Single-flight: a busy spell costs one refresh at a time, never overlapping ones
+// (whose replies could land out of order); what changed meanwhile is the next one.
 async function refreshPending() {
   pendingTimer = null;
+  refreshing = true;
+  try {
+    await refreshOnce();
+  } finally {
+    refreshing = false;
+    if (pending.size) scheduleRefresh();
+  }
+}
+
+async function refreshOnce() {
   const ids = [...pending];
   pending.clear();
   if (ids.length > MAX_SINGLE_READS) {
     // A busy spell: one page of the list instead of a request per job.
     await loadJobs().catch(failed);
-    loadHealth().catch(failed);
+    await loadHealth().catch(failed);
     return;
   }
   const mine = generation;
@@ -149,7 +170,7 @@ async function refreshPending() {
     }),
   );
   renderJobs();
-  loadHealth().catch(failed); // its counts moved too
+  await loadHealth().catch(failed); // its counts moved too
 }
 
 function upsert(view) {
