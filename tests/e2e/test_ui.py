@@ -391,7 +391,7 @@ def test_the_event_stream_resumes_starts_afresh_after_a_400_and_honours_retry_af
         if len(sent) == 1:  # a stream that carries one id, then ends
             route.fulfill(status=200, content_type="text/event-stream", body="id: 7\n: ping\n\n")
         elif len(sent) == 2:
-            body = {"msg": "stale Last-Event-ID", "code": 703, "detail": "too old"}
+            body = {"msg": "a job field has the wrong type", "code": 703, "detail": "Last-Event-ID"}
             route.fulfill(status=400, json=body)
         elif len(sent) == 3:
             body = {"msg": "job queue unavailable", "code": 608, "detail": "busy"}
@@ -413,3 +413,29 @@ def test_the_event_stream_resumes_starts_afresh_after_a_400_and_honours_retry_af
     # open() reads the list, then each of the two 200 connects does.
     _pumping(page, lambda: any(at > sent[3][0] for at in list_reads), 10.0, "a reload")
     assert len(list_reads) >= 3
+
+
+XSS = "<img/src=x/onerror=window.__x=1>"
+"""Markup that runs a script if a job field were put in the page as HTML."""
+
+
+def test_job_fields_holding_markup_show_as_text_and_run_nothing(
+    daemon: Daemon, page: Page, http_server: HTTPTestServer, screenshot: None
+) -> None:
+    """A failed job whose source URL and output names hold an <img onerror> shows them
+    as text: no <img> in its row or its opened detail, and no script ran."""
+    _open(page, daemon)
+    whole = jpeg(400, 300)
+    source = serve(http_server, f"ui/{XSS}.jpg", whole[: len(whole) // 2])  # fails at render
+    job_id = _accepted(post_jobs(daemon, _job(daemon, source, XSS)))
+    row = page.locator(f'tr.job[data-job-id="{job_id}"]')
+    expect(row).to_have_attribute("data-state", "failed", timeout=DONE_MS)
+    view = daemon.job(job_id)
+    assert XSS in view["srcURL"] and XSS in view["outputs"][0]["url"], view
+    row.click()
+    detail = page.locator(f'tr.detail[data-job-id="{job_id}"]')
+    expect(detail).to_contain_text(view["srcURL"])
+    expect(detail).to_contain_text(view["outputs"][0]["url"])
+    expect(row.locator("img")).to_have_count(0)
+    expect(detail.locator("img")).to_have_count(0)
+    assert page.evaluate("typeof window.__x") == "undefined"

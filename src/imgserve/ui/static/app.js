@@ -369,7 +369,7 @@ function setLive(live) {
 // GET /events through fetch (EventSource cannot send the Authorization header):
 // reconnects with Last-Event-ID after a wait that doubles from 1 s to 30 s (with
 // jitter, so many pages do not come back at once), or what Retry-After says; a 400
-// (703: the id is too old to resume from) starts afresh. The server pings every
+// (703: an id it cannot resume from) starts afresh. The server pings every
 // 15 s, so a connection silent for three pings is taken as dead. The list is
 // reloaded on every connect: what changed while away is in it.
 async function stream(mine) {
