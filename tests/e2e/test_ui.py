@@ -441,3 +441,39 @@ def test_job_fields_holding_markup_show_as_text_and_run_nothing(
     expect(row.locator("img")).to_have_count(0)
     expect(detail.locator("img")).to_have_count(0)
     assert page.evaluate("typeof window.__x") == "undefined"
+
+
+def test_a_late_reply_of_an_older_list_read_does_not_overwrite_a_newer_one(
+    daemon: Daemon, page: Page, screenshot: None
+) -> None:
+    """A busy spell's list read answered after the next connect's read (which came
+    back first) is dropped: the table shows the newer reply, never the late one."""
+    changes = "".join(f'data: {{"jobId": "busy-{i}", "state": "queued"}}\n\n' for i in range(11))
+    streams: list[Route] = []
+    reads: list[Route] = []
+    held: list[Route] = []
+
+    def events(route: Route) -> None:
+        streams.append(route)
+        if len(streams) == 1:  # eleven changes (a busy spell), then the stream ends
+            route.fulfill(status=200, content_type="text/event-stream", body=changes)
+        else:
+            route.continue_()
+
+    def job_list(route: Route) -> None:
+        reads.append(route)
+        if len(reads) == 3:  # open, the first connect, then the busy spell's: held
+            held.append(route)
+        else:
+            route.continue_()
+
+    page.route("**/events", events)
+    page.route(lambda url: urlsplit(url).path == "/jobs", job_list)
+    page.goto(f"{daemon.url}/ui")
+    _pumping(page, lambda: len(reads) >= 4 and len(streams) >= 2, 30.0, "the reconnect's read")
+    expect(page.locator("#live")).to_have_attribute("data-live", "yes")
+    late = {"jobs": [{"jobId": "late-reply", "state": "queued", "createdAt": 0, "outputs": []}]}
+    with page.expect_request_finished(lambda r: r is held[0].request):
+        held[0].fulfill(status=200, json=late)
+    page.evaluate("() => new Promise((done) => setTimeout(done, 50))")  # its reply handled
+    expect(page.locator('tr.job[data-job-id="late-reply"]')).to_have_count(0)
