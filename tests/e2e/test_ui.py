@@ -477,3 +477,23 @@ def test_a_late_reply_of_an_older_list_read_does_not_overwrite_a_newer_one(
         held[0].fulfill(status=200, json=late)
     page.evaluate("() => new Promise((done) => setTimeout(done, 50))")  # its reply handled
     expect(page.locator('tr.job[data-job-id="late-reply"]')).to_have_count(0)
+
+
+def test_the_chart_leaves_a_gap_where_samples_are_missing(
+    daemon: Daemon, page: Page, screenshot: None
+) -> None:
+    """Samples more than 1.5 intervals apart get a null point between them (a gap, not
+    a line across the time the queue gave no counts), and the note says so."""
+    now = time.time()
+    ats = [now - 300, now - 290, now - 280, now - 200, now - 190]  # 80 s missing
+    zero = {"queued": 0, "running": 0, "done": 0, "failed": 0, "cancelled": 0}
+    samples = [{"at": at, **zero, "doneSince": 0, "failedSince": 0} for at in ats]
+    page.route(
+        "**/ui/history",
+        lambda route: route.fulfill(json={"intervalS": 10.0, "samples": samples}),
+    )
+    _open(page, daemon)
+    expect(page.locator("#chartnote")).to_have_text(
+        re.compile(r"^5 samples, one every 10 s, .* 1 gap where the queue could not be read\.$")
+    )
+    expect(page.locator("#chart canvas")).to_have_count(1)

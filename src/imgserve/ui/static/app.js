@@ -491,19 +491,36 @@ function sseEvent(block) {
 async function loadHistory() {
   const body = await getJSON("/ui/history");
   const samples = body.samples;
-  const data = [
+  const { data, gaps } = withGaps(samples, body.intervalS, [
     samples.map((s) => s.at),
     samples.map((s) => s.queued),
     samples.map((s) => s.running),
     perMinute(samples, "doneSince"),
     perMinute(samples, "failedSince"),
-  ];
-  $("chartnote").textContent = `${samples.length} samples, one every ${body.intervalS} s, kept by this API process.`;
+  ]);
+  const missed = gaps ? ` ${gaps} ${gaps === 1 ? "gap" : "gaps"} where the queue could not be read.` : "";
+  $("chartnote").textContent = `${samples.length} samples, one every ${body.intervalS} s, kept by this API process.${missed}`;
   if (chart === null) {
     chart = new uPlot(chartOptions(), data, $("chart"));
   } else {
     chart.setData(data);
   }
+}
+
+// A null point between two samples more than 1.5 intervals apart, so uPlot draws
+// a gap there (samples the queue could not give) rather than a straight line.
+function withGaps(samples, intervalS, series) {
+  const data = series.map(() => []);
+  let gaps = 0;
+  samples.forEach((sample, i) => {
+    if (i > 0 && sample.at - samples[i - 1].at > 1.5 * intervalS) {
+      gaps += 1;
+      data[0].push((sample.at + samples[i - 1].at) / 2);
+      for (const values of data.slice(1)) values.push(null);
+    }
+    series.forEach((values, k) => data[k].push(values[i]));
+  });
+  return { data, gaps };
 }
 
 const RATE_WINDOW = 6; // samples: a minute at 10 s
