@@ -272,6 +272,7 @@ def test_with_keys_the_page_asks_for_one_and_shows_the_jobs_with_it(
     expect(page.locator("#keymessage")).to_contain_text("141")
     expect(page.locator("#dashboard")).to_be_hidden()
 
+    typed = len(requests)
     page.fill("#keyinput", secret)
     page.click("#keyform button")
     expect(page.locator("#dashboard")).to_be_visible()
@@ -283,14 +284,23 @@ def test_with_keys_the_page_asks_for_one_and_shows_the_jobs_with_it(
     page.reload()
     expect(page.locator("#dashboard")).to_be_visible()
     expect(page.locator("#keyprompt")).to_be_hidden()
+    expect(page.locator("#live")).to_have_attribute("data-live", "yes")
+    # A job submitted now reaches the page from the stream: read with GET /jobs/<id>.
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=60)
+    conn.request("POST", "/jobs", job, {"Authorization": f"Bearer {secret}"})
+    later_id = json.loads(conn.getresponse().read())["jobId"]
+    conn.close()
+    expect(page.locator(f'tr.job[data-job-id="{later_id}"]')).to_be_visible()
 
     assert requests and not [r.url for r in requests if secret in r.url]
-    keyed_paths = {
-        urlsplit(r.url).path
-        for r in requests
-        if r.headers.get("authorization") == f"Bearer {secret}"
-    }
-    assert keyed_paths >= {"/jobs", "/events", "/ui/history"}
+    data = [
+        r
+        for r in requests[typed:]
+        if urlsplit(r.url).path.startswith(("/jobs", "/events", "/ui/history"))
+    ]
+    assert [r.url for r in data if r.headers.get("authorization") != f"Bearer {secret}"] == []
+    keyed_paths = {urlsplit(r.url).path for r in data}
+    assert keyed_paths >= {"/jobs", "/events", "/ui/history", f"/jobs/{later_id}"}
 
 
 def test_history_endpoint_returns_samples_behind_the_key(keyed: tuple[Daemon, str]) -> None:
