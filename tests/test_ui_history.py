@@ -14,7 +14,7 @@ import pytest
 
 from imgserve import errors
 from imgserve.queue import open_queue
-from imgserve.queue.base import JobRecord
+from imgserve.queue.base import JobRecord, State
 from imgserve.ui.history import History, sample_forever
 
 
@@ -115,3 +115,51 @@ async def test_a_queue_that_cannot_be_read_leaves_a_gap_and_sampling_goes_on() -
     with contextlib.suppress(asyncio.CancelledError):
         await task
     assert history.view()["samples"][0]["queued"] == 2
+
+
+async def test_a_sample_is_stamped_when_its_counts_arrived_not_when_asked() -> None:
+    """A slow read's sample carries the time its counts were read, not the time before."""
+    now = [100.0]
+
+    async def slow_counts() -> dict[str, int]:
+        now[0] = 107.0  # the read took 7 s
+        return counts(queued=1)
+
+    history = History(size=10, interval_s=0.01)
+    task = asyncio.create_task(sample_forever(history, slow_counts, clock=lambda: now[0]))
+    await _until(lambda: len(history) >= 1)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert history.view()["samples"][0]["at"] == 107.0
+
+
+async def test_a_read_that_hangs_is_given_up_and_sampling_goes_on() -> None:
+    """A counts() that never answers is abandoned after the interval: the next read samples."""
+    calls = 0
+    hung = asyncio.Event()
+
+    async def hanging_counts() -> dict[str, int]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            hung.set()
+            await asyncio.Event().wait()  # never answers
+        return counts(queued=calls)
+
+    history = History(size=10, interval_s=0.05)
+    task = asyncio.create_task(sample_forever(history, hanging_counts))
+    await _until(lambda: len(history) >= 1, timeout_s=2.0)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert hung.is_set()
+    assert history.view()["samples"][0]["queued"] == 2
+
+
+def test_a_sample_has_a_count_for_every_job_state() -> None:
+    """Every State the queue has is a field of each sample (the /ui/history schema
+    requires each)."""
+    history = History(size=1)
+    history.add(0.0, {})
+    assert set(history.view()["samples"][0]) >= {state.value for state in State}

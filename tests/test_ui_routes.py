@@ -86,9 +86,41 @@ async def test_history_needs_a_key_as_the_job_list_does(keyed_api: API) -> None:
     assert json.loads(body)["samples"][0]["queued"] == 0
 
 
+async def _raw_get(api: API, target: str, token: str | None = None) -> tuple[int, bytes]:
+    """GET with the request target sent exactly as written (an HTTP client would
+    collapse ``..`` or re-encode it first)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", api.port)
+    try:
+        key = f"Authorization: Bearer {token}\r\n" if token else ""
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{key}\r\n".encode())
+        await writer.drain()
+        data = await reader.read()
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), body
+
+
 async def test_a_path_under_ui_that_is_no_file_is_404_not_a_file_read(keyed_api: API) -> None:
-    """Only the listed files are served: another name (or ../) is the API's 404."""
-    for path in ("/ui/../pyproject.toml", "/ui/history.py", "/ui/static/app.js"):
+    """Only the listed files are served: another name, or ``..`` sent raw or encoded,
+    is the API's 404 (606); a target naming ``/jobs`` through ``..`` is refused without
+    a key (401) and with one is no path (404), not the job list."""
+    for path in ("/ui/history.py", "/ui/static/app.js"):
         status, _, body = await _get(keyed_api, path, SECRET)
         assert status == 404, path
         assert b'"code"' in body
+    for target in (
+        "/ui/../pyproject.toml",
+        "/ui/%2e%2e/pyproject.toml",
+        "/ui/%2E%2E/%2E%2E/pyproject.toml",
+        "/ui/..%2fpyproject.toml",
+        "/ui/static%2fapp.js",
+    ):
+        status, body = await _raw_get(keyed_api, target, SECRET)
+        assert (status, json.loads(body)["code"]) == (404, 606), target
+    for target in ("/ui/..%2fjobs", "/ui%2f..%2fjobs", "/ui/app.js/../../jobs", "/ui/../jobs"):
+        status, body = await _raw_get(keyed_api, target)
+        assert (status, json.loads(body)["code"]) == (401, 140), target  # never 200
+        status, body = await _raw_get(keyed_api, target, SECRET)
+        assert (status, json.loads(body)["code"]) == (404, 606), target  # not /jobs
+        assert b'"jobs"' not in body, target

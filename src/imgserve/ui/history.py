@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from imgserve import errors
+from imgserve.queue.base import State
 
 log = logging.getLogger("imgserve.ui")
 
@@ -30,7 +31,8 @@ SAMPLE_S = 10.0
 SAMPLES = 360
 """An hour of samples, ``SAMPLE_S`` apart."""
 
-STATES = ("queued", "running", "done", "failed", "cancelled")
+STATES = tuple(state.value for state in State)
+"""Every job state: the /ui/history schema requires a count of each."""
 
 
 @dataclass(frozen=True)
@@ -76,10 +78,15 @@ async def sample_forever(
     clock: Callable[[], float] = time.time,
 ) -> None:
     """Add a sample at once, then every ``history.interval_s``, until cancelled. A
-    queue that cannot be read leaves a gap (the chart's time axis shows it)."""
+    queue that cannot be read, or does not answer within the interval, leaves a gap
+    (the chart draws none across it). A sample is stamped when its counts arrived."""
     while True:
         try:
-            history.add(clock(), await counts())
+            async with asyncio.timeout(history.interval_s):
+                got = await counts()
+            history.add(clock(), got)
+        except TimeoutError:
+            log.debug("dashboard history: no sample: counts took over %s s", history.interval_s)
         except errors.ImgserveError as exc:
             log.debug("dashboard history: no sample: %s", exc.detail)
         except Exception:  # a bug here must not end the history (nor the app)

@@ -9,7 +9,6 @@ const KEY = "imgserve.apiKey";
 const LIMIT = 50;
 const HEALTH_EVERY_MS = 5000;
 const HISTORY_EVERY_MS = 10000;
-const RECONNECT_MS = 2000;
 
 const jobs = new Map(); // jobId -> the job's view (GET /jobs/<id>)
 const opened = new Set(); // jobIds whose detail row is shown
@@ -102,12 +101,16 @@ $("forget").addEventListener("click", () => {
 
 // --- jobs ---------------------------------------------------------------------------
 
+let listRead = 0; // numbers each list request: only the newest reply is applied
+
 async function loadJobs() {
   const mine = generation;
+  const read = ++listRead;
   const query = new URLSearchParams({ limit: String(LIMIT) });
   if (filter) query.set("state", filter);
   const body = await getJSON(`/jobs?${query}`);
-  if (mine !== generation) return;
+  // A slower, older reply must not overwrite a newer one.
+  if (mine !== generation || read !== listRead) return;
   jobs.clear();
   for (const view of body.jobs) jobs.set(view.jobId, view);
   renderJobs();
@@ -115,6 +118,7 @@ async function loadJobs() {
 
 const pending = new Set();
 let pendingTimer = null;
+let refreshing = false; // one refresh at a time; changes meanwhile wait in pending
 
 const MAX_SINGLE_READS = 10;
 
@@ -124,17 +128,33 @@ const MAX_SINGLE_READS = 10;
 function changed(jobId, state) {
   if (filter && state && state !== filter && !jobs.has(jobId)) return;
   pending.add(jobId);
-  if (pendingTimer === null) pendingTimer = setTimeout(refreshPending, 100);
+  scheduleRefresh();
 }
 
+function scheduleRefresh() {
+  if (pendingTimer === null && !refreshing) pendingTimer = setTimeout(refreshPending, 100);
+}
+
+// Single-flight: a busy spell costs one refresh at a time, never overlapping ones
+// (whose replies could land out of order); what changed meanwhile is the next one.
 async function refreshPending() {
   pendingTimer = null;
+  refreshing = true;
+  try {
+    await refreshOnce();
+  } finally {
+    refreshing = false;
+    if (pending.size) scheduleRefresh();
+  }
+}
+
+async function refreshOnce() {
   const ids = [...pending];
   pending.clear();
   if (ids.length > MAX_SINGLE_READS) {
     // A busy spell: one page of the list instead of a request per job.
     await loadJobs().catch(failed);
-    loadHealth();
+    await loadHealth().catch(failed);
     return;
   }
   const mine = generation;
@@ -150,7 +170,7 @@ async function refreshPending() {
     }),
   );
   renderJobs();
-  loadHealth(); // its counts moved too
+  await loadHealth().catch(failed); // its counts moved too
 }
 
 function upsert(view) {
@@ -347,12 +367,18 @@ function setLive(live) {
 }
 
 // GET /events through fetch (EventSource cannot send the Authorization header):
-// reconnects with Last-Event-ID, reloads the list when it starts afresh.
+// reconnects with Last-Event-ID after a wait that doubles from 1 s to 30 s (with
+// jitter, so many pages do not come back at once), or what Retry-After says; a 400
+// (703: an id it cannot resume from) starts afresh. The server pings every
+// 15 s, so a connection silent for three pings is taken as dead. The list is
+// reloaded on every connect: what changed while away is in it.
 async function stream(mine) {
   let lastId = null;
+  let failures = 0;
   while (mine === session && authorized) {
     const abort = new AbortController();
     streamAbort = abort;
+    let waitMs = null; // from Retry-After
     try {
       const headers = authHeaders();
       if (lastId !== null) headers["Last-Event-ID"] = lastId;
@@ -361,35 +387,79 @@ async function stream(mine) {
         showPrompt(await resp.json().catch(() => ({})));
         return;
       }
-      if (!resp.ok) throw new Error(`GET /events: HTTP ${resp.status}`);
+      if (resp.status === 400) {
+        lastId = null;
+        throw new Error("GET /events: HTTP 400 (cannot resume); starting afresh");
+      }
+      if (!resp.ok) {
+        waitMs = retryAfterMs(resp.headers.get("Retry-After"));
+        const body = await resp.json().catch(() => ({}));
+        throw new Error(`GET /events: HTTP ${resp.status}${body.code ? ` (${body.code})` : ""}`);
+      }
+      failures = 0;
       setLive(true);
       problem("");
-      // The stream starts from now: what changed before it is in the list.
-      if (lastId === null) await loadJobs();
-      const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
-      let buffer = "";
-      let carry = ""; // a chunk's last \r may be the first half of a \r\n
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        let text = carry + value;
-        carry = text.endsWith("\r") ? "\r" : "";
-        if (carry) text = text.slice(0, -1);
-        buffer += text.replace(/\r\n?/g, "\n");
-        let end;
-        while ((end = buffer.indexOf("\n\n")) >= 0) {
-          const block = buffer.slice(0, end);
-          buffer = buffer.slice(end + 2);
-          const id = sseEvent(block);
-          if (id !== null) lastId = id;
-        }
-      }
+      await loadJobs();
+      await readEvents(resp.body, (id) => {
+        lastId = id;
+      });
     } catch (err) {
       if (abort.signal.aborted) return;
       problem(`Live updates interrupted (${err.message}); reconnecting.`);
     }
     setLive(false);
-    await new Promise((resolve) => setTimeout(resolve, RECONNECT_MS));
+    failures += 1;
+    await new Promise((resolve) => setTimeout(resolve, waitMs ?? backoffMs(failures)));
+  }
+}
+
+const BACKOFF_FIRST_MS = 1000;
+const BACKOFF_MAX_MS = 30000;
+const SILENCE_MS = 45000; // three of the server's 15 s pings
+
+// The wait before the nth reconnect: doubling, capped, with half of it random.
+function backoffMs(failures) {
+  const ceiling = Math.min(BACKOFF_MAX_MS, BACKOFF_FIRST_MS * 2 ** (failures - 1));
+  return ceiling / 2 + Math.random() * (ceiling / 2);
+}
+
+// Retry-After in seconds (the API sends no dates); null when absent or unreadable.
+function retryAfterMs(header) {
+  const seconds = Number(header);
+  return header !== null && Number.isFinite(seconds) && seconds >= 0 ? Math.min(seconds * 1000, 300000) : null;
+}
+
+// Reads the SSE body until it ends, or until it is silent for SILENCE_MS (a
+// half-open connection would otherwise look live forever); onId gets each event id.
+async function readEvents(body, onId) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let silent = null;
+  const watch = () => {
+    clearTimeout(silent);
+    silent = setTimeout(() => reader.cancel("no ping from the server"), SILENCE_MS);
+  };
+  watch();
+  let buffer = "";
+  let carry = ""; // a chunk's last \r may be the first half of a \r\n
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      watch();
+      let text = carry + value;
+      carry = text.endsWith("\r") ? "\r" : "";
+      if (carry) text = text.slice(0, -1);
+      buffer += text.replace(/\r\n?/g, "\n");
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        const id = sseEvent(block);
+        if (id !== null) onId(id);
+      }
+    }
+  } finally {
+    clearTimeout(silent);
   }
 }
 
@@ -421,19 +491,36 @@ function sseEvent(block) {
 async function loadHistory() {
   const body = await getJSON("/ui/history");
   const samples = body.samples;
-  const data = [
+  const { data, gaps } = withGaps(samples, body.intervalS, [
     samples.map((s) => s.at),
     samples.map((s) => s.queued),
     samples.map((s) => s.running),
     perMinute(samples, "doneSince"),
     perMinute(samples, "failedSince"),
-  ];
-  $("chartnote").textContent = `${samples.length} samples, one every ${body.intervalS} s, kept by this API process.`;
+  ]);
+  const missed = gaps ? ` ${gaps} ${gaps === 1 ? "gap" : "gaps"} where the queue could not be read.` : "";
+  $("chartnote").textContent = `${samples.length} samples, one every ${body.intervalS} s, kept by this API process.${missed}`;
   if (chart === null) {
     chart = new uPlot(chartOptions(), data, $("chart"));
   } else {
     chart.setData(data);
   }
+}
+
+// A null point between two samples more than 1.5 intervals apart, so uPlot draws
+// a gap there (samples the queue could not give) rather than a straight line.
+function withGaps(samples, intervalS, series) {
+  const data = series.map(() => []);
+  let gaps = 0;
+  samples.forEach((sample, i) => {
+    if (i > 0 && sample.at - samples[i - 1].at > 1.5 * intervalS) {
+      gaps += 1;
+      data[0].push((sample.at + samples[i - 1].at) / 2);
+      for (const values of data.slice(1)) values.push(null);
+    }
+    series.forEach((values, k) => data[k].push(values[i]));
+  });
+  return { data, gaps };
 }
 
 const RATE_WINDOW = 6; // samples: a minute at 10 s
@@ -493,16 +580,26 @@ async function loadHealth() {
     $("status").textContent = "not answering";
     return;
   }
+  // A 503 with an error body (608: the queue cannot be reached) has no status
+  // fields: say what is wrong instead of drawing undefined ones.
+  if (body === null || typeof body !== "object" || body.code !== undefined || !body.status) {
+    const code = body ? body.code : undefined;
+    const why = code === 608 ? "queue unavailable (608)" : code !== undefined ? `${body.msg || "error"} (${code})` : "no status";
+    $("status").dataset.status = "down";
+    $("status").textContent = body && body.detail ? `${why}: ${body.detail}` : why;
+    return;
+  }
+  const intake = body.intake || {};
   $("status").dataset.status = body.status;
   $("status").textContent = body.status;
-  $("version").textContent = `v${body.version}`;
-  $("uptime").textContent = `up ${duration(body.uptimeS)}`;
+  $("version").textContent = body.version ? `v${body.version}` : "";
+  $("uptime").textContent = Number.isFinite(body.uptimeS) ? `up ${duration(body.uptimeS)}` : "";
   const summary = [
-    ["workers alive", `${body.workersAlive} of ${body.workers}`],
-    ["running", body.running],
-    ["queued", body.queueDepth],
-    ["failed (kept)", body.failed],
-    ["being checked", `${body.intake.jobs} jobs, ${bytes(body.intake.bytes)}`],
+    ["workers alive", `${body.workersAlive ?? "–"} of ${body.workers ?? "–"}`],
+    ["running", body.running ?? "–"],
+    ["queued", body.queueDepth ?? "–"],
+    ["failed (kept)", body.failed ?? "–"],
+    ["being checked", `${intake.jobs ?? 0} jobs, ${bytes(intake.bytes ?? 0)}`],
   ];
   if (body.detail) summary.push(["why", body.detail]);
   $("summary").replaceChildren(...summary.flatMap(([name, value]) => [el("dt", {}, name), el("dd", {}, value)]));
@@ -561,8 +658,8 @@ async function open() {
   stream(mine);
 }
 
-loadHealth();
-setInterval(loadHealth, HEALTH_EVERY_MS);
+loadHealth().catch(failed);
+setInterval(() => loadHealth().catch(failed), HEALTH_EVERY_MS);
 setInterval(() => {
   if (authorized) loadHistory().catch(failed);
 }, HISTORY_EVERY_MS);
