@@ -156,6 +156,15 @@ def test_kill_9_between_job_end_and_delivery_redis_mode(
         src = serve(http_server, "w/r.jpg", jpeg(320, 240))
         job_id = api.post(resize(src, f"file://{api.out_dir}/w/r.jpg", width=32)).body["jobId"]
         receiver.wait_for(1)
+        # The 500 is recorded before the kill (else the lost attempt is made again,
+        # rightly, and the stored attempts are [200]: a race of the test, not a loss).
+        until(
+            lambda: (
+                [len(e.attempts) for e in _redis_events(private_redis.url, job_id, tmp_path)] == [1]
+            ),
+            30,
+            "the first attempt recorded",
+        )
         node.kill()
         kill_tree(api.pid)
         assert len(receiver.received()) == 1
